@@ -1,0 +1,171 @@
+"""The agent: the one Pyro5 object of a host daemon, which hosts the published copies.
+
+The driver never talks to a published object directly: it sends batches of operations
+to the agent (``run``), which applies them in order to the object of that service and
+returns one reply item per operation. Each batch carries a sequence number; the agent
+keeps the reply of the last batch of each service, so a batch resent after a broken
+connection is answered from that record instead of being run twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import os
+import socket
+import sys
+import tarfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import Pyro5.server
+
+from . import codec
+
+__all__ = ["AGENT_ID", "Agent"]
+
+AGENT_ID = "isdgrid.agent"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Service:
+    obj: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_seq: int = 0
+    last_reply: list[Any] = field(default_factory=list)
+
+
+@Pyro5.server.behavior(instance_mode="single")
+class Agent:
+    """Loads shipped objects, runs operation batches on them, and receives files."""
+
+    def __init__(self, temp_path: str, label: str) -> None:
+        self.temp_path = temp_path
+        self.label = label
+        self.last_contact = time.monotonic()
+        self.started = time.time()
+        self._services: dict[str, _Service] = {}
+        self._lock = threading.Lock()
+
+    def _touch(self) -> None:
+        self.last_contact = time.monotonic()
+
+    @Pyro5.server.expose
+    def ping(self) -> float:
+        """Heartbeat: returns the daemon's wall clock."""
+        self._touch()
+        return time.time()
+
+    @Pyro5.server.expose
+    def info(self) -> dict[str, Any]:
+        """Who this daemon is: pid, host name, python, temp path and services."""
+        self._touch()
+        with self._lock:
+            services = sorted(self._services)
+        return {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "python": sys.version.split()[0],
+            "executable": sys.executable,
+            "temp_path": self.temp_path,
+            "label": self.label,
+            "services": services,
+            "started": self.started,
+        }
+
+    @Pyro5.server.expose
+    def publish(self, service_id: str, payload: bytes) -> str:
+        """Load a pickled instance as ``service_id``; '' on success, else the traceback."""
+        self._touch()
+        importlib.invalidate_caches()  # files copied since start must be importable
+        try:
+            obj = codec.loads(payload)
+        except BaseException:  # noqa: BLE001 - the traceback goes back to the driver
+            tb = traceback.format_exc()
+            log.warning("%s: could not load service %s:\n%s", self.label, service_id, tb)
+            return tb or "unknown error"
+        with self._lock:
+            self._services[service_id] = _Service(obj)
+        log.info("%s: published %s (%s)", self.label, service_id, type(obj).__qualname__)
+        return ""
+
+    @Pyro5.server.expose
+    def unpublish(self, service_id: str) -> bool:
+        """Forget ``service_id``; True when it was there."""
+        self._touch()
+        with self._lock:
+            found = self._services.pop(service_id, None) is not None
+        if found:
+            log.info("%s: unpublished %s", self.label, service_id)
+        return found
+
+    @Pyro5.server.expose
+    def run(self, service_id: str, seq: int, ops: list[bytes]) -> list[Any]:
+        """Apply pickled operations in order to the object of ``service_id``.
+
+        ``seq`` numbers the batches of one service; a batch with the number of the last
+        one is a resend after a lost reply and gets that reply again.
+        """
+        self._touch()
+        with self._lock:
+            service = self._services.get(service_id)
+        if service is None:
+            err = LookupError(f"service {service_id!r} is not published on {self.label}")
+            return [codec.encode_error(err, 0.0, "") for _ in ops]
+        with service.lock:
+            if seq == service.last_seq:
+                log.info("%s: batch %d of %s resent; answering from record", self.label, seq, service_id)
+                return service.last_reply
+            if seq < service.last_seq:
+                err = LookupError(f"stale batch {seq} for {service_id} (last was {service.last_seq})")
+                return [codec.encode_error(err, 0.0, "") for _ in ops]
+            reply = [self._apply(service.obj, data) for data in ops]
+            service.last_seq, service.last_reply = seq, reply
+            self._touch()
+            return reply
+
+    @staticmethod
+    def _apply(obj: Any, data: bytes) -> Any:
+        start = time.perf_counter()
+        try:
+            op: codec.Op = codec.loads(data)
+        except BaseException as exc:  # noqa: BLE001
+            return codec.encode_error(exc, 0.0, traceback.format_exc())
+        try:
+            if op.kind == codec.CALL:
+                value = getattr(obj, op.name)(*op.args, **(op.kwargs or {}))
+            elif op.kind == codec.GETATTR:
+                value = getattr(obj, op.name)
+            elif op.kind == codec.SETATTR:
+                setattr(obj, op.name, op.args[0])
+                value = None
+            else:
+                raise ValueError(f"unknown operation kind {op.kind!r}")
+        except BaseException as exc:  # noqa: BLE001 - a remote error is a reply, not a crash
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                log.warning("remote %s raised %s; reported to the driver", op.describe(), type(exc).__name__)
+            return codec.encode_error(exc, time.perf_counter() - start)
+        return codec.encode_value(value, time.perf_counter() - start, op.describe())
+
+    @Pyro5.server.expose
+    def put_files(self, archive: bytes) -> int:
+        """Unpack a tar archive into the temp path (folders kept); returns the file count."""
+        self._touch()
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
+            for member in members:
+                if member.name.startswith(("/", "..")) or ".." in member.name.split("/"):
+                    raise ValueError(f"refusing unsafe path in archive: {member.name!r}")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(self.temp_path, members=members, filter="data")
+            else:  # pragma: no cover - Python without extraction filters
+                tar.extractall(self.temp_path, members=members)
+        count = sum(1 for m in members if m.isfile())
+        log.info("%s: received %d files into %s", self.label, count, self.temp_path)
+        return count

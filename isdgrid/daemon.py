@@ -1,0 +1,213 @@
+"""The host daemon: one Pyro5 daemon process per slot, hosting an :class:`Agent`.
+
+Started by a launcher as ``python -u -m isdgrid.daemon --secret-stdin --watch-stdin ...``
+or by hand with ``isdgrid daemon``. It prints one line ``ISDGRID-URI <uri>`` on stdout
+once it serves, then logs to stderr. It refuses every Pyro5 connection whose handshake
+does not carry the grid's secret, before any object is reached. When started by a grid
+it exits on its own once the driver is gone: its stdin closes, or no request arrives for
+``--heartbeat-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import Pyro5.errors
+import Pyro5.server
+from Pyro5 import config as pyro_config
+
+from .agent import AGENT_ID, Agent
+
+__all__ = ["GridDaemon", "URI_PREFIX", "main", "serve"]
+
+URI_PREFIX = "ISDGRID-URI "
+HANDSHAKE_TIMEOUT = 5.0
+THREADPOOL_SIZE = 256
+
+log = logging.getLogger(__name__)
+
+
+class GridDaemon(Pyro5.server.Daemon):
+    """A Pyro5 daemon that admits only clients presenting the grid's secret."""
+
+    def __init__(self, secret: str, host: str, port: int = 0) -> None:
+        if not secret:
+            raise ValueError("a grid daemon needs a non-empty secret")
+        self._secret = secret.encode()
+        super().__init__(host=host, port=port)
+
+    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        # A client that connects and never sends must not hold a worker thread forever.
+        conn.timeout = HANDSHAKE_TIMEOUT
+        try:
+            ok: bool = super()._handshake(conn, denied_reason)
+        except OSError:
+            return False
+        if ok:
+            conn.timeout = None
+        return ok
+
+    def validateHandshake(self, conn: Any, data: Any) -> str:  # noqa: N802 - Pyro5's name
+        offered = data.encode() if isinstance(data, str) else data
+        if not isinstance(offered, bytes) or not hmac.compare_digest(offered, self._secret):
+            log.warning("refused a client from %s: wrong or missing grid secret", _peer(conn))
+            raise Pyro5.errors.SecurityError("access denied: wrong or missing grid secret")
+        return "isdgrid"
+
+
+def _peer(conn: Any) -> str:
+    try:
+        return "%s:%s" % conn.sock.getpeername()[:2]
+    except (OSError, TypeError, AttributeError):
+        return "?"
+
+
+def serve(
+    secret: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    temp_path: str | None = None,
+    remove_temp: bool = False,
+    label: str = "",
+    watch_stdin: bool = False,
+    heartbeat_timeout: float = 0.0,
+    uri_file: str | None = None,
+    on_ready: Any = None,
+) -> None:
+    """Run a grid daemon until it is shut down or its driver is gone."""
+    pyro_config.THREADPOOL_SIZE = max(pyro_config.THREADPOOL_SIZE, THREADPOOL_SIZE)
+    temp_path = os.path.abspath(temp_path or os.getcwd())
+    os.makedirs(temp_path, exist_ok=True)
+    os.chdir(temp_path)
+    if temp_path not in sys.path:
+        sys.path.insert(0, temp_path)
+    daemon = GridDaemon(secret, host=host, port=port)
+    agent = Agent(temp_path, label or f"{host}:{daemon.locationStr}")
+    uri = daemon.register(agent, AGENT_ID)
+    stop = threading.Event()
+
+    def shut(reason: str) -> None:
+        if not stop.is_set():
+            stop.set()
+            log.info("%s: %s; shutting down", agent.label, reason)
+            daemon.shutdown()
+
+    if watch_stdin:
+        threading.Thread(target=_watch_stdin, args=(shut,), name="stdin-watch", daemon=True).start()
+    if heartbeat_timeout > 0:
+        threading.Thread(
+            target=_watch_heartbeat, args=(agent, heartbeat_timeout, stop, shut), name="heartbeat-watch", daemon=True
+        ).start()
+    if uri_file:
+        tmp = uri_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{uri}\n")
+        os.replace(tmp, uri_file)
+    if on_ready is not None:
+        on_ready(str(uri))
+    sys.stdout.write(f"{URI_PREFIX}{uri}\n")
+    sys.stdout.flush()
+    log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
+    try:
+        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+    finally:
+        daemon.close()
+        if remove_temp:
+            shutil.rmtree(temp_path, ignore_errors=True)
+
+
+def _watch_stdin(shut: Any) -> None:
+    try:
+        while sys.stdin.buffer.read1(65536):
+            pass
+    except (OSError, ValueError):
+        pass
+    shut("stdin closed (the driver is gone)")
+
+
+def _watch_heartbeat(agent: Agent, timeout: float, stop: threading.Event, shut: Any) -> None:
+    step = max(0.2, min(1.0, timeout / 4))
+    while not stop.wait(step):
+        silent = time.monotonic() - agent.last_contact
+        if silent > timeout:
+            shut(f"no heartbeat for {silent:.1f} s")
+            return
+
+
+def _read_secret(args: argparse.Namespace) -> str:
+    if args.secret_stdin:
+        line = sys.stdin.readline().strip()
+        if not line:
+            raise SystemExit("isdgrid daemon: no secret on stdin")
+        return line
+    if args.secret_file:
+        try:
+            with open(args.secret_file) as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"isdgrid daemon: cannot read secret file {args.secret_file}: {exc.strerror}") from None
+        if not secret:
+            raise SystemExit(f"isdgrid daemon: secret file {args.secret_file} is empty")
+        return secret
+    raise SystemExit("isdgrid daemon: give --secret-stdin or --secret-file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m isdgrid.daemon", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    parser.add_argument("--secret-stdin", action="store_true", help="read the secret from the first line of stdin")
+    parser.add_argument("--secret-file", help="read the secret from this file")
+    parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    parser.add_argument("--heartbeat-timeout", type=float, default=0.0, help="exit after this many silent seconds")
+    parser.add_argument("--temp-path", help="working folder, put on sys.path")
+    parser.add_argument("--remove-temp", action="store_true", help="remove the temp path at exit")
+    parser.add_argument("--label", default="", help="name used in logs (host/slot)")
+    parser.add_argument("--uri-file", help="also write the URI to this file")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    secret = _read_secret(args)
+    code = 0
+    try:
+        serve(
+            secret,
+            host=args.host,
+            port=args.port,
+            temp_path=args.temp_path,
+            remove_temp=args.remove_temp,
+            label=args.label,
+            watch_stdin=args.watch_stdin,
+            heartbeat_timeout=args.heartbeat_timeout,
+            uri_file=args.uri_file,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported, then the process ends with 1
+        log.error("isdgrid daemon failed: %s", exc, exc_info=True)
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # Calls still running in pool threads must not keep a stopped daemon alive.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

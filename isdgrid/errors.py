@@ -1,0 +1,173 @@
+"""The isdgrid exception tree.
+
+Every error the grid raises on purpose derives from :class:`GridError`::
+
+    GridError
+     ├── UnknownServiceError      acquire/broadcast/terminate with an id never published
+     ├── ServiceReleasedError     a call on a released proxy, or a second release
+     ├── PublishError             the object cannot be pickled or fails to load on a host
+     ├── RemoteError              a remote exception whose own type cannot be re-raised here
+     ├── HostLostError            a daemon died or stopped answering
+     │    └── ServiceUnavailableError   every server of a service is lost
+     ├── AuthenticationError      a daemon refused the grid's secret
+     ├── GridTerminatedError      use of a grid after terminate()
+     ├── LaunchError              a host's daemon could not be started
+     └── ConfigError              a bad hosts file or bad grid option
+
+Pyro5, pickle and subprocess errors are converted into these where they cross into the
+grid (``raise HostLostError(...) from exc``), so a driver needs to catch only this tree.
+A remote method's own exception is re-raised as itself (with the remote traceback as its
+``__cause__``) whenever its type can be unpickled in the driver.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "GridError",
+    "GridTerminatedError",
+    "HostLostError",
+    "LaunchError",
+    "PublishError",
+    "RemoteError",
+    "RemoteTraceback",
+    "ServiceReleasedError",
+    "ServiceUnavailableError",
+    "UnknownServiceError",
+]
+
+
+class GridError(Exception):
+    """Root of every error raised by isdgrid."""
+
+
+class UnknownServiceError(GridError, KeyError):
+    """A service id that was never published on this grid (or was terminated)."""
+
+    def __init__(self, service_id: str, known: list[str] | None = None) -> None:
+        self.service_id = service_id
+        self.known = list(known or [])
+        super().__init__(service_id)
+
+    def __str__(self) -> str:
+        known = ", ".join(self.known) if self.known else "none"
+        return f"unknown service {self.service_id!r} (published services: {known})"
+
+
+class ServiceReleasedError(GridError):
+    """A call on a proxy that was already released, or a second release of it."""
+
+
+class PublishError(GridError):
+    """An object could not be published.
+
+    Raised when the instance cannot be pickled in the driver (``host`` is None) or fails
+    to load on a host; ``remote_traceback`` then holds the traceback printed there.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        slot: int | None = None,
+        remote_traceback: str = "",
+    ) -> None:
+        self.host = host
+        self.slot = slot
+        self.remote_traceback = remote_traceback
+        text = message
+        if host is not None:
+            text = f"{message} (host {host!r}, slot {slot})"
+        if remote_traceback:
+            text = f"{text}\n--- remote traceback ---\n{remote_traceback.rstrip()}"
+        super().__init__(text)
+
+
+class RemoteError(GridError):
+    """A remote method raised an exception whose type cannot be re-raised in the driver.
+
+    ``type_name`` is the remote exception's qualified type name, ``remote_traceback``
+    the traceback as formatted on the host.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(type_name, message, remote_traceback)
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.message}"
+        if self.remote_traceback:
+            text += f"\n--- remote traceback ---\n{self.remote_traceback.rstrip()}"
+        return text
+
+
+class HostLostError(GridError):
+    """A daemon died or stopped answering; every call pending on it fails with this."""
+
+    def __init__(self, message: str, *, host: str | None = None, slot: int | None = None) -> None:
+        self.host = host
+        self.slot = slot
+        super().__init__(message)
+
+
+class ServiceUnavailableError(HostLostError):
+    """Every server of a service is lost, so nothing can serve it any more."""
+
+    def __init__(self, service_id: str, message: str = "") -> None:
+        self.service_id = service_id
+        super().__init__(message or f"every server of service {service_id!r} is lost")
+
+
+class AuthenticationError(GridError):
+    """A daemon refused the grid's secret (or the secret could not be read)."""
+
+
+class GridTerminatedError(GridError):
+    """The grid (or the service) was terminated and can no longer be used."""
+
+
+class LaunchError(GridError):
+    """A host's daemon could not be started.
+
+    Carries the ``host``, the ``command`` that was run and its ``output``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        command: list[str] | None = None,
+        output: str = "",
+    ) -> None:
+        self.host = host
+        self.command = list(command or [])
+        self.output = output
+        text = message if host is None else f"host {host!r}: {message}"
+        if command:
+            import shlex
+
+            text += f"\n  command: {shlex.join(command)}"
+        if output.strip():
+            tail = "\n".join(output.strip().splitlines()[-20:])
+            text += "\n  output:\n    " + tail.replace("\n", "\n    ")
+        super().__init__(text)
+
+
+class ConfigError(GridError, ValueError):
+    """A bad hosts file or a bad grid option (names the file, line or key)."""
+
+
+class RemoteTraceback(Exception):
+    """Carries a remote traceback text; set as ``__cause__`` of re-raised remote errors."""
+
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+        super().__init__(tb)
+
+    def __str__(self) -> str:
+        return f"\n--- remote traceback ---\n{self.tb.rstrip()}"

@@ -1,0 +1,508 @@
+"""Grid: start daemons on hosts, publish objects on every slot, hand out proxies."""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import enum
+import logging
+import secrets
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec
+from .errors import (
+    ConfigError,
+    GridError,
+    GridTerminatedError,
+    HostLostError,
+    LaunchError,
+    PublishError,
+    ServiceUnavailableError,
+    UnknownServiceError,
+)
+from .files import DEFAULT_EXCLUDE, pack_files, select_files
+from .hosts import Host
+from .launchers import DaemonHandle, Launcher, make_launcher
+from .proxy import ServiceProxy
+from .result import Result
+from .server import Server, ServerState
+from .service import Service, public_methods
+from .slot import Slot
+
+__all__ = ["Grid", "GridState", "ServerStatus"]
+
+log = logging.getLogger("isdgrid")
+
+
+class GridState(enum.Enum):
+    """Lifecycle of a grid."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    TERMINATED = "terminated"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A snapshot of one server: the original grid's ``jobs`` and ``add_time`` facts."""
+
+    service_id: str
+    host: str
+    slot: int
+    state: str
+    busy: bool
+    lost: bool
+    calls: int
+    errors: int
+    pending: int
+    mean_call_time: float
+    respawns: int
+
+
+class Grid:
+    """A set of daemons on ``hosts`` and the services published on them.
+
+    ``launcher`` is ``"local"`` (default) or a :class:`~isdgrid.launchers.Launcher`.
+    Daemons are watched with a heartbeat every ``heartbeat_interval`` seconds; a daemon
+    silent for ``host_timeout`` seconds (or whose process ended) is lost, and every call
+    on it fails with :class:`HostLostError`. A daemon started by the grid exits by itself
+    ``daemon_timeout`` seconds after the driver stops talking to it, or at once when the
+    driver's end of its stdin closes. Use as a context manager, or call :meth:`terminate`.
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[Host],
+        launcher: str | Launcher = "local",
+        *,
+        shared_temp_path: bool = False,
+        debug: bool = False,
+        verbose: bool | None = None,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        host_timeout: float = 10.0,
+        daemon_timeout: float = 60.0,
+        min_hosts: int | None = None,
+        log_dir: str | None = None,
+        secret: str | None = None,
+        launcher_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        hosts = list(hosts)
+        if not hosts:
+            raise ConfigError("a grid needs at least one host")
+        if not all(isinstance(h, Host) for h in hosts):
+            raise ConfigError("hosts must be isdgrid.Host objects (see create_host_list and load_hosts)")
+        if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
+            raise ConfigError("need 0 < heartbeat_interval < host_timeout")
+        self.hosts: list[Host] = hosts
+        self.shared_temp_path = shared_temp_path
+        self.servers: dict[str, list[Server]] = {}
+        self.queues: dict[str, Any] = {}
+        self.debug = debug
+        self.verbose = bool(verbose)
+        self.set_debug(debug, verbose)
+        self._secret = secret or secrets.token_hex(32)
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._heartbeat_interval = heartbeat_interval
+        self._host_timeout = host_timeout
+        self._services: dict[str, Service] = {}
+        self._held: dict[str, list[ServiceProxy]] = {}
+        self._slots: list[Slot] = []
+        self._lock = threading.RLock()
+        self._state = GridState.STARTING
+        if isinstance(launcher, Launcher):
+            self._launcher = launcher
+        else:
+            options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
+            self._launcher = make_launcher(launcher, **options)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, 1 + sum(h.n_cpu for h in hosts)), thread_name_prefix="isdgrid-control"
+        )
+        _live_grids.add(self)
+        try:
+            self._start(min_hosts)
+        except BaseException:
+            self.terminate()
+            raise
+        self._state = GridState.RUNNING
+
+    # -- start ---------------------------------------------------------------------------
+    def _start(self, min_hosts: int | None) -> None:
+        specs = self._launcher.slot_specs(self.hosts)
+        log.info("starting %d daemon slots on %d hosts (%s launcher)", len(specs), len(self.hosts), self._launcher.name)
+        started = time.monotonic()
+        outcomes = self._launcher.start(specs, self._secret, self._start_timeout)
+        handles = [o for o in outcomes if isinstance(o, DaemonHandle)]
+        failures = [o for o in outcomes if isinstance(o, LaunchError)]
+        for handle in handles:
+            self._add_slot(handle)
+        if failures:
+            failed_hosts = {f.host for f in failures}
+            good_hosts = [h for h in self.hosts if h.name not in failed_hosts]
+            for failure in failures:
+                log.error("%s", failure)
+            if min_hosts is None or len(good_hosts) < min_hosts:
+                raise failures[0]
+            log.warning("going on with %d of %d hosts (min_hosts=%d)", len(good_hosts), len(self.hosts), min_hosts)
+            self._launcher.stop([h for h in handles if h.host.name in failed_hosts], self._stop_timeout)
+            self._slots = [s for s in self._slots if s.host.name not in failed_hosts]
+            self.hosts = good_hosts
+        log.info("%d slots ready in %.2f s", len(self._slots), time.monotonic() - started)
+
+    def _add_slot(self, handle: DaemonHandle) -> Slot:
+        slot = Slot(
+            handle,
+            self._secret,
+            heartbeat_interval=self._heartbeat_interval,
+            host_timeout=self._host_timeout,
+            on_lost=self._slot_lost,
+        )
+        self._slots.append(slot)
+        slot.start_monitor()
+        return slot
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(self, instance: Any) -> str:
+        """Ship a copy of ``instance`` to every slot; returns the new service id.
+
+        Classes defined in the driver's ``__main__`` travel by value. Raises
+        :class:`PublishError` if the instance cannot be pickled or fails to load on a host
+        (naming the host and carrying its traceback); then nothing stays published.
+        """
+        self._check_running()
+        cls = type(instance)
+        try:
+            payload = codec.dumps(instance)
+        except Exception as exc:
+            raise PublishError(f"cannot pickle the {cls.__qualname__} instance: {exc}") from exc
+        service_id = f"{cls.__name__}-{uuid.uuid4().hex[:8]}"
+        slots = [s for s in self._slots if not s.lost.is_set()]
+        if not slots:
+            raise ServiceUnavailableError(service_id, "no live host to publish on")
+        outcomes = self._fan_out(slots, "publish", service_id, payload)
+        failures = [(slot, out) for slot, out in zip(slots, outcomes) if out]
+        if failures:
+            ok_slots = [slot for slot, out in zip(slots, outcomes) if not out]
+            self._fan_out(ok_slots, "unpublish", service_id)
+            slot, out = failures[0]
+            text = out if isinstance(out, str) else ""
+            err = PublishError(
+                f"{cls.__qualname__} failed to load on {len(failures)} of {len(slots)} slots"
+                if text else f"{cls.__qualname__} could not be published: {out}",
+                host=slot.host.name, slot=slot.index, remote_traceback=text,
+            )
+            if isinstance(out, BaseException):
+                raise err from out
+            raise err
+        service = Service(service_id, cls.__qualname__, public_methods(cls), payload)
+        with self._lock:
+            self._check_running()
+            service.servers = [Server(service, slot, i) for i, slot in enumerate(slots)]
+            for server in service.servers:
+                service.queue.put(server)
+            self._services[service_id] = service
+            self.servers[service_id] = service.servers
+            self.queues[service_id] = service.queue
+        log.info("published %s on %d slots", service_id, len(slots))
+        return service_id
+
+    def _fan_out(self, slots: Sequence[Slot], method: str, *args: Any) -> list[Any]:
+        """Call an agent method on every slot at once; each outcome is a value or an error."""
+        futures = [self._executor.submit(slot.control, method, *args) for slot in slots]
+        outcomes: list[Any] = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except GridError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    # -- acquire / release ---------------------------------------------------------------
+    def acquire_service(self, service_id: str, timeout: float | None = None) -> ServiceProxy:
+        """A proxy to a free server of ``service_id``; waits while all are busy.
+
+        Raises :class:`UnknownServiceError` at once for an unknown id, ``TimeoutError``
+        after ``timeout`` seconds, :class:`ServiceUnavailableError` when every server of
+        the service is lost.
+        """
+        service = self._service(service_id)
+        server = service.queue.get(timeout)
+        server.state = ServerState.ACQUIRED
+        log.debug("acquired %r", server)
+        return ServiceProxy(server)
+
+    def release_service(self, proxy: ServiceProxy) -> None:
+        """Give the proxy's server back once its last pending call has finished.
+
+        The proxy cannot be used afterwards; releasing it again raises
+        :class:`ServiceReleasedError`.
+        """
+        if not isinstance(proxy, ServiceProxy):
+            raise TypeError(f"release_service needs a proxy from acquire_service, got {type(proxy).__name__}")
+        proxy._isdgrid_release()
+
+    # -- collective calls ----------------------------------------------------------------
+    def _hold(self, service_id: str) -> list[ServiceProxy]:
+        service = self._service(service_id)
+        with self._lock:
+            held = self._held.get(service_id)
+            if held is not None:
+                return held
+            held = []
+            try:
+                for server in service.servers:
+                    service.queue.take(server, lambda s=server: s.lost)
+                    server.state = ServerState.ACQUIRED
+                    held.append(ServiceProxy(server))
+            except BaseException:
+                for proxy in held:
+                    proxy._isdgrid_release()
+                raise
+            self._held[service_id] = held
+            return held
+
+    def broadcast(self, service_id: str, name: str, *args: Any, **kwargs: Any) -> list[Result]:
+        """Call ``name(*args, **kwargs)`` on every server of the service; a Result each.
+
+        The first broadcast or scatter takes every server of the service, in server order,
+        and keeps them until :meth:`release_all`, so result ``i`` always comes from server ``i``.
+        """
+        return [proxy._isdgrid_call(name, args, kwargs) for proxy in self._hold(service_id)]
+
+    def scatter(
+        self,
+        service_id: str,
+        name: str,
+        arglist: Sequence[Any],
+        kwlist: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Result]:
+        """Call ``name`` on server ``i`` with ``arglist[i]`` (and ``kwlist[i]``).
+
+        A tuple or list item is unpacked as positional arguments; any other item (a dict
+        included) is passed as the one argument.
+        """
+        held = self._hold(service_id)
+        if len(arglist) != len(held):
+            raise ValueError(f"scatter: {len(arglist)} argument items for {len(held)} servers of {service_id!r}")
+        if kwlist is not None and len(kwlist) != len(held):
+            raise ValueError(f"scatter: {len(kwlist)} keyword items for {len(held)} servers of {service_id!r}")
+        results = []
+        for i, proxy in enumerate(held):
+            item = arglist[i]
+            args = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+            kwargs = dict(kwlist[i]) if kwlist is not None else {}
+            results.append(proxy._isdgrid_call(name, args, kwargs))
+        return results
+
+    def gather(self, results: Iterable[Result], timeout: float | None = None) -> list[Any]:
+        """The values of ``results``, in order; raises the first error in that order.
+
+        Waits for every result (at most ``timeout`` seconds, then ``TimeoutError``),
+        except that a :class:`HostLostError` is raised as soon as it happens.
+        """
+        results = list(results)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = set(results)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = concurrent.futures.wait(
+                pending, timeout=left, return_when=concurrent.futures.FIRST_EXCEPTION
+            )
+            failed = [r for r in done if not r.cancelled() and r.exception() is not None]
+            lost = [r for r in failed if isinstance(r.exception(), HostLostError)]
+            if lost:
+                raise min(lost, key=results.index).exception()  # type: ignore[misc]
+            if pending and not failed:
+                raise TimeoutError(f"gather: {len(pending)} of {len(results)} results not ready within {timeout} s")
+        for result in results:
+            if not result.cancelled() and result.exception() is not None:
+                raise result.exception()  # type: ignore[misc]
+        return [result.result() for result in results]
+
+    def release_all(self, service_id: str | None = None) -> None:
+        """Release the servers taken by broadcast/scatter (of one service, or of all)."""
+        with self._lock:
+            ids = [service_id] if service_id is not None else list(self._held)
+            for sid in ids:
+                for proxy in self._held.pop(sid, []):
+                    proxy._isdgrid_release()
+
+    # -- files ---------------------------------------------------------------------------
+    def copy_files(
+        self,
+        rootdir: str,
+        filelist: Iterable[str],
+        hosts: Sequence[Host] | Host | None = None,
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    ) -> int:
+        """Copy files from ``rootdir`` into each host's temp path, folders kept.
+
+        Patterns follow the original grid (see :func:`isdgrid.files.select_files`).
+        Published objects can import what was copied. Returns the number of files.
+        """
+        self._check_running()
+        relpaths = select_files(rootdir, filelist, exclude)
+        if not relpaths:
+            log.warning("copy_files: no file in %s matches %s", rootdir, list(filelist))
+            return 0
+        archive = pack_files(rootdir, relpaths)
+        if isinstance(hosts, Host):
+            hosts = [hosts]
+        names = {h.name for h in (hosts or self.hosts)}
+        targets: dict[str, Slot] = {}
+        for slot in self._slots:
+            if slot.host.name in names and not slot.lost.is_set():
+                key = "shared" if self.shared_temp_path else slot.handle.spec.temp_path + "@" + slot.host.name
+                targets.setdefault(key, slot)
+        outcomes = self._fan_out(list(targets.values()), "put_files", archive)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        log.info("copied %d files (%d bytes packed) to %d hosts", len(relpaths), len(archive), len(targets))
+        return len(relpaths)
+
+    # -- status --------------------------------------------------------------------------
+    def status(self) -> list[ServerStatus]:
+        """One :class:`ServerStatus` per server of every service."""
+        with self._lock:
+            services = list(self._services.values())
+        rows = []
+        for service in services:
+            for server in service.servers:
+                rows.append(
+                    ServerStatus(
+                        service_id=service.id,
+                        host=server.host,
+                        slot=server.slot_index,
+                        state="lost" if server.lost else server.state.value,
+                        busy=server.busy,
+                        lost=server.lost,
+                        calls=server.calls,
+                        errors=server.errors,
+                        pending=server.pending,
+                        mean_call_time=server.mean_call_time,
+                        respawns=server.respawns,
+                    )
+                )
+        return rows
+
+    # -- loss ----------------------------------------------------------------------------
+    def _slot_lost(self, slot: Slot) -> None:
+        with self._lock:
+            services = list(self._services.values())
+        for service in services:
+            for server in service.servers:
+                if server.slot is slot:
+                    service.queue.discard(server)
+            service.queue.wake()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def state(self) -> GridState:
+        """STARTING, RUNNING or TERMINATED."""
+        return self._state
+
+    def ishalted(self) -> bool:
+        """True once the grid was terminated."""
+        return self._state is GridState.TERMINATED
+
+    def set_debug(self, debug: bool, verbose: bool | None = None) -> None:
+        """Log grid events at DEBUG (``debug``) and daemon output at INFO (``verbose``)."""
+        self.debug = bool(debug)
+        if verbose is not None:
+            self.verbose = bool(verbose)
+        logging.getLogger("isdgrid").setLevel(logging.DEBUG if self.debug else logging.NOTSET)
+        logging.getLogger("isdgrid.remote").setLevel(logging.INFO if self.verbose or self.debug else logging.NOTSET)
+
+    def terminate(self, service_id: str | None = None) -> None:
+        """End one service, or the whole grid (daemons stopped and reaped, temp dirs removed).
+
+        Calls still pending fail with :class:`GridTerminatedError`. Idempotent.
+        """
+        if service_id is not None:
+            self._terminate_service(self._service(service_id), unpublish=True)
+            return
+        with self._lock:
+            if self._state is GridState.TERMINATED:
+                return
+            self._state = GridState.TERMINATED
+            services = list(self._services.values())
+            self._held.clear()
+        for service in services:
+            self._terminate_service(service, unpublish=False)
+        for slot in self._slots:
+            slot.close()
+        self._launcher.stop([slot.handle for slot in self._slots], self._stop_timeout)
+        for service in services:
+            for server in service.servers:
+                server.join(timeout=2.0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._launcher.close()
+        _live_grids.discard(self)
+        log.info("grid terminated")
+
+    def _terminate_service(self, service: Service, *, unpublish: bool) -> None:
+        with self._lock:
+            self._services.pop(service.id, None)
+            self.servers.pop(service.id, None)
+            self.queues.pop(service.id, None)
+            held = self._held.pop(service.id, [])
+        service.terminated.set()
+        service.queue.close()
+        for proxy in held:
+            object.__setattr__(proxy, "_isdgrid_released", True)
+        for server in service.servers:
+            server.close()
+        if unpublish:
+            live = [s.slot for s in service.servers if not s.lost]
+            self._fan_out(live, "unpublish", service.id)
+            for server in service.servers:
+                server.join(timeout=2.0)
+
+    def _service(self, service_id: str) -> Service:
+        self._check_running()
+        with self._lock:
+            service = self._services.get(service_id)
+            if service is None:
+                raise UnknownServiceError(service_id, list(self._services))
+            return service
+
+    def _check_running(self) -> None:
+        if self._state is GridState.TERMINATED:
+            raise GridTerminatedError("this grid was terminated")
+
+    def __enter__(self) -> Grid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def __repr__(self) -> str:
+        return f"<Grid {len(self._slots)} slots on {len(self.hosts)} hosts, {len(self._services)} services, {self._state.value}>"
+
+    @property
+    def slots(self) -> list[Slot]:
+        """The daemons of the grid (one per slot)."""
+        return list(self._slots)
+
+
+_live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
+
+
+@atexit.register
+def _terminate_live_grids() -> None:
+    for grid in list(_live_grids):
+        try:
+            grid.terminate()
+        except Exception:  # noqa: BLE001 - interpreter exit: end what can be ended
+            log.exception("terminating a grid at exit failed")
+
+

@@ -1,0 +1,250 @@
+"""What every launcher shares: the launcher interface, daemon handles, process control.
+
+A launcher turns :class:`~isdgrid.hosts.Host` slots into running daemons and ends them.
+Process-based launchers (local, ssh, slurm, sge) only differ in the command line that
+starts one slot; :class:`ProcessLauncher` does the rest: starting every slot at once,
+handing the secret over stdin, waiting (bounded) for the ``ISDGRID-URI`` line, forwarding
+the daemon's output to ``logging`` and a per-slot log file, and a bounded, escalating stop.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from ..daemon import URI_PREFIX
+from ..errors import LaunchError
+from ..hosts import Host
+
+__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "SlotOutput", "SlotSpec"]
+
+log = logging.getLogger("isdgrid.launcher")
+remote_log = logging.getLogger("isdgrid.remote")
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One slot to start: the host, the slot number on it and its working folder."""
+
+    host: Host
+    slot: int
+    temp_path: str
+    remove_temp: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.host.name}/{self.slot}"
+
+
+@dataclass
+class DaemonHandle:
+    """A running daemon: where it is, its URI, and (if the grid started it) its process."""
+
+    spec: SlotSpec
+    uri: str
+    process: subprocess.Popen[bytes] | None = None
+    output: SlotOutput | None = None
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def host(self) -> Host:
+        return self.spec.host
+
+    @property
+    def slot(self) -> int:
+        return self.spec.slot
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def exited(self) -> int | None:
+        """The exit code if the process the grid started has ended, else None."""
+        return None if self.process is None else self.process.poll()
+
+
+class Launcher(abc.ABC):
+    """Starts and stops the daemons of a grid; the grid talks only to this interface."""
+
+    name = "abstract"
+
+    @abc.abstractmethod
+    def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
+        """Decide the slots (and their working folders) for ``hosts``."""
+
+    @abc.abstractmethod
+    def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
+        """Start every slot at once; one handle, or the error of that slot, per spec."""
+
+    @abc.abstractmethod
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
+        """End the daemons (bounded by ``timeout``), reap them, and remove their folders."""
+
+    def close(self) -> None:
+        """Release what the launcher itself holds (after the last stop)."""
+
+
+class SlotOutput(threading.Thread):
+    """Reads one daemon's output: first the URI line, then lines forwarded to logging."""
+
+    def __init__(self, spec: SlotSpec, stream: IO[bytes], log_dir: str | None) -> None:
+        super().__init__(name=f"isdgrid-output-{spec.label}", daemon=True)
+        self.spec = spec
+        self._stream = stream
+        self._uri: queue.Queue[str | None] = queue.Queue(maxsize=1)
+        self.early_lines: list[str] = []
+        self._log_file: IO[str] | None = None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            name = f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_")
+            self._log_file = open(os.path.join(log_dir, name), "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def run(self) -> None:
+        seen_uri = False
+        try:
+            for raw in iter(self._stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if not seen_uri and line.startswith(URI_PREFIX):
+                    seen_uri = True
+                    self._uri.put(line[len(URI_PREFIX):].strip())
+                    continue
+                if not seen_uri:
+                    self.early_lines.append(line)
+                    del self.early_lines[:-200]
+                self._forward(line)
+        except (OSError, ValueError):
+            pass
+        finally:
+            if not seen_uri:
+                self._uri.put(None)
+            if self._log_file is not None:
+                self._log_file.close()
+
+    def _forward(self, line: str) -> None:
+        if self._log_file is not None:
+            self._log_file.write(line + "\n")
+        remote_log.info("[%s] %s", self.spec.label, line)
+
+    def wait_uri(self, timeout: float) -> str | None:
+        """The URI the daemon printed; None if it ended first or ``timeout`` passed."""
+        try:
+            return self._uri.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class ProcessLauncher(Launcher):
+    """A launcher whose slots are child processes of the driver (local, ssh, srun, qrsh)."""
+
+    def __init__(self, *, log_dir: str | None = None, stop_timeout: float = 5.0) -> None:
+        self.log_dir = log_dir
+        self.stop_timeout = stop_timeout
+
+    @abc.abstractmethod
+    def command(self, spec: SlotSpec) -> list[str]:
+        """The argument list that starts the daemon of ``spec`` (run without a shell)."""
+
+    def environment(self, spec: SlotSpec) -> dict[str, str] | None:
+        """Environment for the child process; None inherits the driver's."""
+        return None
+
+    def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
+        pending: list[tuple[SlotSpec, list[str], subprocess.Popen[bytes] | None, SlotOutput | LaunchError]] = []
+        for spec in specs:
+            cmd = self.command(spec)
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=self.environment(spec),
+                    start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
+                )
+            except OSError as exc:
+                pending.append((spec, cmd, None, LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)))
+                continue
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(secret.encode() + b"\n")
+                proc.stdin.flush()
+            except OSError:
+                pass  # it died at once; its output says why
+            output = SlotOutput(spec, proc.stdout, self.log_dir)
+            output.start()
+            pending.append((spec, cmd, proc, output))
+        deadline = time.monotonic() + timeout
+        results: list[DaemonHandle | LaunchError] = []
+        for spec, cmd, proc, output in pending:
+            if isinstance(output, LaunchError):
+                results.append(output)
+                continue
+            assert proc is not None
+            uri = output.wait_uri(max(0.0, deadline - time.monotonic()))
+            if uri is None:
+                reason = "daemon did not report its address within %.0f s" % timeout
+                if proc.poll() is not None or _wait(proc, 0.5):
+                    reason = f"daemon exited with code {proc.returncode} before serving"
+                self._kill(proc)
+                output.join(timeout=2.0)
+                results.append(
+                    LaunchError(reason, host=spec.host.name, command=cmd, output="\n".join(output.early_lines))
+                )
+                continue
+            results.append(DaemonHandle(spec, uri, proc, output, cmd))
+        return results
+
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
+        procs = [h.process for h in handles if h.process is not None]
+        for proc in procs:  # closing stdin is the daemon's cue to exit
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            if not _wait(proc, max(0.0, deadline - time.monotonic())):
+                log.warning("daemon pid %d did not exit after stdin closed; terminating it", proc.pid)
+                self._kill(proc)
+        for handle in handles:
+            if handle.output is not None:
+                handle.output.join(timeout=2.0)
+            if handle.process is not None and handle.process.stdout is not None:
+                handle.process.stdout.close()
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM the process group, then SIGKILL it if it is still there; always reaps."""
+        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            if _wait(proc, grace):
+                break
+        if proc.poll() is None:
+            log.error("daemon pid %d survived SIGKILL", proc.pid)
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+

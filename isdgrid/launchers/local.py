@@ -1,0 +1,102 @@
+"""The local launcher: one daemon subprocess per slot on this machine."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from ..hosts import Host
+from .base import ProcessLauncher, SlotSpec
+
+__all__ = ["LocalLauncher", "daemon_args", "package_root"]
+
+DEFAULT_PYTHON = "python3"
+
+
+def package_root() -> str:
+    """The folder that holds the ``isdgrid`` package the driver runs."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def daemon_args(
+    spec: SlotSpec,
+    python: str,
+    *,
+    bind: str = "127.0.0.1",
+    heartbeat_timeout: float = 0.0,
+) -> list[str]:
+    """The ``python -m isdgrid.daemon`` argument list for one grid-started slot."""
+    args = [
+        python, "-u", "-m", "isdgrid.daemon",
+        "--host", bind, "--port", "0",
+        "--secret-stdin", "--watch-stdin",
+        "--temp-path", spec.temp_path,
+        "--label", spec.label,
+    ]
+    if heartbeat_timeout > 0:
+        args += ["--heartbeat-timeout", f"{heartbeat_timeout:g}"]
+    if spec.remove_temp:
+        args.append("--remove-temp")
+    return args
+
+
+def wrap_host_setup(host: Host, args: list[str]) -> list[str]:
+    """Apply the host's niceness and ``init_cmd`` to a daemon argument list."""
+    if host.niceness:
+        args = ["nice", "-n", str(host.niceness), *args]
+    if host.init_cmd:
+        args = ["sh", "-c", f"{host.init_cmd} && exec {shlex.join(args)}"]
+    return args
+
+
+class LocalLauncher(ProcessLauncher):
+    """Starts every slot as a subprocess of the driver on this machine.
+
+    A host whose ``python`` is the default ``python3`` runs the driver's own interpreter
+    (``sys.executable``), so a virtual environment carries over; the driver's ``isdgrid``
+    is put on the daemon's ``PYTHONPATH``.
+    """
+
+    name = "local"
+
+    def __init__(self, *, log_dir: str | None = None, heartbeat_timeout: float = 0.0, stop_timeout: float = 5.0) -> None:
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout)
+        self.heartbeat_timeout = heartbeat_timeout
+        self._made_dirs: list[str] = []
+
+    def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
+        specs = []
+        for host in hosts:
+            made = host.temp_path is None
+            if made:
+                path = tempfile.mkdtemp(prefix=f"isdgrid-{host.name}-")
+            else:
+                path = os.path.abspath(os.path.expanduser(str(host.temp_path)))
+                made = not os.path.isdir(path)
+                os.makedirs(path, exist_ok=True)
+            if made:
+                self._made_dirs.append(path)
+            # Slot 0 removes a folder the grid made even if the driver dies without terminate().
+            specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
+        return specs
+
+    def command(self, spec: SlotSpec) -> list[str]:
+        python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
+        return wrap_host_setup(spec.host, daemon_args(spec, python, heartbeat_timeout=self.heartbeat_timeout))
+
+    def environment(self, spec: SlotSpec) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [package_root(), spec.temp_path]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        return env
+
+    def close(self) -> None:
+        for path in self._made_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self._made_dirs.clear()

@@ -1,0 +1,103 @@
+"""ServiceProxy: the driver's handle on one acquired server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .errors import ServiceReleasedError
+from .result import Result
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["RemoteMethod", "ServiceProxy"]
+
+log = logging.getLogger(__name__)
+
+
+class ServiceProxy:
+    """A handle on one server of a service, from ``acquire_service`` until release.
+
+    ``proxy.method(*args, **kw)`` queues a call and returns a :class:`Result` at once;
+    calls run remotely in the order they were made. Reading ``proxy.attr`` of a plain
+    (non-callable) attribute also returns a :class:`Result`; ``proxy.attr = v`` sets it
+    remotely. Both keep call order. Arguments are pickled when the call is made, so
+    later changes to them in the driver do not reach the call.
+    """
+
+    __slots__ = ("_isdgrid_server", "_isdgrid_released", "_isdgrid_lock", "__weakref__")
+
+    def __init__(self, server: Server) -> None:
+        object.__setattr__(self, "_isdgrid_server", server)
+        object.__setattr__(self, "_isdgrid_released", False)
+        object.__setattr__(self, "_isdgrid_lock", threading.Lock())
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name.startswith("_isdgrid_"):
+            raise AttributeError(name)
+        server: Server = self._isdgrid_server
+        if name in server.service.methods:
+            return RemoteMethod(self, name)
+        return self._isdgrid_submit(codec.Op(codec.GETATTR, name), f"attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("__") or name.startswith("_isdgrid_"):
+            raise AttributeError(f"cannot set {name!r} on a service proxy")
+        result = self._isdgrid_submit(codec.Op(codec.SETATTR, name, (value,)), f"setting attribute {name!r}")
+        result.add_done_callback(_log_failed_setattr)
+
+    def __repr__(self) -> str:
+        server = self._isdgrid_server
+        state = "released" if self._isdgrid_released else "acquired"
+        return f"<ServiceProxy {server.service.id} on {server.slot.label} {state}>"
+
+    def _isdgrid_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
+        return self._isdgrid_submit(codec.Op(codec.CALL, name, args, kwargs or None), f"{name}()")
+
+    def _isdgrid_submit(self, op: codec.Op, what: str) -> Result:
+        server = self._isdgrid_server
+        description = f"{server.service.class_name}.{what} on {server.slot.label}"
+        try:
+            data = codec.dumps(op)
+        except Exception as exc:
+            raise TypeError(f"cannot send {description}: its arguments cannot be pickled: {exc}") from exc
+        result = Result(description)
+        with self._isdgrid_lock:
+            if self._isdgrid_released:
+                raise ServiceReleasedError(f"proxy of {server.service.id!r} on {server.slot.label} was released")
+            server.submit(data, result)
+        return result
+
+    def _isdgrid_release(self) -> None:
+        with self._isdgrid_lock:
+            if self._isdgrid_released:
+                server = self._isdgrid_server
+                raise ServiceReleasedError(
+                    f"proxy of {server.service.id!r} on {server.slot.label} was already released"
+                )
+            object.__setattr__(self, "_isdgrid_released", True)
+            self._isdgrid_server.submit_release()
+
+
+class RemoteMethod:
+    """A bound remote method; calling it queues the call and returns a :class:`Result`."""
+
+    __slots__ = ("_proxy", "_name")
+
+    def __init__(self, proxy: ServiceProxy, name: str) -> None:
+        self._proxy = proxy
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Result:
+        return self._proxy._isdgrid_call(self._name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RemoteMethod {self._name} of {self._proxy!r}>"
+
+
+def _log_failed_setattr(result: Result) -> None:
+    if not result.cancelled() and result.exception() is not None:
+        log.warning("%s failed: %s", result.description, result.exception())

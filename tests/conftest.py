@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import cloudpickle
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import remote_objects  # noqa: E402
+
+from isdgrid import Grid, Host  # noqa: E402
+
+# The daemons cannot import the tests package; ship its classes by value, as classes of
+# a driver's __main__ are.
+cloudpickle.register_pickle_by_value(remote_objects)
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a component is missing, but fail in CI, where it must be there."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def child_pids() -> set[int]:
+    """PIDs of every living descendant of this test process."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return set()
+    return {c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.fixture
+def grid() -> Iterator[Grid]:
+    g = Grid([Host("localhost", n_cpu=4)], host_timeout=10.0)
+    try:
+        yield g
+    finally:
+        g.terminate()
+
+
+@pytest.fixture
+def grid1() -> Iterator[Grid]:
+    g = Grid([Host("localhost", n_cpu=1)])
+    try:
+        yield g
+    finally:
+        g.terminate()

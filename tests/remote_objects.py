@@ -1,0 +1,86 @@
+"""Classes the tests publish. Pickled by value (see conftest), as a driver's __main__ is."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+
+class Recorder:
+    """Records the order of calls and offers fast, slow and failing methods."""
+
+    def __init__(self, tag: str = "r") -> None:
+        self.tag = tag
+        self.seen: list[Any] = []
+        self.value = 0
+
+    def add(self, item: Any) -> int:
+        self.seen.append(item)
+        return len(self.seen)
+
+    def history(self) -> list[Any]:
+        return list(self.seen)
+
+    def echo(self, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, kwargs
+
+    def ident(self, x: Any) -> Any:
+        return x
+
+    def apply(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def fail(self, kind: str, message: str = "boom") -> None:
+        if kind == "value":
+            raise ValueError(message)
+        if kind == "key":
+            raise KeyError(message)
+        if kind == "custom":
+            raise CustomError(message, 42)
+        if kind == "unpicklable":
+            raise UnpicklableError(message)
+        raise RuntimeError(message)
+
+    def fail_if(self, flag: bool, message: str) -> str:
+        if flag:
+            raise ValueError(message)
+        return message
+
+    def unpicklable_result(self) -> Any:
+        return threading.Lock()
+
+    @property
+    def doubled(self) -> int:
+        return 2 * self.value
+
+
+class CustomError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)
+        self.code = code
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class FailsToLoad:
+    """Pickles fine in the driver but raises when unpickled on a host."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_explode, ("no such module on the host",))
+
+
+def _explode(message: str) -> None:
+    raise ImportError(message)

@@ -1,0 +1,271 @@
+"""The core contract on real local daemons: publish, ordered async calls, release."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+import pytest
+from remote_objects import CustomError, Recorder
+
+from isdgrid import (
+    Grid,
+    GridTerminatedError,
+    RemoteError,
+    Result,
+    ServiceReleasedError,
+    UnknownServiceError,
+)
+
+
+def test_publish_returns_id_with_class_name_and_one_server_per_slot(grid: Grid) -> None:
+    sid = grid.publish(Recorder())
+    assert "Recorder" in sid
+    assert len(grid.servers[sid]) == 4
+    assert grid.queues[sid].qsize() == 4
+    pids = grid.gather(grid.broadcast(sid, "pid"), timeout=30)
+    assert len(set(pids)) == 4  # one daemon process per slot
+    assert grid.publish(Recorder()) != sid
+
+
+def test_thousand_pipelined_calls_run_in_call_order(grid: Grid) -> None:
+    sid = grid.publish(Recorder())
+    proxy = grid.acquire_service(sid)
+    results = [proxy.add(i) for i in range(1000)]
+    assert all(isinstance(r, Result) for r in results)
+    assert [r.get(timeout=60) for r in results] == list(range(1, 1001))
+    assert proxy.history().get(timeout=30) == list(range(1000))
+    grid.release_service(proxy)
+
+
+def test_calls_return_before_the_remote_work_is_done(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    t0 = time.monotonic()
+    slow = proxy.sleep(1.0)
+    after = proxy.add("after")
+    queued_in = time.monotonic() - t0
+    assert not slow.done()
+    assert queued_in < 0.5  # generous: only queueing, no round trip
+    assert after.get(timeout=30) == 1
+    assert slow.done()  # the later call finished after the earlier one
+    grid1.release_service(proxy)
+
+
+def test_release_returns_server_only_after_last_pending_call(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    slow = proxy.sleep(1.5)
+    grid1.release_service(proxy)
+    assert grid1.queues[sid].qsize() == 0
+    with pytest.raises(TimeoutError):
+        grid1.acquire_service(sid, timeout=0.2)
+    again = grid1.acquire_service(sid, timeout=30)
+    assert slow.done(), "the server came back before its last call finished"
+    grid1.release_service(again)
+
+
+def test_release_without_any_call_does_not_leak_the_server(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    for _ in range(100):
+        proxy = grid1.acquire_service(sid, timeout=10)
+        grid1.release_service(proxy)
+    assert grid1.acquire_service(sid, timeout=10) is not None
+
+
+def test_released_proxy_refuses_calls_and_second_release(grid: Grid) -> None:
+    sid = grid.publish(Recorder())
+    proxy = grid.acquire_service(sid)
+    grid.release_service(proxy)
+    with pytest.raises(ServiceReleasedError):
+        proxy.add(1)
+    with pytest.raises(ServiceReleasedError):
+        grid.release_service(proxy)
+
+
+def test_sixteen_threads_hammer_four_servers(grid: Grid) -> None:
+    sid = grid.publish(Recorder())
+    errors: list[BaseException] = []
+
+    def worker(tid: int) -> int:
+        done = 0
+        for i in range(100):
+            proxy = grid.acquire_service(sid, timeout=60)
+            tag = (tid, i)
+            results = [proxy.ident(tag), proxy.echo(tid, i=i)]
+            grid.release_service(proxy)
+            assert results[0].get(timeout=60) == tag
+            assert results[1].get(timeout=60) == ((tid,), {"i": i})
+            done += 1
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(worker, t) for t in range(16)]
+        for f in concurrent.futures.as_completed(futures, timeout=300):
+            try:
+                assert f.result() == 100
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+    assert not errors, errors[:3]
+    deadline = time.monotonic() + 30
+    while grid.queues[sid].qsize() < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert grid.queues[sid].qsize() == 4
+    assert sum(s.calls for s in grid.status()) == 16 * 100 * 2
+
+
+def test_remote_exceptions_keep_their_type_and_traceback(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    with pytest.raises(ValueError, match="bad value") as info:
+        proxy.fail("value", "bad value").get(timeout=30)
+    assert "remote traceback" in str(info.value.__cause__)
+    assert "in fail" in info.value.remote_traceback  # type: ignore[attr-defined]
+    with pytest.raises(KeyError):
+        proxy.fail("key").get(timeout=30)
+    with pytest.raises(CustomError) as custom:
+        proxy.fail("custom", "mine").get(timeout=30)
+    assert custom.value.code == 42
+    with pytest.raises(RemoteError) as remote:
+        proxy.fail("unpicklable", "locked").get(timeout=30)
+    assert "UnpicklableError" in remote.value.type_name and "locked" in str(remote.value)
+    with pytest.raises(RemoteError, match="cannot be pickled back"):
+        proxy.unpicklable_result().get(timeout=30)
+    with pytest.raises(AttributeError):
+        proxy.no_such_attribute.get(timeout=30)
+    # the proxy still works after every one of those failures, in order
+    assert proxy.add("still alive").get(timeout=30) == 1
+    grid1.release_service(proxy)
+
+
+def test_attributes_read_and_write_in_call_order(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    before = proxy.value
+    proxy.value = 21
+    doubled = proxy.doubled
+    assert before.get(timeout=30) == 0
+    assert doubled.get(timeout=30) == 42
+    assert proxy.value.get(timeout=30) == 21
+    grid1.release_service(proxy)
+
+
+def test_arguments_are_captured_when_the_call_is_made(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    data = [1, 2]
+    slow = proxy.sleep(0.3)
+    r = proxy.ident(data)
+    data.append(3)
+    slow.get(timeout=30)
+    assert r.get(timeout=30) == [1, 2]
+    grid1.release_service(proxy)
+
+
+def test_numpy_arrays_round_trip_exactly(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    arrays = [np.arange(10), np.random.default_rng(1).normal(size=(300, 3)), np.zeros((1 << 20,), np.float32)]
+    for a in arrays:
+        back = proxy.ident(a).get(timeout=60)
+        assert back.dtype == a.dtype and back.shape == a.shape
+        np.testing.assert_array_equal(back, a)
+    grid1.release_service(proxy)
+
+
+def test_broadcast_scatter_gather_keep_server_order(grid: Grid) -> None:
+    sid = grid.publish(Recorder())
+    pids = grid.gather(grid.broadcast(sid, "pid"), timeout=30)
+    for _ in range(3):
+        assert grid.gather(grid.broadcast(sid, "pid"), timeout=30) == pids
+    assert grid.queues[sid].qsize() == 0  # held until release_all
+    items = [(1, 2), [3], {"k": "v"}, 7]
+    echoed = grid.gather(grid.scatter(sid, "echo", items, [{"i": 0}, {}, {"i": 2}, {}]), timeout=30)
+    assert echoed == [((1, 2), {"i": 0}), ((3,), {}), (({"k": "v"},), {"i": 2}), ((7,), {})]
+    assert grid.gather(grid.broadcast(sid, "echo", 5, key="word"), timeout=30) == [((5,), {"key": "word"})] * 4
+    with pytest.raises(ValueError, match="3 argument items for 4 servers"):
+        grid.scatter(sid, "echo", [1, 2, 3])
+    grid.release_all()
+    assert grid.queues[sid].qsize() == 4
+    assert len({p for p in grid.gather(grid.broadcast(sid, "pid"), timeout=30)}) == 4
+    grid.release_all()
+
+
+def test_gather_raises_the_first_error_and_times_out(grid: Grid) -> None:
+    sid = grid.publish(Recorder())
+    with pytest.raises(ValueError, match="server 1"):
+        grid.gather(grid.scatter(sid, "fail_if", [(False, "0"), (True, "server 1"), (True, "server 2"), (False, "3")]))
+    grid.release_all()
+    with pytest.raises(TimeoutError):
+        grid.gather(grid.broadcast(sid, "sleep", 2.0), timeout=0.2)
+    grid.release_all()
+
+
+def test_unknown_service_and_acquire_timeout(grid1: Grid) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(UnknownServiceError):
+        grid1.acquire_service("Nothing-123")
+    assert time.monotonic() - t0 < 1.0
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    with pytest.raises(TimeoutError):
+        grid1.acquire_service(sid, timeout=0.3)
+    grid1.release_service(proxy)
+
+
+def test_result_is_a_future_with_get_timeout(grid1: Grid) -> None:
+    sid = grid1.publish(Recorder())
+    proxy = grid1.acquire_service(sid)
+    r = proxy.sleep(1.0)
+    assert isinstance(r, concurrent.futures.Future)
+    with pytest.raises(TimeoutError):
+        r.get(timeout=0.05)
+    assert r.get(timeout=30) == 1.0
+    grid1.release_service(proxy)
+
+
+def test_terminate_fails_pending_calls_and_blocks_further_use() -> None:
+    g = Grid([__import__("isdgrid").Host("localhost", n_cpu=2)])
+    sid = g.publish(Recorder())
+    proxy = g.acquire_service(sid)
+    pending = proxy.sleep(30)
+    waiter_error: list[BaseException] = []
+    blocked = g.acquire_service(sid)  # the second server
+
+    def wait_for_server() -> None:
+        try:
+            g.acquire_service(sid, timeout=60)
+        except BaseException as exc:  # noqa: BLE001
+            waiter_error.append(exc)
+
+    t = threading.Thread(target=wait_for_server)
+    t.start()
+    time.sleep(0.2)
+    g.terminate()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert waiter_error and isinstance(waiter_error[0], GridTerminatedError)
+    with pytest.raises(GridTerminatedError):
+        pending.get(timeout=30)
+    assert g.ishalted()
+    with pytest.raises(GridTerminatedError):
+        g.publish(Recorder())
+    with pytest.raises(GridTerminatedError):
+        g.acquire_service(sid)
+    with pytest.raises((GridTerminatedError, ServiceReleasedError)):
+        blocked.add(1).get(timeout=10)
+    g.terminate()  # idempotent
+
+
+def test_terminate_one_service_keeps_the_others(grid: Grid) -> None:
+    a = grid.publish(Recorder("a"))
+    b = grid.publish(Recorder("b"))
+    grid.terminate(a)
+    with pytest.raises(UnknownServiceError):
+        grid.acquire_service(a)
+    proxy = grid.acquire_service(b)
+    assert proxy.tag.get(timeout=30) == "b"
+    grid.release_service(proxy)
+    assert not grid.ishalted()
