@@ -8,7 +8,9 @@ import cloudpickle
 import psutil
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's isdgrid, installed or not
 import remote_objects  # noqa: E402
 
 from isdgrid import Grid, Host  # noqa: E402
