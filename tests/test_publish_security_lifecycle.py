@@ -17,6 +17,8 @@ from remote_objects import FailsToLoad, Recorder
 
 from isdgrid import Grid, Host, PublishError
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_unpicklable_instance_is_a_publish_error(grid1: Grid) -> None:
     class Holder:
@@ -123,8 +125,9 @@ DRIVER = textwrap.dedent(
 
 
 def test_class_from_drivers_main_and_atexit_cleanup() -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     out = subprocess.run(
-        [sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=120, check=True, env=env
     ).stdout
     assert "ENERGIES [42.0, 42.0]" in out
     pids = [int(p) for p in out.split("DAEMONS", 1)[1].split()]

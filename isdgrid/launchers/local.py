@@ -19,7 +19,8 @@ DEFAULT_PYTHON = "python3"
 
 def package_root() -> str:
     """The folder that holds the ``isdgrid`` package the driver runs."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(package)
 
 
 def daemon_args(
