@@ -46,6 +46,11 @@ class GridDaemon(Pyro5.server.Daemon):
         super().__init__(host=host, port=port)
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        if denied_reason:
+            # Pyro5 calls this from its accept loop when the pool is full: waiting for the
+            # client's message there would stall every other client, so just hang up.
+            log.warning("refused a client from %s: %s", _peer(conn), denied_reason)
+            return False
         # A client that connects and never sends must not hold a worker thread forever.
         conn.timeout = HANDSHAKE_TIMEOUT
         try:

@@ -130,9 +130,13 @@ class Server:
         self._thread.join(timeout)
 
     def attach(self, slot: Slot) -> None:
-        """Continue on a respawned slot (the worker reconnects for the next batch)."""
-        self.slot = slot
-        self.respawns += 1
+        """Continue on a respawned slot; back in the queue if it was released meanwhile."""
+        with self._stats_lock:  # with _released(): exactly one of the two puts it back
+            self.slot = slot
+            self.respawns += 1
+            free = self.state is ServerState.FREE and not self._closed.is_set()
+        if free:
+            self.service.queue.put(self)
 
     # -- worker ------------------------------------------------------------------------
     def _work(self) -> None:
@@ -177,8 +181,10 @@ class Server:
                 self._settle(item[1], exc=exc)
 
     def _released(self) -> None:
-        self.state = ServerState.FREE
-        if not self.lost and not self._closed.is_set():
+        with self._stats_lock:
+            self.state = ServerState.FREE
+            back = not self.lost and not self._closed.is_set()
+        if back:
             self.service.queue.put(self)
 
     def _run_batch(self, batch: list[tuple[bytes, Result]], proxy: Any) -> Any:

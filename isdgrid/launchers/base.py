@@ -54,6 +54,7 @@ class DaemonHandle:
     process: subprocess.Popen[bytes] | None = None
     output: SlotOutput | None = None
     command: list[str] = field(default_factory=list)
+    respawns: int = 0
 
     @property
     def host(self) -> Host:
