@@ -24,6 +24,7 @@ from typing import Any
 import Pyro5.errors
 import Pyro5.server
 from Pyro5 import config as pyro_config
+from Pyro5 import core, protocol, serializers
 
 from .agent import AGENT_ID, Agent
 
@@ -31,6 +32,7 @@ __all__ = ["GridDaemon", "URI_PREFIX", "main", "serve"]
 
 URI_PREFIX = "ISDGRID-URI "
 HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKE_SIZE = 64 * 1024
 THREADPOOL_SIZE = 256
 
 log = logging.getLogger(__name__)
@@ -46,20 +48,67 @@ class GridDaemon(Pyro5.server.Daemon):
         super().__init__(host=host, port=port)
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        """Admit a client only if its connect message carries the secret.
+
+        Replaces Pyro5's handshake so that nothing from an unauthenticated client reaches
+        a deserializer (marshal is not safe on hostile bytes) and so that a client that
+        sends too little, too much or nothing is dropped within ``HANDSHAKE_TIMEOUT``.
+        """
         if denied_reason:
             # Pyro5 calls this from its accept loop when the pool is full: waiting for the
             # client's message there would stall every other client, so just hang up.
             log.warning("refused a client from %s: %s", _peer(conn), denied_reason)
             return False
-        # A client that connects and never sends must not hold a worker thread forever.
         conn.timeout = HANDSHAKE_TIMEOUT
+        msg = None
         try:
-            ok: bool = super()._handshake(conn, denied_reason)
-        except OSError:
+            header = conn.recv(6)
+            protocol.ReceivingMessage.validate(header)
+            header += conn.recv(protocol._header_size - 6)
+            msg = protocol.ReceivingMessage(header)
+            if msg.type != protocol.MSG_CONNECT:
+                raise Pyro5.errors.ProtocolError(f"expected a connect message, got type {msg.type}")
+            size = msg.annotations_size + msg.data_size
+            if size > MAX_HANDSHAKE_SIZE:
+                raise Pyro5.errors.ProtocolError(f"connect message of {size} bytes is too large")
+            payload = conn.recv(size) if size else b""
+            if self._secret not in bytes(payload):  # before any deserializer sees it
+                raise Pyro5.errors.SecurityError("access denied: wrong or missing grid secret")
+            msg.add_payload(payload)
+            serializer = serializers.serializers_by_id[msg.serializer_id]
+            data = serializer.loads(msg.data)
+            self.validateHandshake(conn, data["handshake"])
+            response = {
+                "handshake": "isdgrid",
+                "meta": self.objectsById[core.DAEMON_NAME].get_metadata(data["object"]),
+            }
+            reply = protocol.SendingMessage(
+                protocol.MSG_CONNECTOK, 0, msg.seq, msg.serializer_id, serializer.dumps(response)
+            )
+            conn.send(reply.data)
+        except Pyro5.errors.SecurityError as exc:
+            log.warning("refused a client from %s: %s", _peer(conn), exc)
+            self._refuse(conn, msg, str(exc))
             return False
-        if ok:
-            conn.timeout = None
-        return ok
+        except (Pyro5.errors.PyroError, OSError, KeyError, TypeError, ValueError, EOFError) as exc:
+            log.debug("dropped a client from %s during the handshake: %s", _peer(conn), exc)
+            return False
+        conn.timeout = None
+        return True
+
+    @staticmethod
+    def _refuse(conn: Any, msg: Any, reason: str) -> None:
+        """Tell a well-formed but unauthorised Pyro5 client why it is refused."""
+        if msg is None:
+            return
+        marshal_id = serializers.MarshalSerializer.serializer_id
+        reply = protocol.SendingMessage(
+            protocol.MSG_CONNECTFAIL, 0, msg.seq, marshal_id, serializers.serializers_by_id[marshal_id].dumps(reason)
+        )
+        try:
+            conn.send(reply.data)
+        except (OSError, Pyro5.errors.PyroError):
+            pass
 
     def validateHandshake(self, conn: Any, data: Any) -> str:  # noqa: N802 - Pyro5's name
         offered = data.encode() if isinstance(data, str) else data
