@@ -227,3 +227,31 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+STOPPED_DRIVER = textwrap.dedent(
+    """
+    import time
+    from isdgrid import Grid, Host
+    grid = Grid([Host("localhost", n_cpu=2)], daemon_timeout=3.0)
+    print("PIDS", " ".join(str(s.handle.process.pid) for s in grid.slots), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_daemons_exit_when_heartbeats_stop_although_stdin_stays_open() -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    driver = subprocess.Popen([sys.executable, "-c", STOPPED_DRIVER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line.startswith("PIDS"), line
+        pids = [int(p) for p in line.split()[1:]]
+        os.kill(driver.pid, signal.SIGSTOP)  # alive, pipes open, but silent
+        assert _wait_until(lambda: not any(_alive(p) for p in pids), 20.0), "daemons did not notice the silence"
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+        if driver.stdout is not None:
+            driver.stdout.close()
