@@ -174,7 +174,8 @@ def test_replica_exchange_job_runs_on_srun_steps_and_leaves_none(tmp_path: Path)
             time.sleep(0.5)
         assert _job_steps(job_id) == []
         for replica in replicas:
-            assert not psutil.pid_exists(replica["pid"]) or psutil.Process(replica["pid"]).status() == psutil.STATUS_ZOMBIE
+            pid = replica["pid"]
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
         if job_id:
             subprocess.run(["scancel", job_id], capture_output=True, timeout=20)

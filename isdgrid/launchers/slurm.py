@@ -125,7 +125,7 @@ def allocation_hosts(environ: Mapping[str, str], scontrol: str = "scontrol") -> 
     tasks = parse_tasks_per_node(tasks_text) if tasks_text else [1] * len(nodes)
     if len(tasks) != len(nodes):
         raise ConfigError(f"SLURM lists {len(nodes)} nodes ({nodelist}) but tasks for {len(tasks)} ({tasks_text})")
-    return [Host(node, n_cpu=count) for node, count in zip(nodes, tasks) if count > 0]
+    return [Host(node, n_cpu=count) for node, count in zip(nodes, tasks, strict=True) if count > 0]
 
 
 class SlurmLauncher(BatchLauncher):
