@@ -238,3 +238,36 @@ def test_a_stopped_daemon_unregisters_and_a_killed_one_is_skipped(setup: Setup) 
     finally:
         _end(polite.proc)
         _end(killed.proc)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:9999", ("127.0.0.1", 9999)), ("nshost", ("nshost", 9090)), ("[::1]:7000", ("::1", 7000))],
+)
+def test_name_server_locations(text: str, expected: tuple[str, int]) -> None:
+    assert parse_location(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":9090", "host:port", "host:0", "[::1", "[::1]x"])
+def test_bad_name_server_locations(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_location(text)
+
+
+def test_entry_names() -> None:
+    assert group_prefix("run-1") == "isdgrid.run-1."
+    assert entry_name("g", "node1/3") == "isdgrid.g.node1_3"
+    with pytest.raises(ConfigError, match="bad group name"):
+        entry_name("a b", "x")
+
+
+def test_daemon_with_a_bad_group_says_so_in_one_line(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    proc = subprocess.run(
+        [sys.executable, "-m", "isdgrid", "daemon", "--secret-file", str(secret_file),
+         "--nameserver", "127.0.0.1:9", "--group", "a.b"],
+        capture_output=True, text=True, timeout=60, env=_env(), stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode != 0
+    assert "bad group name 'a.b'" in proc.stderr and "Traceback" not in proc.stderr

@@ -225,3 +225,37 @@ def test_scancel_ends_a_leftover_step_of_the_grid(tmp_path: Path) -> None:
     finally:
         if job_id:
             subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+
+
+def test_daemon_steps_end_when_the_driver_is_killed(tmp_path: Path) -> None:
+    require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""\
+        import sys, time
+        from isdgrid import Grid
+        grid = Grid.from_slurm(bind="127.0.0.1")
+        print("READY", len(grid.slots), flush=True)
+        time.sleep(600)
+        """))
+    script = tmp_path / "job.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        {sys.executable} {driver} > {tmp_path}/driver.out 2>&1 &
+        DRIVER=$!
+        for i in $(seq 300); do grep -q READY {tmp_path}/driver.out && break; sleep 0.1; done
+        echo "STEPS-BEFORE $(squeue -h -s -j $SLURM_JOB_ID -o %j | grep -c '^isdgrid-')"
+        kill -9 $DRIVER
+        for i in $(seq 300); do
+            [ "$(squeue -h -s -j $SLURM_JOB_ID -o %j | grep -c '^isdgrid-')" = 0 ] && break
+            sleep 0.1
+        done
+        echo "STEPS-AFTER $(squeue -h -s -j $SLURM_JOB_ID -o %j | grep -c '^isdgrid-')"
+        """))
+    job_id, code, text = _sbatch(script, tmp_path / "job.out")
+    try:
+        assert code == 0, text
+        assert "STEPS-BEFORE 1" in text, text + (tmp_path / "driver.out").read_text()
+        assert "STEPS-AFTER 0" in text  # the daemon saw its stdin close and its step ended
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
