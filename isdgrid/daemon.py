@@ -11,10 +11,13 @@ it exits on its own once the driver is gone: its stdin closes, or no request arr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
 import threading
 import time
@@ -27,6 +30,8 @@ from Pyro5 import config as pyro_config
 from Pyro5 import core, protocol, serializers
 
 from .agent import AGENT_ID, Agent
+from .errors import GridError
+from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 
 __all__ = ["GridDaemon", "URI_PREFIX", "main", "serve"]
 
@@ -137,8 +142,14 @@ def serve(
     heartbeat_timeout: float = 0.0,
     uri_file: str | None = None,
     on_ready: Any = None,
+    nameserver: str | None = None,
+    group: str = DEFAULT_GROUP,
 ) -> None:
-    """Run a grid daemon until it is shut down or its driver is gone."""
+    """Run a grid daemon until it is shut down or its driver is gone.
+
+    With ``nameserver`` (``HOST:PORT``) the agent URI is registered there under
+    ``isdgrid.<group>.<label or host-pid>`` while the daemon serves.
+    """
     pyro_config.THREADPOOL_SIZE = max(pyro_config.THREADPOOL_SIZE, THREADPOOL_SIZE)
     temp_path = os.path.abspath(temp_path or os.getcwd())
     os.makedirs(temp_path, exist_ok=True)
@@ -167,17 +178,23 @@ def serve(
         with open(tmp, "w") as fh:
             fh.write(f"{uri}\n")
         os.replace(tmp, uri_file)
-    if on_ready is not None:
-        on_ready(str(uri))
-    sys.stdout.write(f"{URI_PREFIX}{uri}\n")
-    sys.stdout.flush()
-    log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
-    try:
-        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
-    finally:
-        daemon.close()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(daemon.close)
         if remove_temp:
-            shutil.rmtree(temp_path, ignore_errors=True)
+            cleanup.callback(shutil.rmtree, temp_path, ignore_errors=True)
+        if nameserver:
+            member = label or f"{socket.gethostname()}-{os.getpid()}"
+            cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
+        if on_ready is not None:
+            on_ready(str(uri))
+        sys.stdout.write(f"{URI_PREFIX}{uri}\n")
+        sys.stdout.flush()
+        log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
+        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _watch_stdin(shut: Any) -> None:
@@ -228,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--remove-temp", action="store_true", help="remove the temp path at exit")
     parser.add_argument("--label", default="", help="name used in logs (host/slot)")
     parser.add_argument("--uri-file", help="also write the URI to this file")
+    parser.add_argument("--nameserver", help="register the URI at this Pyro5 name server (HOST:PORT)")
+    parser.add_argument("--group", default=DEFAULT_GROUP, help="name server group (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -240,6 +259,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     secret = _read_secret(args)
+    if args.nameserver:
+        try:
+            check_group(args.group)
+        except GridError as exc:
+            raise SystemExit(f"isdgrid daemon: {exc}") from None
+    # SIGTERM ends the request loop like Ctrl-C, so the exit is clean (name server entry removed).
+    signal.signal(signal.SIGTERM, _interrupt)
     code = 0
     try:
         serve(
@@ -252,7 +278,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             watch_stdin=args.watch_stdin,
             heartbeat_timeout=args.heartbeat_timeout,
             uri_file=args.uri_file,
+            nameserver=args.nameserver,
+            group=args.group,
         )
+    except KeyboardInterrupt:
+        log.info("interrupted; exiting")
+    except GridError as exc:
+        log.error("isdgrid daemon failed: %s", exc)
+        code = 1
     except Exception as exc:  # noqa: BLE001 - reported, then the process ends with 1
         log.error("isdgrid daemon failed: %s", exc, exc_info=True)
         code = 1

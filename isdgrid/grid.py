@@ -68,7 +68,9 @@ class ServerStatus:
 class Grid:
     """A set of daemons on ``hosts`` and the services published on them.
 
-    ``launcher`` is ``"local"`` (default) or a :class:`~isdgrid.launchers.Launcher`.
+    ``launcher`` is ``"local"`` (default), ``"slurm"``, ``"sge"`` or a
+    :class:`~isdgrid.launchers.Launcher`; with ``hosts=None`` the launcher supplies them
+    (the nodes of a SLURM or SGE allocation).
     Daemons are watched with a heartbeat every ``heartbeat_interval`` seconds; a daemon
     silent for ``host_timeout`` seconds (or whose process ended) is lost, and every call
     on it fails with :class:`HostLostError`. With ``respawn=True`` a lost slot is started
@@ -80,7 +82,7 @@ class Grid:
 
     def __init__(
         self,
-        hosts: Sequence[Host],
+        hosts: Sequence[Host] | None,
         launcher: str | Launcher = "local",
         *,
         shared_temp_path: bool = False,
@@ -98,13 +100,18 @@ class Grid:
         secret: str | None = None,
         launcher_options: Mapping[str, Any] | None = None,
     ) -> None:
-        hosts = list(hosts)
+        if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
+            raise ConfigError("need 0 < heartbeat_interval < host_timeout")
+        if isinstance(launcher, Launcher):
+            self._launcher = launcher
+        else:
+            options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
+            self._launcher = make_launcher(launcher, **options)
+        hosts = self._launcher.default_hosts() if hosts is None else list(hosts)
         if not hosts:
             raise ConfigError("a grid needs at least one host")
         if not all(isinstance(h, Host) for h in hosts):
             raise ConfigError("hosts must be isdgrid.Host objects (see create_host_list and load_hosts)")
-        if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
-            raise ConfigError("need 0 < heartbeat_interval < host_timeout")
         self.hosts: list[Host] = hosts
         self.shared_temp_path = shared_temp_path
         self.servers: dict[str, list[Server]] = {}
@@ -125,11 +132,6 @@ class Grid:
         self._slots: list[Slot] = []
         self._lock = threading.RLock()
         self._state = GridState.STARTING
-        if isinstance(launcher, Launcher):
-            self._launcher = launcher
-        else:
-            options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
-            self._launcher = make_launcher(launcher, **options)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, 1 + sum(h.n_cpu for h in hosts)), thread_name_prefix="isdgrid-control"
         )
@@ -140,6 +142,31 @@ class Grid:
             self.terminate()
             raise
         self._state = GridState.RUNNING
+
+    @classmethod
+    def from_slurm(cls, hosts: Sequence[Host] | None = None, *, bind: str | None = None, **kwargs: Any) -> Grid:
+        """A grid on the nodes and tasks of the SLURM allocation it runs in (see docs/clusters.md)."""
+        options = {**({"bind": bind} if bind else {}), **kwargs.pop("launcher_options", {})}
+        return cls(hosts, "slurm", launcher_options=options, **kwargs)
+
+    @classmethod
+    def attach(
+        cls,
+        uris_or_nameserver: str | Sequence[str] | None = None,
+        *,
+        secret: str,
+        nameserver: str | None = None,
+        group: str = "default",
+        **kwargs: Any,
+    ) -> Grid:
+        """A grid on daemons started by hand: a list of URIs, or a name server ``HOST:PORT``.
+
+        The grid never ends these daemons; :meth:`terminate` unpublishes its services.
+        """
+        from .launchers.attach import AttachLauncher
+
+        launcher = AttachLauncher.from_target(uris_or_nameserver, nameserver=nameserver, group=group)
+        return cls(None, launcher, secret=secret, **kwargs)
 
     # -- start ---------------------------------------------------------------------------
     def _start(self, min_hosts: int | None) -> None:
@@ -507,8 +534,8 @@ class Grid:
             self._state = GridState.TERMINATED
             services = list(self._services.values())
             self._held.clear()
-        for service in services:
-            self._terminate_service(service, unpublish=False)
+        for service in services:  # daemons the grid does not own outlive it: clean them up
+            self._terminate_service(service, unpublish=not self._launcher.owns_daemons)
         for slot in self._slots:
             slot.close()
         self._launcher.stop([slot.handle for slot in self._slots], self._stop_timeout)

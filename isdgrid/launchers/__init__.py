@@ -5,16 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .attach import AttachLauncher
 from .base import DaemonHandle, Launcher, ProcessLauncher, SlotSpec
 from .local import LocalLauncher
+from .sge import SgeLauncher
+from .slurm import SlurmLauncher
 
-__all__ = ["DaemonHandle", "Launcher", "LocalLauncher", "ProcessLauncher", "SlotSpec", "make_launcher"]
+__all__ = [
+    "AttachLauncher",
+    "DaemonHandle",
+    "Launcher",
+    "LocalLauncher",
+    "ProcessLauncher",
+    "SgeLauncher",
+    "SlotSpec",
+    "SlurmLauncher",
+    "make_launcher",
+]
 
-_NAMES = ("local",)
+_LAUNCHERS: dict[str, type[Launcher]] = {
+    "local": LocalLauncher,
+    "slurm": SlurmLauncher,
+    "sge": SgeLauncher,
+    "attach": AttachLauncher,
+}
 
 
 def make_launcher(name: str, **options: Any) -> Launcher:
     """The launcher called ``name``, built with ``options``."""
-    if name == "local":
-        return LocalLauncher(**options)
-    raise ConfigError(f"unknown launcher {name!r}; choose one of: {', '.join(_NAMES)}")
+    cls = _LAUNCHERS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown launcher {name!r}; choose one of: {', '.join(_LAUNCHERS)}")
+    return cls(**options)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from ..daemon import URI_PREFIX
-from ..errors import LaunchError
+from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
 __all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "SlotOutput", "SlotSpec"]
@@ -77,6 +77,12 @@ class Launcher(abc.ABC):
     """Starts and stops the daemons of a grid; the grid talks only to this interface."""
 
     name = "abstract"
+    #: False for daemons the user started: the grid unpublishes its services but never ends them.
+    owns_daemons = True
+
+    def default_hosts(self) -> list[Host]:
+        """The hosts to use when the grid is given none (an allocation's nodes, attached daemons)."""
+        raise ConfigError(f"the {self.name} launcher needs a list of hosts")
 
     @abc.abstractmethod
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
