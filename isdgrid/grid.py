@@ -34,6 +34,7 @@ from .result import Result
 from .server import Server, ServerState
 from .service import Service, public_methods
 from .slot import Slot
+from .statusfile import StatusFileWriter
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
 
@@ -74,6 +75,10 @@ class Grid:
     on it fails with :class:`HostLostError`. A daemon started by the grid exits by itself
     ``daemon_timeout`` seconds after the driver stops talking to it, or at once when the
     driver's end of its stdin closes. Use as a context manager, or call :meth:`terminate`.
+
+    ``status_file`` (default True) keeps a JSON status file for ``isdgrid status`` in the
+    run folder (see :mod:`isdgrid.statusfile`); a string is the file's path, False turns
+    it off.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class Grid:
         log_dir: str | None = None,
         secret: str | None = None,
         launcher_options: Mapping[str, Any] | None = None,
+        status_file: bool | str = True,
     ) -> None:
         hosts = list(hosts)
         if not hosts:
@@ -118,6 +124,7 @@ class Grid:
         self._slots: list[Slot] = []
         self._lock = threading.RLock()
         self._state = GridState.STARTING
+        self._status_writer: StatusFileWriter | None = None
         if isinstance(launcher, Launcher):
             self._launcher = launcher
         else:
@@ -133,6 +140,9 @@ class Grid:
             self.terminate()
             raise
         self._state = GridState.RUNNING
+        if status_file:
+            self._status_writer = StatusFileWriter(self, status_file if isinstance(status_file, str) else None)
+            self._status_writer.start()
 
     # -- start ---------------------------------------------------------------------------
     def _start(self, min_hosts: int | None) -> None:
@@ -436,6 +446,8 @@ class Grid:
             self._state = GridState.TERMINATED
             services = list(self._services.values())
             self._held.clear()
+        if self._status_writer is not None:
+            self._status_writer.close()
         for service in services:
             self._terminate_service(service, unpublish=False)
         for slot in self._slots:
