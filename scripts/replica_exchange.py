@@ -1,0 +1,15 @@
+"""Replica-exchange Monte Carlo on a grid: the driver of ``isdgrid demo``, as a script.
+
+Run: python scripts/replica_exchange.py [--slots N] [--rounds R] [--steps S] [--hosts FILE]
+     [--launcher NAME] [--scheme gromacs|evenodd|random] [--seed N] [--log FILE]
+
+The driver itself (model, replicas, exchanges, the Boltzmann check) is in
+isdgrid/examples/replica_exchange.py; read it to write your own.
+"""
+
+from __future__ import annotations
+
+from isdgrid.examples.replica_exchange import main
+
+if __name__ == "__main__":
+    main()
