@@ -67,15 +67,21 @@ def daemon(
 
 
 @cli.command()
-@click.option("--slots", type=click.IntRange(1, 256), default=None, help="Local slots, one replica each [default: 4].")
+@click.option("--slots", type=click.IntRange(1, 256), help="Local slots, one replica each [default: 4].")
 @click.option("--rounds", type=click.IntRange(1), default=200, show_default=True, help="Exchange rounds.")
-@click.option("--steps", type=click.IntRange(1), default=200, show_default=True, help="Metropolis steps per replica and round.")
-@click.option("--hosts", "hosts_file", metavar="FILE", default=None, help="Hosts file (TOML): one replica per slot of its hosts.")
-@click.option("--launcher", default="local", show_default=True, help="How daemons start (local, or a launcher of your install).")
-@click.option("--scheme", type=click.Choice(SCHEMES), default="gromacs", show_default=True, help="How swap pairs are picked.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the whole run (same seed and slots: same run).")
-@click.option("--tmax", type=click.FloatRange(1.0), default=6.0, show_default=True, help="Highest temperature (lowest is 1).")
-@click.option("--log", "log_path", metavar="FILE", default=None, help="Replica-per-temperature log [default: in the temp folder].")
+@click.option(
+    "--steps", type=click.IntRange(1), default=200, show_default=True, help="Metropolis steps per replica and round."
+)
+@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts file (TOML): one replica per slot of its hosts.")
+@click.option("--launcher", default="local", show_default=True, help="How daemons start (local, ssh, ...).")
+@click.option(
+    "--scheme", type=click.Choice(SCHEMES), default="gromacs", show_default=True, help="How swap pairs are picked."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the run (same seed and slots: same run).")
+@click.option(
+    "--tmax", type=click.FloatRange(1.0), default=6.0, show_default=True, help="Highest temperature (lowest 1)."
+)
+@click.option("--log", "log_path", metavar="FILE", help="Replica-per-temperature log [default: in the temp folder].")
 def demo(
     slots: int | None,
     rounds: int,
@@ -116,7 +122,9 @@ def demo(
 
 @cli.command()
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option(
+    "--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between refreshes."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document per refresh).")
 @click.option("--run-dir", metavar="DIR", default=None, help="Folder of status files [default: see docs/api.md].")
 @click.option("--count", type=click.IntRange(0), default=0, hidden=True, help="Refreshes with --watch (0: no limit).")
@@ -151,8 +159,10 @@ def status(watch: bool, interval: float, as_json: bool, run_dir: str | None, cou
 @cli.command()
 @click.argument("hosts_file", metavar="HOSTS_FILE")
 @click.option("--launcher", default="local", show_default=True, help="How daemons start on the hosts.")
-@click.option("--timeout", type=click.FloatRange(1.0), default=30.0, show_default=True, help="Seconds a host may take to start.")
-@click.option("--pings", type=click.IntRange(1), default=5, show_default=True, help="Pings timed per host (median shown).")
+@click.option(
+    "--timeout", type=click.FloatRange(1.0), default=30.0, show_default=True, help="Seconds a host may take to start."
+)
+@click.option("--pings", type=click.IntRange(1), default=5, show_default=True, help="Pings timed per host (median).")
 def check(hosts_file: str, launcher: str, timeout: float, pings: int) -> None:
     """Start, ping and stop one daemon on each host of HOSTS_FILE."""
     from .checkhosts import check_hosts

@@ -156,8 +156,9 @@ class StatusFileWriter:
                         os.unlink(tmp)
                     raise
             except (OSError, TypeError, ValueError) as exc:
-                log.warning("cannot write the grid status file %s (%s); isdgrid status will not see this grid",
-                            self.path, exc)
+                log.warning(
+                    "cannot write the grid status file %s (%s); isdgrid status will not see this grid", self.path, exc
+                )
                 self._stop.set()
                 return False
             return True
@@ -218,9 +219,14 @@ def format_status(documents: list[dict[str, Any]], now: float | None = None) -> 
             f"driver pid {doc['pid']}: {command} ({doc.get('launcher', '?')} launcher, "
             f"up {now - float(doc.get('started', now)):.0f} s, {doc.get('state', '?')}{stale})"
         )
-        hosts = ", ".join(f"{h['name']} ({h['n_cpu']} slot{'s' if h['n_cpu'] != 1 else ''})" for h in doc.get("hosts", []))
+        hosts = ", ".join(
+            f"{h['name']} ({h['n_cpu']} slot{'s' if h['n_cpu'] != 1 else ''})" for h in doc.get("hosts", [])
+        )
         lines.append(f"  hosts: {hosts or '-'}")
-        header = f"  {'HOST':<16} {'SLOT':>4}  {'SERVICE':<24} {'STATE':<9} {'BUSY':<4} {'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9}"
+        header = (
+            f"  {'HOST':<16} {'SLOT':>4}  {'SERVICE':<24} {'STATE':<9} {'BUSY':<4} "
+            f"{'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9}"
+        )
         lines.append(header)
         servers = doc.get("servers", [])
         for slot in doc.get("slots", []):

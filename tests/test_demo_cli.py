@@ -39,7 +39,11 @@ def _env(run_dir: Path | None = None) -> dict[str, str]:
 def _isdgrid(*args: str, run_dir: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "isdgrid", *args],
-        capture_output=True, text=True, timeout=timeout, env=_env(run_dir), cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(run_dir),
+        cwd=REPO_ROOT,
     )
 
 
@@ -144,7 +148,10 @@ def test_status_json_while_a_driver_runs(driver: tuple[subprocess.Popen[str], st
     doc = docs[0]
     assert doc["pid"] == proc.pid and doc["launcher"] == "local" and doc["state"] == "running"
     assert doc["hosts"] == [{"name": "localhost", "n_cpu": 2, "python": "python3"}]
-    assert [(s["host"], s["slot"], s["lost"]) for s in doc["slots"]] == [("localhost", 0, False), ("localhost", 1, False)]
+    assert [(s["host"], s["slot"], s["lost"]) for s in doc["slots"]] == [
+        ("localhost", 0, False),
+        ("localhost", 1, False),
+    ]
     servers = doc["servers"]
     assert {r["service_id"] for r in servers} == {sid} and sid.startswith("Counter-")
     assert sorted(r["busy"] for r in servers) == [False, True]  # one server held by the driver
@@ -186,8 +193,7 @@ def test_status_files_of_dead_drivers_are_ignored_and_removed(run_dir: Path) -> 
 def test_check_reports_each_host(tmp_path: Path, run_dir: Path) -> None:
     hosts = tmp_path / "hosts.toml"
     hosts.write_text(
-        '[[host]]\nname = "localhost"\nn_cpu = 2\n\n'
-        '[[host]]\nname = "broken"\npython = "/nonexistent/bin/python3"\n'
+        '[[host]]\nname = "localhost"\nn_cpu = 2\n\n[[host]]\nname = "broken"\npython = "/nonexistent/bin/python3"\n'
     )
     proc = _isdgrid("check", str(hosts), run_dir=run_dir)
     assert proc.returncode == 1
@@ -195,9 +201,7 @@ def test_check_reports_each_host(tmp_path: Path, run_dir: Path) -> None:
     ok = [line for line in proc.stdout.splitlines() if line.startswith("ok")]
     assert len(ok) == 1 and ok[0].startswith("ok    localhost: python 3.") and " ms" in ok[0]
     fail = [line for line in proc.stderr.splitlines() if line.startswith("FAIL")]
-    assert fail == [
-        "FAIL  broken: cannot run command: [Errno 2] No such file or directory: '/nonexistent/bin/python3'"
-    ]
+    assert fail == ["FAIL  broken: cannot run command: [Errno 2] No such file or directory: '/nonexistent/bin/python3'"]
     assert proc.stderr.splitlines()[-1] == "isdgrid: error: 1 of 2 hosts failed: broken"
 
     good = tmp_path / "good.toml"
@@ -221,8 +225,10 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path: Path, run_dir: Path
     proc = _isdgrid("demo", "--hosts", str(unreachable), "--rounds", "2", run_dir=run_dir)
     line = [entry for entry in proc.stderr.splitlines() if entry.startswith("isdgrid: error")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert line == ["isdgrid: error: host 'far': cannot run command: [Errno 2] No such file or directory: "
-                    "'/nonexistent/bin/python3'"]
+    assert line == [
+        "isdgrid: error: host 'far': cannot run command: [Errno 2] No such file or directory: "
+        "'/nonexistent/bin/python3'"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -233,12 +239,20 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path: Path, run_dir: Path
         (["demo", "--scheme", "convective"], 2, "isdgrid demo: error: Invalid value for '--scheme'"),
         (["status", "--bogus"], 2, "isdgrid status: error: No such option '--bogus'"),
         (["check"], 2, "isdgrid check: error: Missing argument 'HOSTS_FILE'"),
-        (["check", "hosts.toml", "--launcher", "carrier-pigeon"], 1, "isdgrid: error: unknown launcher 'carrier-pigeon'"),
+        (
+            ["check", "hosts.toml", "--launcher", "carrier-pigeon"],
+            1,
+            "isdgrid: error: unknown launcher 'carrier-pigeon'",
+        ),
         (["frobnicate"], 2, "isdgrid: error: No such command 'frobnicate'"),
     ],
 )
 def test_argument_errors_in_process(
-    args: list[str], code: int, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    code: int,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)

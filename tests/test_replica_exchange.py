@@ -9,7 +9,7 @@ import random
 import pytest
 
 from isdgrid import ConfigError, Grid
-from isdgrid.examples.boltzmann import chi2_sf, check_boltzmann, exact_marginal
+from isdgrid.examples.boltzmann import check_boltzmann, chi2_sf, exact_marginal
 from isdgrid.examples.replica_exchange import (
     ReplicaExchange,
     RuggedDoubleWell,
@@ -74,7 +74,7 @@ def test_exact_marginal_matches_the_analytic_reduction() -> None:
         math.exp(-(MODEL.barrier * (x * x - 1) ** 2 + MODEL.tilt * x + MODEL.ripple * math.cos(MODEL.ripple_freq * x)))
         for x in xs
     ]
-    left = sum(wi for x, wi in zip(xs, w) if x < 0) / sum(w)
+    left = sum(wi for x, wi in zip(xs, w, strict=True) if x < 0) / sum(w)
     assert exact.probability_below(0.0) == pytest.approx(left, abs=1e-4)
     assert 0.6 < left < 0.85  # the tilt makes the left well the heavier one
     assert exact.quantile(exact.probability_below(0.7)) == pytest.approx(0.7, abs=1e-3)

@@ -13,9 +13,10 @@ intervals that are equally probable under the exact distribution (so every expec
 frequency is ``1/bins``). Monte Carlo samples are correlated, so the chain is cut into
 ``blocks`` consecutive blocks (batch means): the spread of the per-block histograms gives
 the statistical inefficiency ``g`` (how many correlated samples are worth one independent
-one; the largest over the bins, which errs on the safe side), and the chi-square statistic is computed with the effective sample size ``N / g``:
+one; the largest over the bins, which errs on the safe side), and the chi-square
+statistic is computed with the effective sample size ``N / g``:
 
-    chi2 = (N / g) * sum_k (f_k - 1/K)^2 / (1/K),     K - 1 degrees of freedom.
+    chi2 = (N / g) * sum_k (f_k - 1/K)^2 / (1/K)      (K - 1 degrees of freedom)
 
 The verdict is FAIL when the chi-square p-value is below ``alpha`` (default 0.001),
 INCONCLUSIVE when the chain holds fewer than ``min_effective`` (default 100) effective
@@ -208,7 +209,7 @@ def check_boltzmann(
     chi2 = n_eff * sum((f - p) ** 2 for f in freq) / p
     dof = bins - 1
     tvd = 0.5 * sum(abs(f - p) for f in freq)
-    left_blocks = [sum(1 for x in used[b * length:(b + 1) * length] if x < 0) / length for b in range(blocks)]
+    left_blocks = [sum(1 for x in used[b * length : (b + 1) * length] if x < 0) / length for b in range(blocks)]
     left = sum(left_blocks) / blocks
     left_se = math.sqrt(sum((v - left) ** 2 for v in left_blocks) / (blocks - 1) / blocks)
     return BoltzmannCheck(

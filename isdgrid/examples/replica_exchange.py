@@ -195,7 +195,7 @@ class ExchangeResult:
     @property
     def acceptance(self) -> list[float | None]:
         """Swap acceptance rate per pair of neighbouring temperatures (None: never tried)."""
-        return [a / n if n else None for a, n in zip(self.accepted, self.attempts)]
+        return [a / n if n else None for a, n in zip(self.accepted, self.attempts, strict=True)]
 
     def lowest_samples(self, burn_in: float = 0.1) -> list[float]:
         """The x samples at the lowest temperature, without the first ``burn_in`` of rounds."""
@@ -379,9 +379,7 @@ def run_demo(
         exact: ExactMarginal = exact_marginal(rex.model.energy, result.temperatures[0])
         outcome = check_boltzmann(samples, exact)
     launcher = getattr(getattr(grid, "_launcher", None), "name", "?")
-    return DemoReport(
-        result, outcome, status, n, len(grid.hosts), launcher, startup_time, time.perf_counter() - start
-    )
+    return DemoReport(result, outcome, status, n, len(grid.hosts), launcher, startup_time, time.perf_counter() - start)
 
 
 def format_report(report: DemoReport) -> list[str]:
