@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 
 import click
 
 from . import __version__
 from .errors import GridError
+from .examples.replica_exchange import SCHEMES
 
 __all__ = ["cli", "main"]
 
@@ -67,16 +72,141 @@ def daemon(
     daemon_main(argv)
 
 
+@cli.command()
+@click.option("--slots", type=click.IntRange(1, 256), help="Local slots, one replica each [default: 4].")
+@click.option("--rounds", type=click.IntRange(1), default=200, show_default=True, help="Exchange rounds.")
+@click.option(
+    "--steps", type=click.IntRange(1), default=200, show_default=True, help="Metropolis steps per replica and round."
+)
+@click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts file (TOML): one replica per slot of its hosts.")
+@click.option("--launcher", default="local", show_default=True, help="How daemons start (local, ssh, ...).")
+@click.option(
+    "--scheme", type=click.Choice(SCHEMES), default="gromacs", show_default=True, help="How swap pairs are picked."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the run (same seed and slots: same run).")
+@click.option(
+    "--tmax", type=click.FloatRange(1.0), default=6.0, show_default=True, help="Highest temperature (lowest 1)."
+)
+@click.option("--log", "log_path", metavar="FILE", help="Replica-per-temperature log [default: in the temp folder].")
+def demo(
+    slots: int | None,
+    rounds: int,
+    steps: int,
+    hosts_file: str | None,
+    launcher: str,
+    scheme: str,
+    seed: int,
+    tmax: float,
+    log_path: str | None,
+) -> None:
+    """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure)."""
+    from .examples.replica_exchange import format_report, run_demo
+    from .grid import Grid
+    from .hosts import Host, load_hosts
+
+    if hosts_file is not None and slots is not None:
+        raise click.UsageError("give --slots or --hosts, not both")
+    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or 4)]
+    if log_path is None:
+        log_path = os.path.join(tempfile.gettempdir(), f"isdgrid-demo-{os.getpid()}-replicanums.txt")
+    n_slots = sum(h.n_cpu for h in hosts)
+    click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
+    started = time.perf_counter()
+    with Grid(hosts, launcher) as grid, open(log_path, "w", encoding="utf-8") as log_file:
+        startup = time.perf_counter() - started
+        with click.progressbar(length=rounds, label="replica exchange", file=sys.stderr) as bar:
+            report = run_demo(
+                grid, rounds=rounds, steps=steps, scheme=scheme, seed=seed, t_max=tmax,
+                log=log_file, progress=bar.update, startup_time=startup,
+            )
+    for line in format_report(report):
+        click.echo(line)
+    click.echo(f"replica log (replica at each temperature, per round): {log_path}")
+    if report.check is not None and report.check.verdict == "FAIL":
+        raise click.ClickException("the sampled distribution does not match the Boltzmann distribution")
+
+
+@cli.command()
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option(
+    "--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between refreshes."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document per refresh).")
+@click.option("--run-dir", metavar="DIR", default=None, help="Folder of status files [default: see docs/api.md].")
+@click.option("--count", type=click.IntRange(0), default=0, hidden=True, help="Refreshes with --watch (0: no limit).")
+def status(watch: bool, interval: float, as_json: bool, run_dir: str | None, count: int) -> None:
+    """Show the hosts, slots and services of the grids running now."""
+    from .statusfile import format_status, read_status_files
+    from .statusfile import run_dir as default_run_dir
+
+    folder = run_dir or default_run_dir()
+    shown = 0
+    try:
+        while True:
+            documents = read_status_files(folder)
+            if as_json:
+                click.echo(json.dumps(documents, indent=None if watch else 1))
+            else:
+                if watch and sys.stdout.isatty():
+                    click.clear()
+                if documents:
+                    for line in format_status(documents):
+                        click.echo(line)
+                else:
+                    click.echo(f"no running isdgrid driver (status files in {folder})")
+            shown += 1
+            if not watch or (count and shown >= count):
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command()
+@click.argument("hosts_file", metavar="HOSTS_FILE")
+@click.option("--launcher", default="local", show_default=True, help="How daemons start on the hosts.")
+@click.option(
+    "--timeout", type=click.FloatRange(1.0), default=30.0, show_default=True, help="Seconds a host may take to start."
+)
+@click.option("--pings", type=click.IntRange(1), default=5, show_default=True, help="Pings timed per host (median).")
+def check(hosts_file: str, launcher: str, timeout: float, pings: int) -> None:
+    """Start, ping and stop one daemon on each host of HOSTS_FILE."""
+    from .checkhosts import check_hosts
+    from .hosts import load_hosts
+    from .launchers import make_launcher
+
+    hosts = load_hosts(hosts_file)
+    make_launcher(launcher).close()  # an unknown launcher is one error, not one per host
+    results = check_hosts(hosts, launcher, start_timeout=timeout, pings=pings)
+    for result in results:
+        click.echo(result.line(), err=not result.ok)
+    failed = [r.host for r in results if not r.ok]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(results)} hosts failed: {', '.join(failed)}")
+    click.echo(f"all {len(results)} hosts ok")
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``isdgrid`` console script."""
+    """Entry point of the ``isdgrid`` console script.
+
+    User errors (bad options, a bad hosts file, a host that does not start) end with one
+    line on stderr and a non-zero exit status, never a traceback.
+    """
     try:
         cli.main(args=list(args) if args is not None else None, prog_name="isdgrid", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "isdgrid"
+        click.echo(f"{where}: error: {exc.format_message()} (see {where} --help)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"isdgrid: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except GridError as exc:
         click.echo(f"isdgrid: error: {str(exc).splitlines()[0]}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"isdgrid: error: {exc}", err=True)
         sys.exit(1)

@@ -34,6 +34,7 @@ from .result import Result
 from .server import Server, ServerState
 from .service import Service, public_methods
 from .slot import Slot
+from .statusfile import StatusFileWriter
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
 
@@ -78,6 +79,10 @@ class Grid:
     the driver's copy, so its servers serve again. A daemon started by the grid exits by itself
     ``daemon_timeout`` seconds after the driver stops talking to it, or at once when the
     driver's end of its stdin closes. Use as a context manager, or call :meth:`terminate`.
+
+    ``status_file`` (default True) keeps a JSON status file for ``isdgrid status`` in the
+    run folder (see :mod:`isdgrid.statusfile`); a string is the file's path, False turns
+    it off.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class Grid:
         log_dir: str | None = None,
         secret: str | None = None,
         launcher_options: Mapping[str, Any] | None = None,
+        status_file: bool | str = True,
     ) -> None:
         if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
             raise ConfigError("need 0 < heartbeat_interval < host_timeout")
@@ -132,6 +138,7 @@ class Grid:
         self._slots: list[Slot] = []
         self._lock = threading.RLock()
         self._state = GridState.STARTING
+        self._status_writer: StatusFileWriter | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, 1 + sum(h.n_cpu for h in hosts)), thread_name_prefix="isdgrid-control"
         )
@@ -142,6 +149,9 @@ class Grid:
             self.terminate()
             raise
         self._state = GridState.RUNNING
+        if status_file:
+            self._status_writer = StatusFileWriter(self, status_file if isinstance(status_file, str) else None)
+            self._status_writer.start()
 
     @classmethod
     def from_slurm(cls, hosts: Sequence[Host] | None = None, *, bind: str | None = None, **kwargs: Any) -> Grid:
@@ -534,6 +544,8 @@ class Grid:
             self._state = GridState.TERMINATED
             services = list(self._services.values())
             self._held.clear()
+        if self._status_writer is not None:
+            self._status_writer.close()
         for service in services:  # daemons the grid does not own outlive it: clean them up
             self._terminate_service(service, unpublish=not self._launcher.owns_daemons)
         for slot in self._slots:

@@ -19,4 +19,4 @@ if [[ -n "${ISDGRID_BIND:-}" ]]; then
     args+=(--bind "$ISDGRID_BIND")
 fi
 echo "job $JOB_ID: $NSLOTS slots on $(cut -d' ' -f1 "$PE_HOSTFILE" | sort -u | tr '\n' ' ')"
-exec "${PYTHON:-python3}" scripts/replica_exchange.py "${args[@]}"
+exec "${PYTHON:-python3}" scripts/scheduler_job_driver.py "${args[@]}"

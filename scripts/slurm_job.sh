@@ -20,4 +20,4 @@ if [[ -n "${ISDGRID_BIND:-}" ]]; then
     args+=(--bind "$ISDGRID_BIND")
 fi
 echo "job $SLURM_JOB_ID: nodes $SLURM_JOB_NODELIST, tasks per node $SLURM_TASKS_PER_NODE"
-exec "${PYTHON:-python3}" scripts/replica_exchange.py "${args[@]}"
+exec "${PYTHON:-python3}" scripts/scheduler_job_driver.py "${args[@]}"

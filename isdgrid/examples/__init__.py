@@ -1,0 +1,6 @@
+"""Worked examples that run on a grid (the ``isdgrid demo`` command uses them).
+
+- :mod:`isdgrid.examples.replica_exchange`: a parallel-tempering Monte Carlo driver.
+- :mod:`isdgrid.examples.boltzmann`: the exact distribution of its model and the
+  statistical check of the sampled one.
+"""

@@ -1,0 +1,428 @@
+"""Replica exchange (parallel tempering) Monte Carlo on a grid: the use IMP.isd built it for.
+
+One :class:`Replica` (a Metropolis sampler of :class:`RuggedDoubleWell`) is published on
+every slot; replica ``i`` stays on server ``i``. Each round the driver
+
+1. ``broadcast``s ``sample(steps, thin)`` and ``gather``s each replica's energy (and, from
+   the replica at the lowest temperature, its thinned samples),
+2. picks pairs of neighbouring temperatures (``scheme``: ``"gromacs"`` alternates the even
+   and the odd pairs from round to round, as IMP.isd's ``ReplicaTracker``; ``"evenodd"``
+   picks the even or the odd set by a coin each round; ``"random"`` pairs random
+   neighbours, as the tracker's random variant),
+3. accepts each swap with probability ``min(1, exp((beta_i - beta_j) * (E_i - E_j)))``,
+4. ``scatter``s the new temperatures: the replicas keep their coordinates, the
+   temperatures move. These calls are not waited for: calls on one server run in order,
+   so the next round's ``sample`` runs after them (one round trip per round),
+5. appends the replica number at each temperature to the log file (1-based, as the
+   original ``replicanums.txt``).
+
+It counts swap attempts and acceptances per temperature pair and the replica round trips
+(a replica that went from the lowest to the highest temperature and back).
+:func:`run_demo` runs it end to end; ``isdgrid demo`` and ``scripts/replica_exchange.py``
+call it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ..errors import ConfigError
+from ..grid import Grid, ServerStatus
+from ..result import Result
+from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
+
+__all__ = [
+    "SCHEMES",
+    "ExchangeResult",
+    "Replica",
+    "ReplicaExchange",
+    "RuggedDoubleWell",
+    "exchange_pairs",
+    "format_report",
+    "geometric_ladder",
+    "run_demo",
+]
+
+SCHEMES = ("gromacs", "evenodd", "random")
+
+
+@dataclass(frozen=True)
+class RuggedDoubleWell:
+    """A 2D energy with two wells of unequal depth, a barrier, and ripples.
+
+    ``E(x, y) = h (x^2 - 1)^2 + a x + r cos(w x) + k/2 (y - c x)^2``
+
+    With the defaults the left well (x ~ -1) is lower by about 1 and the barrier is about 6:
+    at T = 1 a plain Metropolis walker stays in one well for thousands of steps, while at
+    T = 6 it crosses freely, which is what tempering exploits.
+    """
+
+    barrier: float = 6.0
+    tilt: float = 0.5
+    ripple: float = 0.4
+    ripple_freq: float = 3 * math.pi
+    stiffness: float = 4.0
+    coupling: float = 0.5
+
+    def energy(self, x: float, y: float) -> float:
+        """E(x, y)."""
+        u = x * x - 1.0
+        v = y - self.coupling * x
+        return (
+            self.barrier * u * u
+            + self.tilt * x
+            + self.ripple * math.cos(self.ripple_freq * x)
+            + 0.5 * self.stiffness * v * v
+        )
+
+
+class Replica:
+    """A Metropolis sampler of a model at a temperature; one lives on each grid slot.
+
+    Pure Python (``random.Random`` seeded per replica), so a host needs nothing but
+    isdgrid. The step size grows with sqrt(T) to keep the acceptance reasonable.
+    """
+
+    def __init__(self, model: RuggedDoubleWell | None = None, step: float = 0.3) -> None:
+        self.model = model or RuggedDoubleWell()
+        self.step = step
+        self.temperature = 1.0
+        self.record = False
+        self.x = 0.0
+        self.y = 0.0
+        self.rng = random.Random(0)
+
+    def reset(self, seed: int, temperature: float, record: bool, x: float, y: float) -> float:
+        """Seed this replica, put it at (x, y) and temperature; returns its energy."""
+        self.rng = random.Random(seed)
+        self.temperature, self.record = temperature, record
+        self.x, self.y = x, y
+        return self.model.energy(x, y)
+
+    def set_temperature(self, temperature: float, record: bool = False) -> float:
+        """Move to ``temperature``; ``record`` asks ``sample`` to return its samples."""
+        self.temperature, self.record = temperature, record
+        return temperature
+
+    def energy(self) -> float:
+        """The energy of the current coordinates."""
+        return self.model.energy(self.x, self.y)
+
+    def sample(self, steps: int, thin: int = 10) -> dict[str, Any]:
+        """Run ``steps`` Metropolis steps; the final energy, acceptance and samples.
+
+        ``xs`` holds every ``thin``-th ``x`` when this replica records (is at the lowest
+        temperature), else it is empty.
+        """
+        energy_of = self.model.energy
+        gauss, uniform, exp = self.rng.gauss, self.rng.random, math.exp
+        beta = 1.0 / self.temperature
+        width = self.step * math.sqrt(self.temperature)
+        x, y = self.x, self.y
+        e = energy_of(x, y)
+        accepted = 0
+        xs: list[float] = []
+        for i in range(1, steps + 1):
+            nx, ny = x + gauss(0.0, width), y + gauss(0.0, width)
+            ne = energy_of(nx, ny)
+            d = beta * (ne - e)
+            if d <= 0.0 or uniform() < exp(-d):
+                x, y, e = nx, ny, ne
+                accepted += 1
+            if self.record and i % thin == 0:
+                xs.append(x)
+        self.x, self.y = x, y
+        return {"energy": e, "acceptance": accepted / steps if steps else 0.0, "xs": xs}
+
+
+def geometric_ladder(n: int, t_min: float = 1.0, t_max: float = 6.0) -> list[float]:
+    """``n`` temperatures from ``t_min`` to ``t_max`` with a constant ratio."""
+    if n < 1:
+        raise ConfigError("a temperature ladder needs at least one temperature")
+    if not 0 < t_min <= t_max:
+        raise ConfigError("need 0 < t_min <= t_max")
+    if n == 1:
+        return [t_min]
+    ratio = (t_max / t_min) ** (1.0 / (n - 1))
+    return [t_min * ratio**i for i in range(n)]
+
+
+def exchange_pairs(scheme: str, n_states: int, round_index: int, rng: random.Random) -> list[tuple[int, int]]:
+    """The disjoint pairs of neighbouring states ``(s, s + 1)`` to try swapping this round."""
+    if scheme == "gromacs":
+        parity = round_index % 2
+    elif scheme == "evenodd":
+        parity = rng.randrange(2)
+    elif scheme == "random":
+        free = set(range(n_states))
+        pairs = []
+        order = list(range(n_states))
+        rng.shuffle(order)
+        for s in order:
+            if s not in free:
+                continue
+            for t in sorted((s - 1, s + 1), key=lambda _: rng.random()):
+                if t in free and t != s:
+                    free -= {s, t}
+                    pairs.append((min(s, t), max(s, t)))
+                    break
+        return sorted(pairs)
+    else:
+        raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    return [(s, s + 1) for s in range(parity, n_states - 1, 2)]
+
+
+@dataclass
+class ExchangeResult:
+    """What a replica-exchange run measured."""
+
+    temperatures: list[float]
+    scheme: str
+    steps: int
+    rounds: int = 0
+    attempts: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    round_trips: int = 0
+    round_times: list[float] = field(default_factory=list)
+    samples: list[list[float]] = field(default_factory=list)  # lowest-temperature x, per round
+    mc_acceptance: list[float] = field(default_factory=list)  # per state, mean over rounds
+
+    @property
+    def acceptance(self) -> list[float | None]:
+        """Swap acceptance rate per pair of neighbouring temperatures (None: never tried)."""
+        return [a / n if n else None for a, n in zip(self.accepted, self.attempts, strict=True)]
+
+    def lowest_samples(self, burn_in: float = 0.1) -> list[float]:
+        """The x samples at the lowest temperature, without the first ``burn_in`` of rounds."""
+        skip = int(round(burn_in * len(self.samples)))
+        return [x for chunk in self.samples[skip:] for x in chunk]
+
+
+class ReplicaExchange:
+    """A parallel-tempering driver on a grid: one replica per slot (see the module doc)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        temperatures: Sequence[float] | None = None,
+        *,
+        model: RuggedDoubleWell | None = None,
+        scheme: str = "gromacs",
+        steps: int = 1000,
+        thin: int = 10,
+        seed: int = 0,
+        log: IO[str] | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        if scheme not in SCHEMES:
+            raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        if steps < 1 or thin < 1:
+            raise ConfigError("steps and thin must be >= 1")
+        self.grid = grid
+        self.model = model or RuggedDoubleWell()
+        self.service_id = grid.publish(Replica(self.model))
+        n = len(grid.servers[self.service_id])
+        self.temperatures = list(temperatures) if temperatures is not None else geometric_ladder(n)
+        if len(self.temperatures) != n:
+            raise ConfigError(f"{len(self.temperatures)} temperatures for {n} replicas (one per slot)")
+        if sorted(self.temperatures) != self.temperatures:
+            raise ConfigError("temperatures must be in increasing order")
+        self.betas = [1.0 / t for t in self.temperatures]
+        self.n = n
+        self.steps, self.thin, self.timeout = steps, thin, timeout
+        self.scheme = scheme
+        self.rng = random.Random(seed)
+        self.log = log
+        self.replica_at_state = list(range(n))  # IMP.isd's replicanums
+        self.state_of_replica = list(range(n))  # IMP.isd's statenums
+        self._phase = [0] * n  # 0: not yet at the bottom, 1: left the bottom, 2: reached the top since
+        self._pending: list[Result] = []
+        self.result = ExchangeResult(self.temperatures, scheme, steps, attempts=[0] * (n - 1), accepted=[0] * (n - 1))
+        self._mc_sum = [0.0] * n
+        starts = [(self.rng.uniform(-1.5, 1.5), self.rng.uniform(-1.0, 1.0)) for _ in range(n)]
+        seeds = [self.rng.randrange(2**31) for _ in range(n)]
+        args = [(seeds[r], self.temperatures[r], r == 0, *starts[r]) for r in range(n)]
+        self._pending = grid.scatter(self.service_id, "reset", args)
+        self._track_round_trips()
+        if self.log is not None:
+            self.log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
+
+    def step(self) -> None:
+        """One round: sample, exchange, move the temperatures, log."""
+        start = time.perf_counter()
+        reports = self.grid.gather(
+            self.grid.broadcast(self.service_id, "sample", self.steps, self.thin), timeout=self.timeout
+        )
+        self.grid.gather(self._pending, timeout=self.timeout)  # done already: they ran before sample
+        res = self.result
+        res.samples.append(list(reports[self.replica_at_state[0]]["xs"]))
+        for s in range(self.n):
+            self._mc_sum[s] += reports[self.replica_at_state[s]]["acceptance"]
+        energies = [rep["energy"] for rep in reports]
+        for s, t in exchange_pairs(self.scheme, self.n, res.rounds, self.rng):
+            ri, rj = self.replica_at_state[s], self.replica_at_state[t]
+            delta = (self.betas[s] - self.betas[t]) * (energies[ri] - energies[rj])
+            res.attempts[s] += 1
+            if delta >= 0.0 or self.rng.random() < math.exp(delta):
+                res.accepted[s] += 1
+                self.replica_at_state[s], self.replica_at_state[t] = rj, ri
+                self.state_of_replica[ri], self.state_of_replica[rj] = t, s
+        self._track_round_trips()
+        res.rounds += 1
+        if self.log is not None:
+            self.log.write(f"{res.rounds:8d} " + " ".join(f"{r + 1:2d}" for r in self.replica_at_state) + "\n")
+        args = [(self.temperatures[self.state_of_replica[r]], self.state_of_replica[r] == 0) for r in range(self.n)]
+        self._pending = self.grid.scatter(self.service_id, "set_temperature", args)
+        res.round_times.append(time.perf_counter() - start)
+
+    def run(self, rounds: int, progress: Callable[[int], None] | None = None) -> ExchangeResult:
+        """Run ``rounds`` rounds (``progress(1)`` after each) and finish."""
+        for _ in range(rounds):
+            self.step()
+            if progress is not None:
+                progress(1)
+        return self.finish()
+
+    def finish(self) -> ExchangeResult:
+        """Wait for the last temperature moves and release the servers."""
+        self.grid.gather(self._pending, timeout=self.timeout)
+        self._pending = []
+        self.grid.release_all(self.service_id)
+        rounds = max(1, self.result.rounds)
+        self.result.mc_acceptance = [m / rounds for m in self._mc_sum]
+        return self.result
+
+    def status(self) -> list[ServerStatus]:
+        """The grid's statistics for this run's servers."""
+        return [row for row in self.grid.status() if row.service_id == self.service_id]
+
+    def _track_round_trips(self) -> None:
+        top = self.n - 1
+        for r, s in enumerate(self.state_of_replica):
+            if s == 0:
+                if self._phase[r] == 2:
+                    self.result.round_trips += 1
+                self._phase[r] = 1
+            elif s == top and self._phase[r] == 1:
+                self._phase[r] = 2
+
+
+@dataclass
+class DemoReport:
+    """A finished demo run: the exchange result, the sampling check, the grid's figures."""
+
+    result: ExchangeResult
+    check: BoltzmannCheck | None
+    status: list[ServerStatus]
+    slots: int
+    hosts: int
+    launcher: str
+    startup_time: float
+    wall_time: float
+
+    @property
+    def calls(self) -> int:
+        """Remote calls made on the replicas."""
+        return sum(row.calls for row in self.status)
+
+    @property
+    def time_per_round(self) -> float:
+        """Mean wall time of a round, in seconds."""
+        times = self.result.round_times
+        return sum(times) / len(times) if times else 0.0
+
+    @property
+    def compute_per_round(self) -> float:
+        """Remote compute time per round: the busiest server's call time per round."""
+        rounds = max(1, self.result.rounds)
+        return max((row.mean_call_time * row.calls / rounds for row in self.status), default=0.0)
+
+    @property
+    def overhead_per_round(self) -> float:
+        """Time per round that was not remote computing: the grid's cost."""
+        return max(0.0, self.time_per_round - self.compute_per_round)
+
+
+def run_demo(
+    grid: Grid,
+    *,
+    rounds: int = 50,
+    steps: int = 1000,
+    thin: int = 10,
+    scheme: str = "gromacs",
+    seed: int = 0,
+    t_max: float = 6.0,
+    log: IO[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    check: bool = True,
+    startup_time: float = 0.0,
+) -> DemoReport:
+    """Run replica exchange on every slot of ``grid`` and check the lowest temperature."""
+    start = time.perf_counter()
+    n = len(grid.slots)
+    rex = ReplicaExchange(
+        grid, geometric_ladder(n, 1.0, t_max), scheme=scheme, steps=steps, thin=thin, seed=seed, log=log
+    )
+    try:
+        result = rex.run(rounds, progress)
+        status = rex.status()
+    finally:
+        grid.terminate(rex.service_id)
+    outcome = None
+    samples = result.lowest_samples()
+    if check and len(samples) >= 100:
+        exact: ExactMarginal = exact_marginal(rex.model.energy, result.temperatures[0])
+        outcome = check_boltzmann(samples, exact)
+    launcher = getattr(getattr(grid, "_launcher", None), "name", "?")
+    return DemoReport(result, outcome, status, n, len(grid.hosts), launcher, startup_time, time.perf_counter() - start)
+
+
+def format_report(report: DemoReport) -> list[str]:
+    """The demo's closing table, as lines of text."""
+    res = report.result
+    temps = res.temperatures
+    lines = [
+        f"replica exchange: {len(temps)} replicas on {report.slots} slots of {report.hosts} host(s) "
+        f"({report.launcher} launcher), {res.rounds} rounds x {res.steps} steps, scheme {res.scheme}",
+        "temperatures: " + " ".join(f"{t:.2f}" for t in temps),
+        "",
+        f"{'pair':>6} {'T_low':>7} {'T_high':>7} {'tried':>6} {'swapped':>8} {'rate':>6}",
+    ]
+    for s, rate in enumerate(res.acceptance):
+        shown = f"{rate:6.2f}" if rate is not None else f"{'-':>6}"
+        lines.append(
+            f"{s:>3}-{s + 1:<2} {temps[s]:7.2f} {temps[s + 1]:7.2f} {res.attempts[s]:6d} {res.accepted[s]:8d} {shown}"
+        )
+    lines += [
+        "",
+        f"replica round trips (lowest -> highest -> lowest): {res.round_trips}",
+        "Metropolis acceptance per temperature: " + " ".join(f"{a:.2f}" for a in res.mc_acceptance),
+        f"calls made: {report.calls} on {len(report.status)} servers",
+        f"grid start: {report.startup_time * 1e3:.0f} ms",
+        f"time per round: {report.time_per_round * 1e3:.2f} ms",
+        f"remote compute per round (busiest server): {report.compute_per_round * 1e3:.2f} ms",
+        f"grid overhead per round: {report.overhead_per_round * 1e3:.2f} ms",
+    ]
+    if report.check is not None:
+        lines.append(f"Boltzmann check at T={temps[0]:g}: {report.check.summary()}")
+    else:
+        lines.append("Boltzmann check: skipped (fewer than 100 samples at the lowest temperature)")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the demo from the command line (the same options as ``isdgrid demo``)."""
+    import sys
+
+    from ..cli import main as cli_main
+
+    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Status files: how a running grid tells ``isdgrid status`` what it is doing.
+
+Each :class:`~isdgrid.Grid` (unless made with ``status_file=False``) keeps one small JSON
+file in the run folder, rewritten atomically about once a second by a background thread
+and removed at ``terminate()``:
+
+- ``$ISDGRID_RUN_DIR`` when set, else
+- ``$XDG_RUNTIME_DIR/isdgrid`` when ``XDG_RUNTIME_DIR`` names a folder, else
+- ``~/.cache/isdgrid/run``.
+
+The folder is made with mode 0700 and every file with mode 0600. A file holds the driver's
+pid and command line, the hosts, the slots (address, lost or not) and the rows of
+``grid.status()``; never the grid's secret. :func:`read_status_files` returns the files of
+living drivers and removes those whose driver is gone (killed with ``kill -9``, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .grid import Grid
+
+__all__ = [
+    "FORMAT",
+    "RUN_DIR_ENV",
+    "StatusFileWriter",
+    "format_status",
+    "pid_alive",
+    "read_status_files",
+    "run_dir",
+    "snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "isdgrid-status/1"
+RUN_DIR_ENV = "ISDGRID_RUN_DIR"
+INTERVAL = 1.0
+
+
+def run_dir() -> str:
+    """The folder that holds the status files of this user's running grids."""
+    explicit = os.environ.get(RUN_DIR_ENV)
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "isdgrid")
+    return os.path.join(os.path.expanduser("~"), ".cache", "isdgrid", "run")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (and is not a zombie we could see)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers kill(0); on Linux /proc tells
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def snapshot(grid: Grid, started: float) -> dict[str, Any]:
+    """The status document of ``grid`` (what a status file holds)."""
+    launcher = getattr(grid, "_launcher", None)
+    slots = []
+    for slot in grid.slots:
+        process = slot.handle.process
+        slots.append(
+            {
+                "host": slot.host.name,
+                "slot": slot.index,
+                "label": slot.label,
+                "uri": slot.uri,
+                "process": process.pid if process is not None else None,
+                "lost": slot.lost.is_set(),
+                "lost_reason": slot.lost_reason,
+            }
+        )
+    return {
+        "format": FORMAT,
+        "pid": os.getpid(),
+        "command": list(sys.argv),
+        "launcher": getattr(launcher, "name", "?"),
+        "state": grid.state.value,
+        "started": started,
+        "updated": time.time(),
+        "interval": INTERVAL,
+        "hosts": [{"name": h.name, "n_cpu": h.n_cpu, "python": h.python} for h in grid.hosts],
+        "slots": slots,
+        "servers": [dataclasses.asdict(row) for row in grid.status()],
+    }
+
+
+class StatusFileWriter:
+    """Keeps one grid's status file up to date until :meth:`close` removes it.
+
+    Writing never disturbs the grid: if the file cannot be written, that is logged once
+    and the writer stops.
+    """
+
+    def __init__(self, grid: Grid, path: str | None = None, interval: float = INTERVAL) -> None:
+        self.path = path or os.path.join(run_dir(), f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self.interval = interval
+        self._grid = grid
+        self._started = time.time()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Write the file now, then refresh it every ``interval`` seconds."""
+        if not self.write():
+            return
+        self._thread = threading.Thread(target=self._loop, name="isdgrid-statusfile", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self.write():
+                return
+
+    def write(self) -> bool:
+        """Replace the file with a fresh snapshot; False (after one warning) on failure."""
+        with self._lock:
+            if self._stop.is_set():
+                return False
+            folder = os.path.dirname(self.path) or "."
+            try:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                text = json.dumps(snapshot(self._grid, self._started), indent=1)
+                fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".tmp", dir=folder)
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp makes it 0600
+                        fh.write(text)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+            except (OSError, TypeError, ValueError) as exc:
+                log.warning(
+                    "cannot write the grid status file %s (%s); isdgrid status will not see this grid", self.path, exc
+                )
+                self._stop.set()
+                return False
+            return True
+
+    def close(self) -> None:
+        """Stop refreshing and remove the file (idempotent)."""
+        with self._lock:
+            self._stop.set()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval + 5.0)
+
+
+def read_status_files(folder: str | None = None, *, clean: bool = True) -> list[dict[str, Any]]:
+    """The status documents of living drivers in ``folder`` (default: :func:`run_dir`).
+
+    Files that cannot be parsed are skipped; with ``clean``, files of drivers that are
+    gone are removed. Each document gets a ``"file"`` key with its path.
+    """
+    folder = folder or run_dir()
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    documents = []
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("pid"), int):
+            continue
+        if not pid_alive(doc["pid"]):
+            if clean:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            continue
+        doc["file"] = path
+        documents.append(doc)
+    return documents
+
+
+def format_status(documents: list[dict[str, Any]], now: float | None = None) -> list[str]:
+    """Status documents as a table for people: one block per driver, one row per server."""
+    now = time.time() if now is None else now
+    lines: list[str] = []
+    for doc in documents:
+        command = " ".join(str(a) for a in doc.get("command", [])) or "?"
+        age = now - float(doc.get("updated", now))
+        interval = float(doc.get("interval", INTERVAL))
+        stale = f", NOT UPDATED FOR {age:.0f} s (driver busy or stuck?)" if age > 5 * interval + 2 else ""
+        lines.append(
+            f"driver pid {doc['pid']}: {command} ({doc.get('launcher', '?')} launcher, "
+            f"up {now - float(doc.get('started', now)):.0f} s, {doc.get('state', '?')}{stale})"
+        )
+        hosts = ", ".join(
+            f"{h['name']} ({h['n_cpu']} slot{'s' if h['n_cpu'] != 1 else ''})" for h in doc.get("hosts", [])
+        )
+        lines.append(f"  hosts: {hosts or '-'}")
+        header = (
+            f"  {'HOST':<16} {'SLOT':>4}  {'SERVICE':<24} {'STATE':<9} {'BUSY':<4} "
+            f"{'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9}"
+        )
+        lines.append(header)
+        servers = doc.get("servers", [])
+        for slot in doc.get("slots", []):
+            rows = [r for r in servers if r.get("host") == slot["host"] and r.get("slot") == slot["slot"]]
+            if slot.get("lost"):
+                lines.append(f"  {slot['host']:<16} {slot['slot']:>4}  LOST: {slot.get('lost_reason') or 'no answer'}")
+                continue
+            if not rows:
+                lines.append(f"  {slot['host']:<16} {slot['slot']:>4}  {'(no service)':<24} {'idle':<9} {'free':<4}")
+                continue
+            for row in rows:
+                lines.append(
+                    f"  {slot['host']:<16} {slot['slot']:>4}  {row['service_id']:<24} {row['state']:<9} "
+                    f"{'busy' if row['busy'] else 'free':<4} {row['calls']:>7} {row['pending']:>7} "
+                    f"{row['mean_call_time'] * 1e3:>9.2f}"
+                )
+        lines.append("")
+    return lines
