@@ -40,6 +40,12 @@ def child_pids() -> set[int]:
     return {c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE}
 
 
+@pytest.fixture(autouse=True)
+def private_run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Status files of the grids a test makes go to a folder of the test's own."""
+    monkeypatch.setenv("ISDGRID_RUN_DIR", str(tmp_path_factory.mktemp("run")))
+
+
 @pytest.fixture
 def grid() -> Iterator[Grid]:
     g = Grid([Host("localhost", n_cpu=4)], host_timeout=10.0)
