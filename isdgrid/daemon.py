@@ -30,12 +30,12 @@ from Pyro5 import config as pyro_config
 from Pyro5 import core, protocol, serializers
 
 from .agent import AGENT_ID, Agent
+from .announce import announcement
 from .errors import GridError
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 
-__all__ = ["GridDaemon", "URI_PREFIX", "main", "serve"]
+__all__ = ["GridDaemon", "main", "serve"]
 
-URI_PREFIX = "ISDGRID-URI "
 HANDSHAKE_TIMEOUT = 5.0
 MAX_HANDSHAKE_SIZE = 64 * 1024
 THREADPOOL_SIZE = 256
@@ -187,7 +187,7 @@ def serve(
             cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
         if on_ready is not None:
             on_ready(str(uri))
-        sys.stdout.write(f"{URI_PREFIX}{uri}\n")
+        sys.stdout.write(announcement(str(uri)) + "\n")
         sys.stdout.flush()
         log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())

@@ -19,7 +19,7 @@ import pytest
 from remote_objects import Recorder
 
 from isdgrid import AuthenticationError, ConfigError, Grid, LaunchError
-from isdgrid.daemon import URI_PREFIX
+from isdgrid.announce import parse_announcement
 from isdgrid.launchers.attach import AttachLauncher, uri_address
 from isdgrid.nameserver import entry_name, group_prefix, parse_location
 
@@ -63,8 +63,9 @@ def _read_uri(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
             line = proc.stdout.readline().decode()
             if not line:
                 break
-            if line.startswith(URI_PREFIX):
-                return line[len(URI_PREFIX):].strip()
+            uri = parse_announcement(line)
+            if uri is not None:
+                return uri
     raise AssertionError(f"daemon pid {proc.pid} printed no URI within {timeout} s")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from ..daemon import URI_PREFIX
+from ..announce import parse_announcement
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
@@ -120,9 +120,10 @@ class SlotOutput(threading.Thread):
         try:
             for raw in iter(self._stream.readline, b""):
                 line = raw.decode("utf-8", "replace").rstrip("\n")
-                if not seen_uri and line.startswith(URI_PREFIX):
+                uri = None if seen_uri else parse_announcement(line)
+                if uri is not None:
                     seen_uri = True
-                    self._uri.put(line[len(URI_PREFIX):].strip())
+                    self._uri.put(uri)
                     continue
                 if not seen_uri:
                     self.early_lines.append(line)
