@@ -25,7 +25,7 @@ from ..daemon import URI_PREFIX
 from ..errors import LaunchError
 from ..hosts import Host
 
-__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "SlotOutput", "SlotSpec"]
+__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec"]
 
 log = logging.getLogger("isdgrid.launcher")
 remote_log = logging.getLogger("isdgrid.remote")
@@ -76,6 +76,8 @@ class Launcher(abc.ABC):
     """Starts and stops the daemons of a grid; the grid talks only to this interface."""
 
     name = "abstract"
+    #: Set by the grid: every host sees the same temp folder (a shared file system).
+    shared_temp_path: bool = False
 
     @abc.abstractmethod
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
@@ -142,6 +144,27 @@ class SlotOutput(threading.Thread):
             return None
 
 
+class Progress:
+    """Logs "k/N slots ready" while a large grid starts (more than ``quiet_below`` slots)."""
+
+    def __init__(self, total: int, *, quiet_below: int = 8, every: float = 2.0) -> None:
+        self.total = total
+        self.count = 0
+        self._loud = total >= quiet_below
+        self._every = every
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def ready(self, n: int = 1) -> None:
+        """Count ``n`` more slots ready; log now and then, and at the last one."""
+        with self._lock:
+            self.count += n
+            now = time.monotonic()
+            if self._loud and (self.count >= self.total or now - self._last >= self._every):
+                self._last = now
+                log.info("%d/%d slots ready", self.count, self.total)
+
+
 class ProcessLauncher(Launcher):
     """A launcher whose slots are child processes of the driver (local, ssh, srun, qrsh)."""
 
@@ -158,6 +181,13 @@ class ProcessLauncher(Launcher):
         return None
 
     def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
+        progress = Progress(len(specs))
+        return self.start_processes(specs, secret, time.monotonic() + timeout, progress)
+
+    def start_processes(
+        self, specs: Sequence[SlotSpec], secret: str, deadline: float, progress: Progress | None = None
+    ) -> list[DaemonHandle | LaunchError]:
+        """Start ``specs`` at once and wait (until ``deadline``) for each daemon's address."""
         pending: list[tuple[SlotSpec, list[str], subprocess.Popen[bytes] | None, SlotOutput | LaunchError]] = []
         for spec in specs:
             cmd = self.command(spec)
@@ -182,7 +212,7 @@ class ProcessLauncher(Launcher):
             output = SlotOutput(spec, proc.stdout, self.log_dir)
             output.start()
             pending.append((spec, cmd, proc, output))
-        deadline = time.monotonic() + timeout
+        timeout = max(0.0, deadline - time.monotonic())
         results: list[DaemonHandle | LaunchError] = []
         for spec, cmd, proc, output in pending:
             if isinstance(output, LaunchError):
@@ -201,6 +231,8 @@ class ProcessLauncher(Launcher):
                 )
                 continue
             results.append(DaemonHandle(spec, uri, proc, output, cmd))
+            if progress is not None:
+                progress.ready()
         return results
 
     def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
