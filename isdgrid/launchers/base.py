@@ -226,6 +226,12 @@ class ProcessLauncher(Launcher):
                     reason = f"daemon exited with code {proc.returncode} before serving"
                 self._kill(proc)
                 output.join(timeout=2.0)
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        try:
+                            pipe.close()
+                        except OSError:
+                            pass
                 results.append(
                     LaunchError(reason, host=spec.host.name, command=cmd, output="\n".join(output.early_lines))
                 )
