@@ -26,7 +26,7 @@ from conftest import require
 from isdgrid import Grid, Host, LaunchError
 from isdgrid.hosts import Host as HostType
 from isdgrid.launchers import make_launcher
-from isdgrid.launchers.base import SlotSpec
+from isdgrid.launchers.base import Progress, SlotSpec
 from isdgrid.launchers.ssh import (
     LIB_FOLDER,
     SshLauncher,
@@ -168,6 +168,19 @@ def test_user_ssh_options_override_defaults_and_tunnel_forwards_a_socket() -> No
     assert "ExitOnForwardFailure=yes" in args
 
 
+def test_progress_is_logged_for_many_slots(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="isdgrid.launcher")
+    progress = Progress(10, every=3600)
+    for _ in range(10):
+        progress.ready()
+    assert [r.getMessage() for r in caplog.records] == ["10/10 slots ready"]
+    caplog.clear()
+    quiet = Progress(3)
+    for _ in range(3):
+        quiet.ready()
+    assert not caplog.records
+
+
 def test_make_launcher_knows_ssh() -> None:
     launcher = make_launcher("ssh", keep_temp=True, tunnel=True)
     assert isinstance(launcher, SshLauncher) and launcher.keep_temp and launcher.tunnel
@@ -269,7 +282,8 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
     tree = tmp_path / "src"
     _make_tree(tree, 200)
     hosts = [Host("node-a", n_cpu=3, python=PY), Host("node-b", n_cpu=2, python=PY, niceness=2)]
-    grid = ssh_grid(hosts, ssh_config, log_dir=str(tmp_path / "logs"))
+    # two sessions at a time per host: node-a's third slot starts in a second wave
+    grid = ssh_grid(hosts, ssh_config, log_dir=str(tmp_path / "logs"), launcher_options={"max_starts_per_host": 2})
     try:
         assert [s.label for s in grid.slots] == ["node-a/0", "node-a/1", "node-a/2", "node-b/0", "node-b/1"]
         assert all(s.uri.startswith("PYRO:isdgrid.agent@127.0.0.1:") for s in grid.slots)
@@ -297,6 +311,27 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
     assert not any(os.path.exists(d) for d in temp_dirs)
+
+
+def test_shared_temp_path_gets_one_copy(ssh_config: str, sshd_pid: int, tmp_path: Path) -> None:
+    """With shared_temp_path every host uses one folder, and copy_files sends once."""
+    tree = tmp_path / "src"
+    _make_tree(tree, 3)
+    hosts = [Host("node-a", python=PY, temp_path=str(tmp_path / "shared")), Host("node-b", python=PY,
+             temp_path=str(tmp_path / "shared"))]
+    grid = ssh_grid(hosts, ssh_config, shared_temp_path=True, log_dir=str(tmp_path / "logs"))
+    try:
+        sid = grid.publish(Probe())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        assert where[0]["cwd"] == where[1]["cwd"]
+        assert grid.copy_files(str(tree), ["simmod/*.py", "*.txt"]) == 4
+        assert grid.gather(grid.broadcast(sid, "use_copied"), timeout=60) == ["data0:3"] * 2
+        received = [f for f in os.listdir(tmp_path / "logs") if "received" in (tmp_path / "logs" / f).read_text()]
+        assert len(received) == 1
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(str(where[0]["cwd"]))
 
 
 def test_zero_install_bare_python_through_the_tunnel(ssh_config: str, sshd_pid: int, tmp_path: Path) -> None:
@@ -354,6 +389,42 @@ def test_class_from_drivers_main_over_ssh_and_cleanup_at_exit(ssh_config: str, s
     assert not any(os.path.exists(t) for t in temps)
 
 
+KILLED_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from isdgrid import Grid, Host
+
+    grid = Grid([Host("node-a", n_cpu=2, python=sys.executable)], launcher="ssh",
+                launcher_options={"ssh_config": sys.argv[1]})
+    print("TEMP", grid.slots[0].handle.spec.temp_path, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_killed_driver_leaves_nothing_on_the_host(ssh_config: str, sshd_pid: int) -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    driver = subprocess.Popen(
+        [PY, "-c", KILLED_DRIVER, ssh_config], stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line.startswith("TEMP "), line
+        temp_dir = line.split()[1]
+        assert os.path.isdir(temp_dir) and len(sshd_descendants(sshd_pid)) >= 2
+    finally:
+        driver.kill()  # SIGKILL: no atexit, no terminate()
+        driver.wait(timeout=30)
+        if driver.stdout is not None:
+            driver.stdout.close()
+    assert wait_no_sessions(sshd_pid) == []
+    deadline = time.monotonic() + 10
+    while os.path.exists(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(temp_dir)
+
+
 def test_unreachable_host_is_a_launch_error(ssh_config: str) -> None:
     with pytest.raises(LaunchError) as info:
         ssh_grid([Host("node-dead", python=PY)], ssh_config, launcher_options={"connect_timeout": 5})
@@ -391,9 +462,12 @@ def test_min_hosts_goes_on_with_the_hosts_that_started_and_keep_temp(
     ssh_config: str, sshd_pid: int, tmp_path: Path
 ) -> None:
     hosts = [Host("node-a", n_cpu=2, python=PY, temp_path=str(tmp_path / "scratch")), Host("node-dead", python=PY)]
-    grid = ssh_grid(hosts, ssh_config, min_hosts=1, launcher_options={"keep_temp": True})
+    options = {"keep_temp": True, "bind": "0.0.0.0"}
+    grid = ssh_grid(hosts, ssh_config, min_hosts=1, launcher_options=options)
     try:
         assert [h.name for h in grid.hosts] == ["node-a"]
+        # bound to every interface, asked for; the URI names the address ssh reached
+        assert all(s.uri.startswith("PYRO:isdgrid.agent@127.0.0.1:") for s in grid.slots)
         assert [s.label for s in grid.slots] == ["node-a/0", "node-a/1"]
         sid = grid.publish(Probe())
         where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
