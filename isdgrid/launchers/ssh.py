@@ -180,10 +180,10 @@ def merge_options(extra: Mapping[str, object] | Sequence[str] | None, connect_ti
                 raise ConfigError(f"ssh option {entry!r} must look like Key=Value")
             items.append((key, value))
     lower = {k.lower(): k for k in merged}
-    for key, value in items:
-        key = key.strip()
-        merged.pop(lower.get(key.lower(), key), None)
-        merged[key] = "yes" if value is True else "no" if value is False else str(value)
+    for raw_key, raw_value in items:
+        name = raw_key.strip()
+        merged.pop(lower.get(name.lower(), name), None)
+        merged[name] = "yes" if raw_value is True else "no" if raw_value is False else str(raw_value)
     return merged
 
 
@@ -379,7 +379,7 @@ class SshLauncher(ProcessLauncher):
 
     def command(self, spec: SlotSpec) -> list[str]:
         setup = self._setups[spec.host.name]
-        bind = self.bind or setup.server_address or "127.0.0.1"
+        bind = self.bind or setup.server_address
         tunnel = self._sockets(spec) if self.tunnel else None
         remote = slot_command(
             spec,
@@ -466,6 +466,9 @@ class SshLauncher(ProcessLauncher):
                 except LaunchError as exc:
                     failed[host.name] = exc
                     log.debug("%s: %s", host.name, exc)
+                except Exception as exc:  # noqa: BLE001 - one host's surprise must not stop the others
+                    failed[host.name] = LaunchError(f"preparing the host failed: {exc!r}", host=host.name)
+                    log.debug("%s: preparing failed", host.name, exc_info=True)
                 else:
                     with self._lock:
                         self._setups[host.name] = setup
@@ -490,6 +493,8 @@ class SshLauncher(ProcessLauncher):
                     f"python {host.python!r} is {'.'.join(map(str, setup.python_version))}; "
                     f"isdgrid needs {'.'.join(map(str, MIN_PYTHON))} or newer"
                 )
+            elif not (self.tunnel or self.bind or setup.server_address):
+                problem = "$SSH_CONNECTION is not set on the host; give the launcher option bind= or tunnel=True"
             elif self.tunnel and len(setup.temp_dir) + 24 > UNIX_SOCKET_MAX:
                 problem = (
                     f"tunnel: the temp folder {setup.temp_dir!r} is too long a path for a Unix socket; "
@@ -594,20 +599,21 @@ class _Session:
             proc.stdin.close()
         except OSError:
             pass
+        code: int | None = None
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 proc.kill()
             proc.wait()
-            self._reader.join(timeout=5.0)
-            return -signal.SIGKILL, self.output() + "\n(timed out)"
         self._reader.join(timeout=5.0)
         if proc.stdout is not None:
             proc.stdout.close()
-        return proc.returncode, self.output()
+        if code is None:
+            return -signal.SIGKILL, self.output() + "\n(timed out)"
+        return code, self.output()
 
 
 def _prepare_failure(host: Host, code: int, output: str) -> str:
