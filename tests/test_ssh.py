@@ -435,6 +435,11 @@ def test_unreachable_host_is_a_launch_error(ssh_config: str) -> None:
     assert "node-dead" in str(err) and "cannot connect" in str(err)
 
 
+def test_missing_ssh_client_is_a_launch_error(ssh_config: str) -> None:
+    with pytest.raises(LaunchError, match="cannot run /no/such/ssh"):
+        ssh_grid([Host("node-a", python=PY)], ssh_config, launcher_options={"ssh": "/no/such/ssh"})
+
+
 def test_bad_python_is_a_launch_error_naming_it(ssh_config: str, sshd_pid: int) -> None:
     with pytest.raises(LaunchError) as info:
         ssh_grid([Host("node-a", python="/opt/none/python3.99")], ssh_config)

@@ -620,6 +620,8 @@ def _prepare_failure(host: Host, code: int, output: str) -> str:
     for line in output.splitlines():
         if line.startswith("ISDGRID-ERROR "):
             return line[len("ISDGRID-ERROR "):]
+    if output.startswith("cannot run "):
+        return output.splitlines()[0]
     if code == 255:
         return "cannot connect over ssh (exit code 255)"
     if code == 127:
