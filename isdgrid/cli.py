@@ -31,7 +31,9 @@ def cli(verbose: int) -> None:
 @click.option("--temp-path", type=click.Path(file_okay=False), help="Working folder (on sys.path).")
 @click.option("--uri-file", type=click.Path(dir_okay=False), help="Also write the URI to this file.")
 @click.option("--heartbeat-timeout", default=0.0, show_default=True, help="Exit after this many silent seconds (0: never).")
-@click.option("--label", default="", help="Name used in logs.")
+@click.option("--label", default="", help="Name in logs and in the name server.")
+@click.option("--nameserver", metavar="HOST:PORT", help="Register the URI at this Pyro5 name server.")
+@click.option("--group", default="default", show_default=True, help="Name server group the grid attaches to.")
 def daemon(
     host: str,
     port: int,
@@ -41,8 +43,10 @@ def daemon(
     uri_file: str | None,
     heartbeat_timeout: float,
     label: str,
+    nameserver: str | None,
+    group: str,
 ) -> None:
-    """Start a host daemon by hand; a grid can then attach to it by its URI."""
+    """Start a host daemon by hand; a grid attaches to it by its URI or through a name server."""
     from .daemon import main as daemon_main
 
     argv = ["--host", host, "--port", str(port), "--heartbeat-timeout", str(heartbeat_timeout)]
@@ -58,6 +62,8 @@ def daemon(
         argv += ["--uri-file", uri_file]
     if label:
         argv += ["--label", label]
+    if nameserver:
+        argv += ["--nameserver", nameserver, "--group", group]
     daemon_main(argv)
 
 

@@ -11,10 +11,13 @@ it exits on its own once the driver is gone: its stdin closes, or no request arr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
 import threading
 import time
@@ -24,13 +27,17 @@ from typing import Any
 import Pyro5.errors
 import Pyro5.server
 from Pyro5 import config as pyro_config
+from Pyro5 import core, protocol, serializers
 
 from .agent import AGENT_ID, Agent
+from .errors import GridError
+from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 
 __all__ = ["GridDaemon", "URI_PREFIX", "main", "serve"]
 
 URI_PREFIX = "ISDGRID-URI "
 HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKE_SIZE = 64 * 1024
 THREADPOOL_SIZE = 256
 
 log = logging.getLogger(__name__)
@@ -46,15 +53,67 @@ class GridDaemon(Pyro5.server.Daemon):
         super().__init__(host=host, port=port, unixsocket=unix_socket)
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
-        # A client that connects and never sends must not hold a worker thread forever.
-        conn.timeout = HANDSHAKE_TIMEOUT
-        try:
-            ok: bool = super()._handshake(conn, denied_reason)
-        except OSError:
+        """Admit a client only if its connect message carries the secret.
+
+        Replaces Pyro5's handshake so that nothing from an unauthenticated client reaches
+        a deserializer (marshal is not safe on hostile bytes) and so that a client that
+        sends too little, too much or nothing is dropped within ``HANDSHAKE_TIMEOUT``.
+        """
+        if denied_reason:
+            # Pyro5 calls this from its accept loop when the pool is full: waiting for the
+            # client's message there would stall every other client, so just hang up.
+            log.warning("refused a client from %s: %s", _peer(conn), denied_reason)
             return False
-        if ok:
-            conn.timeout = None
-        return ok
+        conn.timeout = HANDSHAKE_TIMEOUT
+        msg = None
+        try:
+            header = conn.recv(6)
+            protocol.ReceivingMessage.validate(header)
+            header += conn.recv(protocol._header_size - 6)
+            msg = protocol.ReceivingMessage(header)
+            if msg.type != protocol.MSG_CONNECT:
+                raise Pyro5.errors.ProtocolError(f"expected a connect message, got type {msg.type}")
+            size = msg.annotations_size + msg.data_size
+            if size > MAX_HANDSHAKE_SIZE:
+                raise Pyro5.errors.ProtocolError(f"connect message of {size} bytes is too large")
+            payload = conn.recv(size) if size else b""
+            if self._secret not in bytes(payload):  # before any deserializer sees it
+                raise Pyro5.errors.SecurityError("access denied: wrong or missing grid secret")
+            msg.add_payload(payload)
+            serializer = serializers.serializers_by_id[msg.serializer_id]
+            data = serializer.loads(msg.data)
+            self.validateHandshake(conn, data["handshake"])
+            response = {
+                "handshake": "isdgrid",
+                "meta": self.objectsById[core.DAEMON_NAME].get_metadata(data["object"]),
+            }
+            reply = protocol.SendingMessage(
+                protocol.MSG_CONNECTOK, 0, msg.seq, msg.serializer_id, serializer.dumps(response)
+            )
+            conn.send(reply.data)
+        except Pyro5.errors.SecurityError as exc:
+            log.warning("refused a client from %s: %s", _peer(conn), exc)
+            self._refuse(conn, msg, str(exc))
+            return False
+        except (Pyro5.errors.PyroError, OSError, KeyError, TypeError, ValueError, EOFError) as exc:
+            log.debug("dropped a client from %s during the handshake: %s", _peer(conn), exc)
+            return False
+        conn.timeout = None
+        return True
+
+    @staticmethod
+    def _refuse(conn: Any, msg: Any, reason: str) -> None:
+        """Tell a well-formed but unauthorised Pyro5 client why it is refused."""
+        if msg is None:
+            return
+        marshal_id = serializers.MarshalSerializer.serializer_id
+        reply = protocol.SendingMessage(
+            protocol.MSG_CONNECTFAIL, 0, msg.seq, marshal_id, serializers.serializers_by_id[marshal_id].dumps(reason)
+        )
+        try:
+            conn.send(reply.data)
+        except (OSError, Pyro5.errors.PyroError):
+            pass
 
     def validateHandshake(self, conn: Any, data: Any) -> str:  # noqa: N802 - Pyro5's name
         offered = data.encode() if isinstance(data, str) else data
@@ -84,11 +143,16 @@ def serve(
     heartbeat_timeout: float = 0.0,
     uri_file: str | None = None,
     on_ready: Any = None,
+    nameserver: str | None = None,
+    group: str = DEFAULT_GROUP,
 ) -> None:
     """Run a grid daemon until it is shut down or its driver is gone.
 
     With ``unix_socket`` the daemon listens on that Unix socket instead of ``host:port``
     (the ssh launcher's tunnel forwards a socket of the driver's machine to it).
+
+    With ``nameserver`` (``HOST:PORT``) the agent URI is registered there under
+    ``isdgrid.<group>.<label or host-pid>`` while the daemon serves.
     """
     pyro_config.THREADPOOL_SIZE = max(pyro_config.THREADPOOL_SIZE, THREADPOOL_SIZE)
     temp_path = os.path.abspath(temp_path or os.getcwd())
@@ -118,17 +182,23 @@ def serve(
         with open(tmp, "w") as fh:
             fh.write(f"{uri}\n")
         os.replace(tmp, uri_file)
-    if on_ready is not None:
-        on_ready(str(uri))
-    sys.stdout.write(f"{URI_PREFIX}{uri}\n")
-    sys.stdout.flush()
-    log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
-    try:
-        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
-    finally:
-        daemon.close()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(daemon.close)
         if remove_temp:
-            shutil.rmtree(temp_path, ignore_errors=True)
+            cleanup.callback(shutil.rmtree, temp_path, ignore_errors=True)
+        if nameserver:
+            member = label or f"{socket.gethostname()}-{os.getpid()}"
+            cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
+        if on_ready is not None:
+            on_ready(str(uri))
+        sys.stdout.write(f"{URI_PREFIX}{uri}\n")
+        sys.stdout.flush()
+        log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
+        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _watch_stdin(shut: Any) -> None:
@@ -180,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--remove-temp", action="store_true", help="remove the temp path at exit")
     parser.add_argument("--label", default="", help="name used in logs (host/slot)")
     parser.add_argument("--uri-file", help="also write the URI to this file")
+    parser.add_argument("--nameserver", help="register the URI at this Pyro5 name server (HOST:PORT)")
+    parser.add_argument("--group", default=DEFAULT_GROUP, help="name server group (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -192,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     secret = _read_secret(args)
+    if args.nameserver:
+        try:
+            check_group(args.group)
+        except GridError as exc:
+            raise SystemExit(f"isdgrid daemon: {exc}") from None
+    # SIGTERM ends the request loop like Ctrl-C, so the exit is clean (name server entry removed).
+    signal.signal(signal.SIGTERM, _interrupt)
     code = 0
     try:
         serve(
@@ -205,7 +284,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             watch_stdin=args.watch_stdin,
             heartbeat_timeout=args.heartbeat_timeout,
             uri_file=args.uri_file,
+            nameserver=args.nameserver,
+            group=args.group,
         )
+    except KeyboardInterrupt:
+        log.info("interrupted; exiting")
+    except GridError as exc:
+        log.error("isdgrid daemon failed: %s", exc)
+        code = 1
     except Exception as exc:  # noqa: BLE001 - reported, then the process ends with 1
         log.error("isdgrid daemon failed: %s", exc, exc_info=True)
         code = 1

@@ -68,17 +68,21 @@ class ServerStatus:
 class Grid:
     """A set of daemons on ``hosts`` and the services published on them.
 
-    ``launcher`` is ``"local"`` (default) or a :class:`~isdgrid.launchers.Launcher`.
+    ``launcher`` is ``"local"`` (default), ``"slurm"``, ``"sge"`` or a
+    :class:`~isdgrid.launchers.Launcher`; with ``hosts=None`` the launcher supplies them
+    (the nodes of a SLURM or SGE allocation).
     Daemons are watched with a heartbeat every ``heartbeat_interval`` seconds; a daemon
     silent for ``host_timeout`` seconds (or whose process ended) is lost, and every call
-    on it fails with :class:`HostLostError`. A daemon started by the grid exits by itself
+    on it fails with :class:`HostLostError`. With ``respawn=True`` a lost slot is started
+    again (at most ``max_respawns`` times per slot) and every service re-published on it from
+    the driver's copy, so its servers serve again. A daemon started by the grid exits by itself
     ``daemon_timeout`` seconds after the driver stops talking to it, or at once when the
     driver's end of its stdin closes. Use as a context manager, or call :meth:`terminate`.
     """
 
     def __init__(
         self,
-        hosts: Sequence[Host],
+        hosts: Sequence[Host] | None,
         launcher: str | Launcher = "local",
         *,
         shared_temp_path: bool = False,
@@ -90,17 +94,25 @@ class Grid:
         host_timeout: float = 10.0,
         daemon_timeout: float = 60.0,
         min_hosts: int | None = None,
+        respawn: bool = False,
+        max_respawns: int = 10,
         log_dir: str | None = None,
         secret: str | None = None,
         launcher_options: Mapping[str, Any] | None = None,
     ) -> None:
-        hosts = list(hosts)
+        if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
+            raise ConfigError("need 0 < heartbeat_interval < host_timeout")
+        if isinstance(launcher, Launcher):
+            self._launcher = launcher
+        else:
+            options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
+            self._launcher = make_launcher(launcher, **options)
+        self._launcher.shared_temp_path = shared_temp_path
+        hosts = self._launcher.default_hosts() if hosts is None else list(hosts)
         if not hosts:
             raise ConfigError("a grid needs at least one host")
         if not all(isinstance(h, Host) for h in hosts):
             raise ConfigError("hosts must be isdgrid.Host objects (see create_host_list and load_hosts)")
-        if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
-            raise ConfigError("need 0 < heartbeat_interval < host_timeout")
         self.hosts: list[Host] = hosts
         self.shared_temp_path = shared_temp_path
         self.servers: dict[str, list[Server]] = {}
@@ -113,17 +125,14 @@ class Grid:
         self._stop_timeout = stop_timeout
         self._heartbeat_interval = heartbeat_interval
         self._host_timeout = host_timeout
+        self._respawn = respawn
+        self._max_respawns = max_respawns
+        self.respawn_count = 0
         self._services: dict[str, Service] = {}
         self._held: dict[str, list[ServiceProxy]] = {}
         self._slots: list[Slot] = []
         self._lock = threading.RLock()
         self._state = GridState.STARTING
-        if isinstance(launcher, Launcher):
-            self._launcher = launcher
-        else:
-            options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
-            self._launcher = make_launcher(launcher, **options)
-        self._launcher.shared_temp_path = shared_temp_path
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, 1 + sum(h.n_cpu for h in hosts)), thread_name_prefix="isdgrid-control"
         )
@@ -134,6 +143,31 @@ class Grid:
             self.terminate()
             raise
         self._state = GridState.RUNNING
+
+    @classmethod
+    def from_slurm(cls, hosts: Sequence[Host] | None = None, *, bind: str | None = None, **kwargs: Any) -> Grid:
+        """A grid on the nodes and tasks of the SLURM allocation it runs in (see docs/clusters.md)."""
+        options = {**({"bind": bind} if bind else {}), **kwargs.pop("launcher_options", {})}
+        return cls(hosts, "slurm", launcher_options=options, **kwargs)
+
+    @classmethod
+    def attach(
+        cls,
+        uris_or_nameserver: str | Sequence[str] | None = None,
+        *,
+        secret: str,
+        nameserver: str | None = None,
+        group: str = "default",
+        **kwargs: Any,
+    ) -> Grid:
+        """A grid on daemons started by hand: a list of URIs, or a name server ``HOST:PORT``.
+
+        The grid never ends these daemons; :meth:`terminate` unpublishes its services.
+        """
+        from .launchers.attach import AttachLauncher
+
+        launcher = AttachLauncher.from_target(uris_or_nameserver, nameserver=nameserver, group=group)
+        return cls(None, launcher, secret=secret, **kwargs)
 
     # -- start ---------------------------------------------------------------------------
     def _start(self, min_hosts: int | None) -> None:
@@ -276,10 +310,11 @@ class Grid:
     def broadcast(self, service_id: str, name: str, *args: Any, **kwargs: Any) -> list[Result]:
         """Call ``name(*args, **kwargs)`` on every server of the service; a Result each.
 
+        A plain (non-callable) attribute named ``name`` is read when no arguments are given.
         The first broadcast or scatter takes every server of the service, in server order,
         and keeps them until :meth:`release_all`, so result ``i`` always comes from server ``i``.
         """
-        return [proxy._isdgrid_call(name, args, kwargs) for proxy in self._hold(service_id)]
+        return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id)]
 
     def scatter(
         self,
@@ -402,11 +437,74 @@ class Grid:
     def _slot_lost(self, slot: Slot) -> None:
         with self._lock:
             services = list(self._services.values())
+            respawn = (
+                self._respawn
+                and self._state is GridState.RUNNING
+                and slot.handle.respawns < self._max_respawns
+            )
+            if respawn:
+                for service in services:
+                    service.respawning += 1
         for service in services:
             for server in service.servers:
                 if server.slot is slot:
                     service.queue.discard(server)
             service.queue.wake()
+        if respawn:
+            try:
+                self._executor.submit(self._respawn_slot, slot, services)
+            except RuntimeError:  # the executor is shut down: the grid is terminating
+                self._respawn_done(services)
+
+    def _respawn_done(self, services: list[Service]) -> None:
+        with self._lock:
+            for service in services:
+                service.respawning -= 1
+        for service in services:
+            service.queue.wake()
+
+    def _respawn_slot(self, old: Slot, services: list[Service]) -> None:
+        """Start a lost slot again and re-publish its services there (a worker thread)."""
+        try:
+            self._launcher.stop([old.handle], self._stop_timeout)  # reap what is left of it
+            old.close()
+            for attempt in range(3):
+                if self._state is not GridState.RUNNING:
+                    return
+                outcome = self._launcher.start([old.handle.spec], self._secret, self._start_timeout)[0]
+                if isinstance(outcome, DaemonHandle):
+                    break
+                log.error("respawn of %s failed (attempt %d): %s", old.label, attempt + 1, outcome)
+                time.sleep(1.0 + attempt)
+            else:
+                log.error("giving up on %s: it stays lost", old.label)
+                return
+            outcome.respawns = old.handle.respawns + 1
+            with self._lock:
+                if self._state is not GridState.RUNNING:
+                    self._launcher.stop([outcome], self._stop_timeout)
+                    return
+                new = self._add_slot(outcome)
+                self._slots = [new if s is old else s for s in self._slots if s is not new]
+            for service in services:
+                if service.terminated.is_set():
+                    continue
+                error = new.control("publish", service.id, service.payload)
+                if error:
+                    log.error("re-publishing %s on %s failed:\n%s", service.id, new.label, error)
+                    continue
+                for server in service.servers:
+                    if server.slot is old:
+                        server.attach(new)
+            self.respawn_count += 1
+            log.warning("respawned %s (was lost: %s); services re-published: %s",
+                        new.label, old.lost_reason, ", ".join(s.id for s in services) or "none")
+        except GridError as exc:
+            log.error("respawn of %s failed: %s", old.label, exc)
+        except Exception:  # noqa: BLE001 - a respawn thread must never die silently
+            log.exception("respawn of %s failed", old.label)
+        finally:
+            self._respawn_done(services)
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -440,8 +538,8 @@ class Grid:
             self._state = GridState.TERMINATED
             services = list(self._services.values())
             self._held.clear()
-        for service in services:
-            self._terminate_service(service, unpublish=False)
+        for service in services:  # daemons the grid does not own outlive it: clean them up
+            self._terminate_service(service, unpublish=not self._launcher.owns_daemons)
         for slot in self._slots:
             slot.close()
         self._launcher.stop([slot.handle for slot in self._slots], self._stop_timeout)

@@ -57,6 +57,12 @@ class ServiceProxy:
     def _isdgrid_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
         return self._isdgrid_submit(codec.Op(codec.CALL, name, args, kwargs or None), f"{name}()")
 
+    def _isdgrid_invoke(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
+        """Call ``name``, or read it when it is a plain attribute and no arguments are given."""
+        if args or kwargs or name in self._isdgrid_server.service.methods:
+            return self._isdgrid_call(name, args, kwargs)
+        return self._isdgrid_submit(codec.Op(codec.GETATTR, name), f"attribute {name!r}")
+
     def _isdgrid_submit(self, op: codec.Op, what: str) -> Result:
         server = self._isdgrid_server
         description = f"{server.service.class_name}.{what} on {server.slot.label}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any
 
 __all__ = ["Result"]
@@ -18,6 +19,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
     def __init__(self, description: str = "") -> None:
         super().__init__()
         self.description = description
+        self._server: Any = None  # set when queued; lets get() send from the waiting thread
 
     def get(self, timeout: float | None = None) -> Any:
         """The value of the call; waits at most ``timeout`` seconds (None: no limit).
@@ -25,6 +27,12 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         Raises :class:`TimeoutError` if it is not ready in time, and the remote
         exception (or a :class:`~isdgrid.RemoteError`) if the call failed.
         """
+        server = self._server
+        if server is not None and not self.done():
+            started = time.monotonic()
+            server.run_for(self, timeout)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - started))
         try:
             return self.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -20,6 +20,10 @@ class Recorder:
         self.seen.append(item)
         return len(self.seen)
 
+    def slow_add(self, seconds: float, item: Any) -> int:
+        time.sleep(seconds)
+        return self.add(item)
+
     def history(self) -> list[Any]:
         return list(self.seen)
 

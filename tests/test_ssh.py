@@ -482,3 +482,23 @@ def test_min_hosts_goes_on_with_the_hosts_that_started_and_keep_temp(
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
     assert os.path.isdir(temp_dir)  # keep_temp=True
+
+
+def test_respawn_of_a_killed_daemon_over_ssh(ssh_config: str, sshd_pid: int) -> None:
+    grid = ssh_grid([Host("node-a", n_cpu=2, python=PY)], ssh_config, respawn=True, host_timeout=5.0)
+    try:
+        sid = grid.publish(Probe())
+        before = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        grid.release_all()
+        psutil.Process(int(before[1]["pid"])).kill()  # type: ignore[call-overload]
+        deadline = time.monotonic() + 60
+        while grid.respawn_count < 1 or any(s.lost.is_set() for s in grid.slots):
+            assert time.monotonic() < deadline, "the killed slot was not respawned"
+            time.sleep(0.2)
+        after = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
+        assert after[1]["cwd"] == before[1]["cwd"]  # same host folder
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(str(before[0]["cwd"]))

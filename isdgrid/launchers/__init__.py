@@ -5,19 +5,38 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .attach import AttachLauncher
 from .base import DaemonHandle, Launcher, ProcessLauncher, SlotSpec
 from .local import LocalLauncher
+from .sge import SgeLauncher
+from .slurm import SlurmLauncher
 from .ssh import SshLauncher
 
-__all__ = ["DaemonHandle", "Launcher", "LocalLauncher", "ProcessLauncher", "SlotSpec", "SshLauncher", "make_launcher"]
+__all__ = [
+    "AttachLauncher",
+    "DaemonHandle",
+    "Launcher",
+    "LocalLauncher",
+    "ProcessLauncher",
+    "SgeLauncher",
+    "SlotSpec",
+    "SlurmLauncher",
+    "SshLauncher",
+    "make_launcher",
+]
 
-_NAMES = ("local", "ssh")
+_LAUNCHERS: dict[str, type[Launcher]] = {
+    "local": LocalLauncher,
+    "ssh": SshLauncher,
+    "slurm": SlurmLauncher,
+    "sge": SgeLauncher,
+    "attach": AttachLauncher,
+}
 
 
 def make_launcher(name: str, **options: Any) -> Launcher:
     """The launcher called ``name``, built with ``options``."""
-    if name == "local":
-        return LocalLauncher(**options)
-    if name == "ssh":
-        return SshLauncher(**options)
-    raise ConfigError(f"unknown launcher {name!r}; choose one of: {', '.join(_NAMES)}")
+    cls = _LAUNCHERS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown launcher {name!r}; choose one of: {', '.join(_LAUNCHERS)}")
+    return cls(**options)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from ..daemon import URI_PREFIX
-from ..errors import LaunchError
+from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
 __all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec"]
@@ -54,6 +54,7 @@ class DaemonHandle:
     process: subprocess.Popen[bytes] | None = None
     output: SlotOutput | None = None
     command: list[str] = field(default_factory=list)
+    respawns: int = 0
 
     @property
     def host(self) -> Host:
@@ -78,6 +79,12 @@ class Launcher(abc.ABC):
     name = "abstract"
     #: Set by the grid: every host sees the same temp folder (a shared file system).
     shared_temp_path: bool = False
+    #: False for daemons the user started: the grid unpublishes its services but never ends them.
+    owns_daemons = True
+
+    def default_hosts(self) -> list[Host]:
+        """The hosts to use when the grid is given none (an allocation's nodes, attached daemons)."""
+        raise ConfigError(f"the {self.name} launcher needs a list of hosts")
 
     @abc.abstractmethod
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:

@@ -1,0 +1,82 @@
+"""What the batch-scheduler launchers (slurm, sge) share.
+
+Inside an allocation the driver starts one daemon per slot on the allocated nodes with
+the scheduler's own remote-start tool (``srun``, ``qrsh -inherit``). The nodes are
+assumed to see the driver's Python and its ``isdgrid`` at the same paths (a shared file
+system or the same installation), as is usual on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+
+from ..hosts import Host
+from .base import ProcessLauncher, SlotSpec
+from .local import DEFAULT_PYTHON, daemon_args, package_root, wrap_host_setup
+
+__all__ = ["BatchLauncher", "job_temp_path"]
+
+
+def job_temp_path(root: str, job_id: str, tag: str, host: str) -> str:
+    """The working folder of a grid's daemons on ``host`` (made by the daemons, removed at exit)."""
+    safe_host = host.replace(os.sep, "_")
+    return os.path.join(root, f"isdgrid-{job_id}-{tag}-{safe_host}")
+
+
+class BatchLauncher(ProcessLauncher):
+    """A launcher that starts daemons on the nodes of a scheduler allocation.
+
+    ``bind`` is the address the daemons listen on: None means the node's own name as the
+    scheduler lists it (it must resolve, on the node and for the driver, to an address
+    the driver reaches); give ``"127.0.0.1"`` on a single-node allocation.
+    ``temp_root`` is where each node's working folder goes when a host has no
+    ``temp_path`` (default ``$TMPDIR`` or ``/tmp``).
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        log_dir: str | None = None,
+        heartbeat_timeout: float = 0.0,
+        stop_timeout: float = 5.0,
+        bind: str | None = None,
+        temp_root: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.job_id = job_id
+        self.tag = uuid.uuid4().hex[:8]
+        self.heartbeat_timeout = heartbeat_timeout
+        self.bind = bind
+        self.temp_root = temp_root or self.environ.get("TMPDIR") or "/tmp"
+
+    def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
+        specs = []
+        for host in hosts:
+            made = host.temp_path is None
+            path = host.temp_path or job_temp_path(self.temp_root, self.job_id, self.tag, host.name)
+            # Slot 0 removes a folder the grid chose when it exits (the nodes are not ours to clean).
+            specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
+        return specs
+
+    def bind_address(self, spec: SlotSpec) -> str:
+        """The address the daemon of ``spec`` listens on."""
+        return self.bind or spec.host.name
+
+    def daemon_command(self, spec: SlotSpec) -> list[str]:
+        """The daemon's own argument list on the node, host setup (nice, init_cmd) applied."""
+        python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
+        args = daemon_args(spec, python, bind=self.bind_address(spec), heartbeat_timeout=self.heartbeat_timeout)
+        return wrap_host_setup(spec.host, args)
+
+    def python_path(self, spec: SlotSpec) -> str:
+        """``PYTHONPATH`` for the daemon: the driver's isdgrid first, then the driver's own."""
+        paths = [package_root(), spec.temp_path]
+        if self.environ.get("PYTHONPATH"):
+            paths.append(self.environ["PYTHONPATH"])
+        return os.pathsep.join(paths)

@@ -1,0 +1,257 @@
+"""Faults: lost hosts, respawn, transient drops, orphans, hostile input."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+from remote_objects import Recorder
+
+from isdgrid import Grid, Host, HostLostError, ServiceUnavailableError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _daemon_pid(grid: Grid, index: int) -> int:
+    process = grid.slots[index].handle.process
+    assert process is not None
+    return process.pid
+
+
+def _wait_until(predicate, timeout: float, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def test_kill_during_calls_fails_every_pending_result_and_others_keep_serving() -> None:
+    with Grid([Host("localhost", n_cpu=2)], heartbeat_interval=0.5, host_timeout=5.0) as grid:
+        sid = grid.publish(Recorder())
+        doomed = grid.acquire_service(sid)
+        healthy = grid.acquire_service(sid)
+        doomed_slot = doomed._isdgrid_server.slot
+        in_flight = doomed.sleep(30)
+        queued = [doomed.add(i) for i in range(50)]
+        time.sleep(0.3)
+        os.kill(doomed_slot.handle.process.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        outcomes = {"value": 0, "lost": 0}
+        for r in [in_flight, *queued]:
+            with pytest.raises(HostLostError) as info:
+                r.get(timeout=30)
+            outcomes["lost"] += 1
+            assert info.value.host == "localhost" and info.value.slot == doomed_slot.index
+        assert time.monotonic() - t0 < 30
+        assert outcomes["lost"] == 51  # every call accounted for
+        # a call after the loss fails at once; the other server serves on
+        with pytest.raises(HostLostError):
+            doomed.add("late").get(timeout=10)
+        assert [healthy.add(i).get(timeout=30) for i in range(5)] == [1, 2, 3, 4, 5]
+        grid.release_service(doomed)
+        grid.release_service(healthy)
+        # the lost server is never handed out again
+        for _ in range(5):
+            p = grid.acquire_service(sid, timeout=10)
+            assert p._isdgrid_server.slot is not doomed_slot
+            grid.release_service(p)
+        lost_rows = [row for row in grid.status() if row.lost]
+        assert len(lost_rows) == 1 and lost_rows[0].slot == doomed_slot.index
+        # broadcast over a lost server fails fast
+        t0 = time.monotonic()
+        with pytest.raises(HostLostError):
+            grid.gather(grid.broadcast(sid, "sleep", 20), timeout=60)
+        assert time.monotonic() - t0 < 15
+        grid.release_all()
+        # all servers lost: acquire raises instead of waiting forever
+        os.kill(_daemon_pid(grid, 1 - doomed_slot.index), signal.SIGKILL)
+        with pytest.raises(ServiceUnavailableError):
+            grid.acquire_service(sid, timeout=60)
+
+
+def test_hung_daemon_is_declared_lost_within_host_timeout() -> None:
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=0.5, host_timeout=3.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        assert proxy.add(1).get(timeout=30) == 1
+        pid = _daemon_pid(grid, 0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = proxy.add(2)
+            t0 = time.monotonic()
+            with pytest.raises(HostLostError):
+                r.get(timeout=60)
+            assert time.monotonic() - t0 < 30
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_transient_drop_is_retried_once_and_never_runs_a_call_twice() -> None:
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=0.5, host_timeout=10.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        server = proxy._isdgrid_server
+        slow = proxy.slow_add(1.0, "slow")
+        time.sleep(0.4)  # the batch is running remotely now
+        grid.slots[0]._cut_all()  # break the connection; the daemon lives on
+        assert slow.get(timeout=30) == 1
+        for i in range(3):  # cut between calls too
+            grid.slots[0]._cut_all()
+            assert proxy.add(i).get(timeout=30) == i + 2
+        assert proxy.history().get(timeout=30) == ["slow", 0, 1, 2]
+        assert not server.lost
+        grid.release_service(proxy)
+
+
+def test_respawn_brings_a_killed_slot_back() -> None:
+    with Grid([Host("localhost", n_cpu=2)], heartbeat_interval=0.5, host_timeout=5.0, respawn=True) as grid:
+        sid = grid.publish(Recorder("orig"))
+        old_pid = _daemon_pid(grid, 0)
+        os.kill(old_pid, signal.SIGKILL)
+        assert _wait_until(lambda: grid.respawn_count == 1, 60)
+        pids = grid.gather(grid.broadcast(sid, "pid"), timeout=60)
+        assert old_pid not in pids and len(set(pids)) == 2
+        assert grid.gather(grid.broadcast(sid, "tag"), timeout=30) == ["orig", "orig"]
+        grid.release_all()
+        assert sum(row.respawns for row in grid.status()) == 1
+        assert grid.queues[sid].qsize() == 2
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_soak_calls_while_slots_are_killed_with_respawn() -> None:
+    duration, kill_every = 60.0, 10.0
+    with Grid([Host("localhost", n_cpu=4)], heartbeat_interval=0.5, host_timeout=5.0, respawn=True) as grid:
+        sid = grid.publish(Recorder())
+        stop = threading.Event()
+        counts = {"calls": 0, "ok": 0, "lost": 0}
+        lock = threading.Lock()
+        problems: list[str] = []
+
+        def caller(tid: int) -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    proxy = grid.acquire_service(sid, timeout=30)
+                except TimeoutError:
+                    problems.append(f"thread {tid}: no server within 30 s")
+                    return
+                tags = [(tid, i + k) for k in range(5)]
+                results = [proxy.ident(tag) for tag in tags]
+                grid.release_service(proxy)
+                for tag, r in zip(tags, results):
+                    with lock:
+                        counts["calls"] += 1
+                    try:
+                        value = r.get(timeout=60)
+                    except HostLostError:
+                        with lock:
+                            counts["lost"] += 1
+                        continue
+                    if value != tag:
+                        problems.append(f"{tag} answered {value}")
+                    with lock:
+                        counts["ok"] += 1
+                i += 5
+
+        kills = 0
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(caller, t) for t in range(8)]
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < duration:
+                time.sleep(kill_every)
+                victim = grid.slots[kills % 4]
+                if victim.handle.process is not None and victim.handle.process.poll() is None:
+                    os.kill(victim.handle.process.pid, signal.SIGKILL)
+                    kills += 1
+            stop.set()
+            for f in futures:
+                f.result(timeout=120)
+        assert not problems, problems[:5]
+        assert counts["calls"] == counts["ok"] + counts["lost"]
+        assert counts["ok"] > 1000
+        assert kills >= 5
+        assert _wait_until(lambda: grid.respawn_count == kills, 60)
+        assert _wait_until(lambda: grid.queues[sid].qsize() == 4, 30)
+        assert len(set(grid.gather(grid.broadcast(sid, "pid"), timeout=60))) == 4
+        grid.release_all()
+
+
+KILLED_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from isdgrid import Grid, Host
+    class Worker:
+        def spin(self, seconds):
+            time.sleep(seconds)
+    grid = Grid([Host("localhost", n_cpu=3)])
+    sid = grid.publish(Worker())
+    p = grid.acquire_service(sid)
+    p.spin(600)                      # a daemon busy in a call when the driver dies
+    print("PIDS", " ".join(str(s.handle.process.pid) for s in grid.slots), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_daemons_exit_after_kill_minus_nine_of_the_driver() -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DRIVER], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line.startswith("PIDS"), line
+        pids = [int(p) for p in line.split()[1:]]
+        assert all(psutil.pid_exists(p) for p in pids)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+        if driver.stdout is not None:
+            driver.stdout.close()
+    assert _wait_until(lambda: not any(_alive(p) for p in pids), 15.0), "daemons outlived their driver"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+STOPPED_DRIVER = textwrap.dedent(
+    """
+    import time
+    from isdgrid import Grid, Host
+    grid = Grid([Host("localhost", n_cpu=2)], daemon_timeout=3.0)
+    print("PIDS", " ".join(str(s.handle.process.pid) for s in grid.slots), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_daemons_exit_when_heartbeats_stop_although_stdin_stays_open() -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    driver = subprocess.Popen([sys.executable, "-c", STOPPED_DRIVER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line.startswith("PIDS"), line
+        pids = [int(p) for p in line.split()[1:]]
+        os.kill(driver.pid, signal.SIGSTOP)  # alive, pipes open, but silent
+        assert _wait_until(lambda: not any(_alive(p) for p in pids), 20.0), "daemons did not notice the silence"
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+        if driver.stdout is not None:
+            driver.stdout.close()

@@ -1,0 +1,261 @@
+"""The SLURM launcher: its pure builders, and a real job on the single-node test cluster.
+
+The cluster is set up by .ci/setup-slurm.sh (slurmctld and slurmd on this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import require
+
+from isdgrid import ConfigError, Host
+from isdgrid.launchers.base import SlotSpec
+from isdgrid.launchers.slurm import (
+    SlurmLauncher,
+    allocation_hosts,
+    parse_steps,
+    parse_tasks_per_node,
+    scancel_command,
+    squeue_steps_command,
+    srun_command,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- pure parts ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1", [1]),
+        ("4", [4]),
+        ("2(x3)", [2, 2, 2]),
+        ("2(x3),1", [2, 2, 2, 1]),
+        ("16,8(x2),4", [16, 8, 8, 4]),
+        (" 3(x1) ", [3]),
+    ],
+)
+def test_tasks_per_node_are_expanded(text: str, expected: list[int]) -> None:
+    assert parse_tasks_per_node(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "x", "2(3)", "2(x)", "2,(x2)", "-1", "2(x3)1"])
+def test_unreadable_tasks_per_node_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="tasks per node"):
+        parse_tasks_per_node(text)
+
+
+def test_srun_command_is_one_exact_single_task_step_on_the_node() -> None:
+    cmd = srun_command("node07", ["python3", "-m", "isdgrid.daemon"], step_name="isdgrid-abc", cpus_per_task=4)
+    assert cmd[0] == "srun"
+    assert cmd[-3:] == ["python3", "-m", "isdgrid.daemon"]
+    options = cmd[1:-3]
+    for option in (
+        "--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--exact", "--mem=0",
+        "--nodelist=node07", "--input=all", "--job-name=isdgrid-abc",
+    ):
+        assert option in options
+    assert "--overlap" not in options
+    with_overlap = srun_command("n1", ["d"], step_name="s", overlap=True, srun="/opt/bin/srun", extra=["--gres=none"])
+    assert with_overlap[0] == "/opt/bin/srun"
+    assert "--overlap" in with_overlap and with_overlap[-2:] == ["--gres=none", "d"]
+
+
+def test_step_listing_and_cancel_commands() -> None:
+    assert squeue_steps_command("42") == ["squeue", "--noheader", "--steps", "--jobs=42", "--format=%i|%j"]
+    listing = "42.0|isdgrid-ab12\n42.1|isdgrid-ab12\n42.2|other\n42.batch|batch\n42.3|isdgrid-ab12x\n"
+    assert parse_steps(listing, "isdgrid-ab12") == ["42.0", "42.1"]
+    assert parse_steps("", "isdgrid-ab12") == []
+    assert scancel_command(["42.0", "42.1"]) == ["scancel", "--quiet", "42.0", "42.1"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+def test_outside_an_allocation_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="SLURM_JOB_ID is not set"):
+        SlurmLauncher(environ=_env())
+
+
+def test_launcher_command_runs_the_daemon_through_srun() -> None:
+    launcher = SlurmLauncher(environ=_env(SLURM_JOB_ID="77", SLURM_CPUS_PER_TASK="2", SLURM_MEM_PER_CPU="100"))
+    assert not launcher.overlap  # a batch script is not a step
+    [spec] = launcher.slot_specs([Host("node3", n_cpu=1)])
+    assert spec.remove_temp and "isdgrid-77-" in spec.temp_path and spec.temp_path.endswith("-node3")
+    cmd = launcher.command(spec)
+    assert cmd[0].endswith("srun") and "--nodelist=node3" in cmd and "--cpus-per-task=2" in cmd
+    daemon = cmd[cmd.index(sys.executable):]
+    assert daemon[1:4] == ["-u", "-m", "isdgrid.daemon"]
+    assert daemon[daemon.index("--host") + 1] == "node3"  # default bind: the node's name
+    assert "--secret-stdin" in daemon and "--watch-stdin" in daemon
+    env = launcher.environment(spec)
+    assert "SLURM_MEM_PER_CPU" not in env
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT
+    in_step = SlurmLauncher(environ=_env(SLURM_JOB_ID="77", SLURM_STEP_ID="3"), bind="127.0.0.1")
+    cmd = in_step.command(SlotSpec(Host("node3"), 0, "/tmp/x"))
+    assert "--overlap" in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_allocation_hosts_from_the_node_list() -> None:
+    require(shutil.which("scontrol") is not None, "scontrol (slurm-client) is not installed")
+    env = {"SLURM_JOB_NODELIST": "node[01-03],gpu7", "SLURM_TASKS_PER_NODE": "2(x3),1"}
+    hosts = allocation_hosts(env)
+    assert [(h.name, h.n_cpu) for h in hosts] == [("node01", 2), ("node02", 2), ("node03", 2), ("gpu7", 1)]
+    with pytest.raises(ConfigError, match="4 nodes"):
+        allocation_hosts({**env, "SLURM_TASKS_PER_NODE": "2(x2)"})
+
+
+# -- a real job ------------------------------------------------------------------------
+def _cluster_up() -> bool:
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(state.startswith(("idle", "mixed")) for state in out.split())
+
+
+def _job_steps(job_id: str) -> list[str]:
+    out = subprocess.run(squeue_steps_command(job_id), capture_output=True, text=True, timeout=20).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def test_replica_exchange_job_runs_on_srun_steps_and_leaves_none(tmp_path: Path) -> None:
+    require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
+    output = tmp_path / "job.out"
+    env = dict(os.environ)
+    env.update(PYTHONPATH=REPO_ROOT, PYTHON=sys.executable, ISDGRID_BIND="127.0.0.1", ROUNDS="4")
+    cmd = ["sbatch", "--parsable", "--wait", "--ntasks=2", f"--output={output}", "scripts/slurm_job.sh"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    job_id = stdout.strip().split(";")[0]
+    text = output.read_text() if output.exists() else ""
+    try:
+        assert proc.returncode == 0, f"job failed ({proc.returncode}): {stderr}\n{text}"
+        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, text
+        result = json.loads(lines[0][len("RESULT "):])
+        node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=10).stdout.strip()
+        assert result["hosts"] == [node]
+        replicas = result["replicas"]
+        assert len(replicas) == 2  # one daemon per allocated task
+        assert {r["slurm_job"] for r in replicas} == {job_id}
+        steps = [r["slurm_step"] for r in replicas]
+        assert None not in steps and len(set(steps)) == 2  # each daemon is its own srun step
+        assert len({r["pid"] for r in replicas}) == 2
+        rounds = result["rounds"]
+        assert len(rounds) == 4
+        ladder = sorted(rounds[0]["temperatures"])
+        for item in rounds:
+            assert sorted(item["temperatures"]) == ladder
+            assert len(item["energies"]) == 2 and all(e >= 0.0 for e in item["energies"])
+        assert "cancelling" not in text  # teardown ended every step without scancel
+        deadline = time.monotonic() + 30
+        while _job_steps(job_id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _job_steps(job_id) == []
+        for replica in replicas:
+            pid = replica["pid"]
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+
+
+def _sbatch(script: Path, output: Path, timeout: float = 120) -> tuple[str, int, str]:
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    cmd = ["sbatch", "--parsable", "--wait", "--ntasks=1", f"--output={output}", str(script)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    text = output.read_text() if output.exists() else ""
+    return stdout.strip().split(";")[0], proc.returncode, text
+
+
+def test_scancel_ends_a_leftover_step_of_the_grid(tmp_path: Path) -> None:
+    require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
+    script = tmp_path / "job.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import subprocess, time
+        from isdgrid.launchers.slurm import SlurmLauncher, srun_command
+        launcher = SlurmLauncher()
+        [host] = launcher.default_hosts()
+        step = subprocess.Popen(srun_command(host.name, ["sleep", "300"], step_name=launcher.step_name),
+                                stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not launcher.leftover_steps() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print("RUNNING", launcher.leftover_steps(), flush=True)
+        launcher.cancel_leftover_steps()
+        step.wait(timeout=30)
+        while launcher.leftover_steps() and time.monotonic() < deadline + 30:
+            time.sleep(0.2)
+        print("LEFT", launcher.leftover_steps(), "SRUN-EXIT", step.returncode, flush=True)
+        """))
+    job_id, code, text = _sbatch(script, tmp_path / "job.out")
+    try:
+        assert code == 0, text
+        assert f"RUNNING ['{job_id}.0']" in text
+        assert "LEFT []" in text
+        assert "SRUN-EXIT 0" not in text  # the step was cancelled, not finished
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+
+
+def test_daemon_steps_end_when_the_driver_is_killed(tmp_path: Path) -> None:
+    require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""\
+        import sys, time
+        from isdgrid import Grid
+        grid = Grid.from_slurm(bind="127.0.0.1")
+        print("READY", len(grid.slots), flush=True)
+        time.sleep(600)
+        """))
+    script = tmp_path / "job.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        {sys.executable} {driver} > {tmp_path}/driver.out 2>&1 &
+        DRIVER=$!
+        for i in $(seq 300); do grep -q READY {tmp_path}/driver.out && break; sleep 0.1; done
+        echo "STEPS-BEFORE $(squeue -h -s -j $SLURM_JOB_ID -o %j | grep -c '^isdgrid-')"
+        kill -9 $DRIVER
+        for i in $(seq 300); do
+            [ "$(squeue -h -s -j $SLURM_JOB_ID -o %j | grep -c '^isdgrid-')" = 0 ] && break
+            sleep 0.1
+        done
+        echo "STEPS-AFTER $(squeue -h -s -j $SLURM_JOB_ID -o %j | grep -c '^isdgrid-')"
+        """))
+    job_id, code, text = _sbatch(script, tmp_path / "job.out")
+    try:
+        assert code == 0, text
+        assert "STEPS-BEFORE 1" in text, text + (tmp_path / "driver.out").read_text()
+        assert "STEPS-AFTER 0" in text  # the daemon saw its stdin close and its step ended
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
