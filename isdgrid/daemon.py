@@ -46,11 +46,11 @@ log = logging.getLogger(__name__)
 class GridDaemon(Pyro5.server.Daemon):
     """A Pyro5 daemon that admits only clients presenting the grid's secret."""
 
-    def __init__(self, secret: str, host: str, port: int = 0) -> None:
+    def __init__(self, secret: str, host: str, port: int = 0, unix_socket: str | None = None) -> None:
         if not secret:
             raise ValueError("a grid daemon needs a non-empty secret")
         self._secret = secret.encode()
-        super().__init__(host=host, port=port)
+        super().__init__(host=host, port=port, unixsocket=unix_socket)
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
         """Admit a client only if its connect message carries the secret.
@@ -135,6 +135,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    unix_socket: str | None = None,
     temp_path: str | None = None,
     remove_temp: bool = False,
     label: str = "",
@@ -147,6 +148,9 @@ def serve(
 ) -> None:
     """Run a grid daemon until it is shut down or its driver is gone.
 
+    With ``unix_socket`` the daemon listens on that Unix socket instead of ``host:port``
+    (the ssh launcher's tunnel forwards a socket of the driver's machine to it).
+
     With ``nameserver`` (``HOST:PORT``) the agent URI is registered there under
     ``isdgrid.<group>.<label or host-pid>`` while the daemon serves.
     """
@@ -156,7 +160,7 @@ def serve(
     os.chdir(temp_path)
     if temp_path not in sys.path:
         sys.path.insert(0, temp_path)
-    daemon = GridDaemon(secret, host=host, port=port)
+    daemon = GridDaemon(secret, host=host, port=port, unix_socket=unix_socket)
     agent = Agent(temp_path, label or f"{host}:{daemon.locationStr}")
     uri = daemon.register(agent, AGENT_ID)
     stop = threading.Event()
@@ -237,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m isdgrid.daemon", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    parser.add_argument("--unix-socket", help="listen on this Unix socket instead of host:port")
     parser.add_argument("--secret-stdin", action="store_true", help="read the secret from the first line of stdin")
     parser.add_argument("--secret-file", help="read the secret from this file")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
@@ -272,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             secret,
             host=args.host,
             port=args.port,
+            unix_socket=args.unix_socket,
             temp_path=args.temp_path,
             remove_temp=args.remove_temp,
             label=args.label,

@@ -113,6 +113,7 @@ class Grid:
         else:
             options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
             self._launcher = make_launcher(launcher, **options)
+        self._launcher.shared_temp_path = shared_temp_path
         hosts = self._launcher.default_hosts() if hosts is None else list(hosts)
         if not hosts:
             raise ConfigError("a grid needs at least one host")
@@ -196,7 +197,10 @@ class Grid:
             if min_hosts is None or len(good_hosts) < min_hosts:
                 raise failures[0]
             log.warning("going on with %d of %d hosts (min_hosts=%d)", len(good_hosts), len(self.hosts), min_hosts)
-            self._launcher.stop([h for h in handles if h.host.name in failed_hosts], self._stop_timeout)
+            dropped = [s for s in self._slots if s.host.name in failed_hosts]
+            for slot in dropped:
+                slot.close()
+            self._launcher.stop([s.handle for s in dropped], self._stop_timeout)
             self._slots = [s for s in self._slots if s.host.name not in failed_hosts]
             self.hosts = good_hosts
         log.info("%d slots ready in %.2f s", len(self._slots), time.monotonic() - started)

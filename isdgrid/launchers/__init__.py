@@ -10,6 +10,7 @@ from .base import DaemonHandle, Launcher, ProcessLauncher, SlotSpec
 from .local import LocalLauncher
 from .sge import SgeLauncher
 from .slurm import SlurmLauncher
+from .ssh import SshLauncher
 
 __all__ = [
     "AttachLauncher",
@@ -20,11 +21,13 @@ __all__ = [
     "SgeLauncher",
     "SlotSpec",
     "SlurmLauncher",
+    "SshLauncher",
     "make_launcher",
 ]
 
 _LAUNCHERS: dict[str, type[Launcher]] = {
     "local": LocalLauncher,
+    "ssh": SshLauncher,
     "slurm": SlurmLauncher,
     "sge": SgeLauncher,
     "attach": AttachLauncher,

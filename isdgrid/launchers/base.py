@@ -25,7 +25,7 @@ from ..announce import parse_announcement
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
-__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "SlotOutput", "SlotSpec"]
+__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec"]
 
 log = logging.getLogger("isdgrid.launcher")
 remote_log = logging.getLogger("isdgrid.remote")
@@ -77,6 +77,8 @@ class Launcher(abc.ABC):
     """Starts and stops the daemons of a grid; the grid talks only to this interface."""
 
     name = "abstract"
+    #: Set by the grid: every host sees the same temp folder (a shared file system).
+    shared_temp_path: bool = False
     #: False for daemons the user started: the grid unpublishes its services but never ends them.
     owns_daemons = True
 
@@ -150,6 +152,27 @@ class SlotOutput(threading.Thread):
             return None
 
 
+class Progress:
+    """Logs "k/N slots ready" while a large grid starts (more than ``quiet_below`` slots)."""
+
+    def __init__(self, total: int, *, quiet_below: int = 8, every: float = 2.0) -> None:
+        self.total = total
+        self.count = 0
+        self._loud = total >= quiet_below
+        self._every = every
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def ready(self, n: int = 1) -> None:
+        """Count ``n`` more slots ready; log now and then, and at the last one."""
+        with self._lock:
+            self.count += n
+            now = time.monotonic()
+            if self._loud and (self.count >= self.total or now - self._last >= self._every):
+                self._last = now
+                log.info("%d/%d slots ready", self.count, self.total)
+
+
 class ProcessLauncher(Launcher):
     """A launcher whose slots are child processes of the driver (local, ssh, srun, qrsh)."""
 
@@ -166,6 +189,13 @@ class ProcessLauncher(Launcher):
         return None
 
     def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
+        progress = Progress(len(specs))
+        return self.start_processes(specs, secret, time.monotonic() + timeout, progress)
+
+    def start_processes(
+        self, specs: Sequence[SlotSpec], secret: str, deadline: float, progress: Progress | None = None
+    ) -> list[DaemonHandle | LaunchError]:
+        """Start ``specs`` at once and wait (until ``deadline``) for each daemon's address."""
         pending: list[tuple[SlotSpec, list[str], subprocess.Popen[bytes] | None, SlotOutput | LaunchError]] = []
         for spec in specs:
             cmd = self.command(spec)
@@ -190,7 +220,7 @@ class ProcessLauncher(Launcher):
             output = SlotOutput(spec, proc.stdout, self.log_dir)
             output.start()
             pending.append((spec, cmd, proc, output))
-        deadline = time.monotonic() + timeout
+        timeout = max(0.0, deadline - time.monotonic())
         results: list[DaemonHandle | LaunchError] = []
         for spec, cmd, proc, output in pending:
             if isinstance(output, LaunchError):
@@ -204,11 +234,19 @@ class ProcessLauncher(Launcher):
                     reason = f"daemon exited with code {proc.returncode} before serving"
                 self._kill(proc)
                 output.join(timeout=2.0)
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        try:
+                            pipe.close()
+                        except OSError:
+                            pass
                 results.append(
                     LaunchError(reason, host=spec.host.name, command=cmd, output="\n".join(output.early_lines))
                 )
                 continue
             results.append(DaemonHandle(spec, uri, proc, output, cmd))
+            if progress is not None:
+                progress.ready()
         return results
 
     def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:

@@ -1,0 +1,504 @@
+"""The ssh launcher, against a real OpenSSH server on loopback (.ci/setup-ssh.sh starts it).
+
+The command builders are also checked on their own: the remote shell strings are run
+through ``sh -c`` here, as the remote login shell runs them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+from conftest import require
+
+from isdgrid import Grid, Host, LaunchError
+from isdgrid.hosts import Host as HostType
+from isdgrid.launchers import make_launcher
+from isdgrid.launchers.base import Progress, SlotSpec
+from isdgrid.launchers.ssh import (
+    LIB_FOLDER,
+    SshLauncher,
+    merge_options,
+    package_archive,
+    parse_probe,
+    prepare_command,
+    slot_command,
+    ssh_args,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SSHD_DIR = Path(os.environ.get("ISDGRID_SSHD_DIR", "/tmp/isdgrid-sshd"))
+PY = sys.executable
+
+pytestmark = pytest.mark.timeout(120)
+
+# The daemons cannot import this test module: ship its classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# -- the test sshd ---------------------------------------------------------------------
+def _sshd_pid() -> int | None:
+    try:
+        pid = int((SSHD_DIR / "sshd.pid").read_text().strip())
+        port = int((SSHD_DIR / "port").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not psutil.pid_exists(pid):
+        return None
+    with socket.socket() as sock:
+        sock.settimeout(2.0)
+        if sock.connect_ex(("127.0.0.1", port)) != 0:
+            return None
+    return pid
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def sshd_pid() -> int:
+    pid = _sshd_pid()
+    require(pid is not None and os.path.exists("/usr/bin/ssh"), "no test sshd running (run .ci/setup-ssh.sh)")
+    assert pid is not None
+    return pid
+
+
+@pytest.fixture(scope="module")
+def ssh_config(sshd_pid: int, tmp_path_factory: pytest.TempPathFactory) -> str:
+    port = (SSHD_DIR / "port").read_text().strip()
+    common = textwrap.dedent(
+        f"""\
+            User root
+            IdentityFile {SSHD_DIR}/client_ed25519
+            IdentitiesOnly yes
+            StrictHostKeyChecking no
+            UserKnownHostsFile /dev/null
+            LogLevel ERROR
+        """
+    )
+    text = (
+        f"Host node-a node-b\n    HostName 127.0.0.1\n    Port {port}\n{common}"
+        f"Host node-dead\n    HostName 127.0.0.1\n    Port {_closed_port()}\n{common}"
+    )
+    path = tmp_path_factory.mktemp("ssh") / "config"
+    path.write_text(text)
+    return str(path)
+
+
+def sshd_descendants(sshd_pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(sshd_pid).children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+
+def wait_no_sessions(sshd_pid: int, timeout: float = 15.0) -> list[str]:
+    """Wait (bounded) until the test sshd has no session left; what is left, if any."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sshd_descendants(sshd_pid)
+        if not left or time.monotonic() > deadline:
+            return [" ".join(p.cmdline()) for p in left if p.is_running()]
+        time.sleep(0.2)
+
+
+def ssh_grid(hosts: list[Host], ssh_config: str, **kwargs: object) -> Grid:
+    options = {"ssh_config": ssh_config, **kwargs.pop("launcher_options", {})}  # type: ignore[dict-item]
+    return Grid(hosts, launcher="ssh", launcher_options=options, start_timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+class Probe:
+    """Published on every slot: tells where it runs and what it imported from where."""
+
+    def where(self) -> dict[str, object]:
+        import cloudpickle
+        import Pyro5
+        import serpent
+
+        import isdgrid
+
+        return {
+            "pid": os.getpid(),
+            "cwd": os.getcwd(),
+            "modules": {m.__name__: m.__file__ for m in (isdgrid, Pyro5, serpent, cloudpickle)},
+        }
+
+    def use_copied(self) -> str:
+        import simmod  # copied by copy_files into the temp folder
+
+        return simmod.describe()
+
+
+# -- pure builders ---------------------------------------------------------------------
+def test_ssh_args_defaults_config_and_remote_quoting() -> None:
+    remote = ["sh", "-c", 'echo "$1"', "x", "it's a test; rm -rf /"]
+    args = ssh_args("node7", remote, options=merge_options(None, 7), config_file="/cfg")
+    assert args[:3] == ["ssh", "-F", "/cfg"]
+    opts = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
+    assert {"BatchMode=yes", "ConnectTimeout=7", "ServerAliveInterval=15"} <= set(opts)
+    assert args[-3:-1] == ["--", "node7"]
+    assert shlex.split(args[-1]) == remote  # one shell string, quoted
+    assert "-L" not in args and "-T" in args
+
+
+def test_user_ssh_options_override_defaults_and_tunnel_forwards_a_socket() -> None:
+    options = merge_options(["ConnectTimeout=3", "ProxyJump=gate"], 10)
+    assert options["ConnectTimeout"] == "3" and options["ProxyJump"] == "gate" and options["BatchMode"] == "yes"
+    assert merge_options({"batchmode": "no"}, 10)["batchmode"] == "no"
+    assert "BatchMode" not in merge_options({"batchmode": "no"}, 10)
+    with pytest.raises(Exception, match="Key=Value"):
+        merge_options(["nonsense"], 10)
+    args = ssh_args("n", ["true"], options=options, tunnel=("/tmp/l.sock", "/tmp/r.sock"))
+    assert args[args.index("-L") + 1] == "/tmp/l.sock:/tmp/r.sock"
+    assert "ExitOnForwardFailure=yes" in args
+
+
+def test_progress_is_logged_for_many_slots(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="isdgrid.launcher")
+    progress = Progress(10, every=3600)
+    for _ in range(10):
+        progress.ready()
+    assert [r.getMessage() for r in caplog.records] == ["10/10 slots ready"]
+    caplog.clear()
+    quiet = Progress(3)
+    for _ in range(3):
+        quiet.ready()
+    assert not caplog.records
+
+
+def test_make_launcher_knows_ssh() -> None:
+    launcher = make_launcher("ssh", keep_temp=True, tunnel=True)
+    assert isinstance(launcher, SshLauncher) and launcher.keep_temp and launcher.tunnel
+
+
+def test_prepare_script_through_a_local_shell(tmp_path: Path) -> None:
+    """The prepare command, run by sh as a remote login shell would: folder, probe, ship."""
+    host = Host("h", python=PY, temp_path=str(tmp_path / "base"), init_cmd="export ISDGRID_T=1")
+    remote = ssh_args("h", prepare_command(host, "isdgrid-test"), options={})[-1]
+    env = {**os.environ, "SSH_CONNECTION": "10.1.2.3 40000 10.9.8.7 22"}
+    archive = package_archive(("serpent",))
+    out = subprocess.run(["sh", "-c", remote], input=archive, capture_output=True, timeout=60, env=env)
+    text = out.stdout.decode()
+    assert out.returncode == 0, text + out.stderr.decode()
+    setup = parse_probe(text)
+    assert setup.temp_dir == str(tmp_path / "base" / "isdgrid-test")
+    assert setup.server_address == "10.9.8.7"
+    assert setup.python_version[:2] == sys.version_info[:2]
+    assert set(setup.modules) >= {"isdgrid", "Pyro5", "serpent", "cloudpickle"}
+    assert "ISDGRID-SHIPPED 1" in text
+    assert (Path(setup.temp_dir) / LIB_FOLDER / "serpent.py").is_file()
+    assert oct(Path(setup.temp_dir).stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        (Host("h", python="/no/such/python3.99"), "python not found: /no/such/python3.99"),
+        (Host("h", python=PY, init_cmd="false"), "init_cmd failed: false"),
+    ],
+)
+def test_prepare_script_reports_what_is_wrong(host: HostType, message: str, tmp_path: Path) -> None:
+    host = Host(host.name, python=host.python, init_cmd=host.init_cmd, temp_path=str(tmp_path))
+    remote = ssh_args("h", prepare_command(host, "isdgrid-x"), options={})[-1]
+    out = subprocess.run(["sh", "-c", remote], input=b"", capture_output=True, timeout=60)
+    assert out.returncode != 0
+    assert message in out.stdout.decode()
+    assert not (tmp_path / "isdgrid-x").exists()
+
+
+def test_slot_command_through_a_local_shell(tmp_path: Path) -> None:
+    """The slot command runs init, nice and the daemon from a shipped folder, secret on stdin."""
+    lib = tmp_path / LIB_FOLDER
+    lib.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(package_archive(("isdgrid",))), mode="r:gz") as tar:
+        tar.extractall(lib, filter="data")
+    host = Host("h", python=PY, niceness=3, init_cmd="echo init-ran")
+    spec = SlotSpec(host, 0, str(tmp_path), remove_temp=False)
+    remote = slot_command(spec, bind="127.0.0.1", lib_dir=str(lib))
+    assert remote[:2] == ["sh", "-c"] and "nice" in remote and "--secret-stdin" in remote
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # isdgrid only from the shipped copy
+    proc = subprocess.Popen(
+        ["sh", "-c", shlex.join(remote)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"a-secret\n")
+        proc.stdin.flush()
+        lines = []
+        for raw in iter(proc.stdout.readline, b""):
+            lines.append(raw.decode())
+            if raw.startswith(b"ISDGRID-URI "):
+                break
+        assert lines[0].strip() == "init-ran"
+        assert lines[-1].startswith("ISDGRID-URI PYRO:isdgrid.agent@127.0.0.1:")
+        shell = psutil.Process(proc.pid)
+        daemon = next(p for p in [shell, *shell.children(recursive=True)] if "--secret-stdin" in p.cmdline())
+        assert daemon.nice() == 3 and str(lib) in daemon.cmdline()
+        proc.stdin.close()  # the daemon's cue to exit
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- against the real sshd -------------------------------------------------------------
+def _make_tree(root: Path, n_files: int) -> None:
+    (root / "simmod" / "data").mkdir(parents=True)
+    (root / "simmod" / "__init__.py").write_text(
+        "import os\n"
+        "def describe():\n"
+        "    here = os.path.dirname(__file__)\n"
+        "    n = len(os.listdir(os.path.join(here, 'data')))\n"
+        "    return open(os.path.join(here, 'data', 'f0.txt')).read() + ':' + str(n)\n"
+    )
+    for i in range(n_files):
+        (root / "simmod" / "data" / f"f{i}.txt").write_text(f"data{i}")
+    (root / "simmod" / "data" / "skip.log").write_text("not copied")
+
+
+def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
+    ssh_config: str, sshd_pid: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    tree = tmp_path / "src"
+    _make_tree(tree, 200)
+    hosts = [Host("node-a", n_cpu=3, python=PY), Host("node-b", n_cpu=2, python=PY, niceness=2)]
+    # two sessions at a time per host: node-a's third slot starts in a second wave
+    grid = ssh_grid(hosts, ssh_config, log_dir=str(tmp_path / "logs"), launcher_options={"max_starts_per_host": 2})
+    try:
+        assert [s.label for s in grid.slots] == ["node-a/0", "node-a/1", "node-a/2", "node-b/0", "node-b/1"]
+        assert all(s.uri.startswith("PYRO:isdgrid.agent@127.0.0.1:") for s in grid.slots)
+        sid = grid.publish(Probe())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        assert len({w["pid"] for w in where}) == 5
+        temp_dirs = {w["cwd"] for w in where}
+        assert len(temp_dirs) == 2 and all(os.path.isdir(d) for d in temp_dirs)
+        daemons = sshd_descendants(sshd_pid)
+        assert {w["pid"] for w in where} <= {p.pid for p in daemons}  # the daemons run under sshd
+        assert all(psutil.Process(w["pid"]).nice() == 2 for w in where[3:])
+
+        assert grid.copy_files(str(tree), ["simmod/*.py", "simmod/data/*.txt"]) == 201
+        got = grid.gather(grid.broadcast(sid, "use_copied"), timeout=60)
+        assert got == ["data0:200"] * 5
+        assert not any(os.path.exists(os.path.join(d, "simmod", "data", "skip.log")) for d in temp_dirs)
+
+        remote = [r for r in caplog.records if r.name == "isdgrid.remote"]
+        for label in ("node-a/0", "node-a/2", "node-b/1"):
+            assert any(f"[{label}]" in r.getMessage() and "serving" in r.getMessage() for r in remote)
+        logs = sorted(os.listdir(tmp_path / "logs"))
+        assert logs == ["node-a-0.log", "node-a-1.log", "node-a-2.log", "node-b-0.log", "node-b-1.log"]
+        assert "received 201 files" in (tmp_path / "logs" / "node-b-0.log").read_text()
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not any(os.path.exists(d) for d in temp_dirs)
+
+
+def test_shared_temp_path_gets_one_copy(ssh_config: str, sshd_pid: int, tmp_path: Path) -> None:
+    """With shared_temp_path every host uses one folder, and copy_files sends once."""
+    tree = tmp_path / "src"
+    _make_tree(tree, 3)
+    hosts = [Host("node-a", python=PY, temp_path=str(tmp_path / "shared")), Host("node-b", python=PY,
+             temp_path=str(tmp_path / "shared"))]
+    grid = ssh_grid(hosts, ssh_config, shared_temp_path=True, log_dir=str(tmp_path / "logs"))
+    try:
+        sid = grid.publish(Probe())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        assert where[0]["cwd"] == where[1]["cwd"]
+        assert grid.copy_files(str(tree), ["simmod/*.py", "*.txt"]) == 4
+        assert grid.gather(grid.broadcast(sid, "use_copied"), timeout=60) == ["data0:3"] * 2
+        received = [f for f in os.listdir(tmp_path / "logs") if "received" in (tmp_path / "logs" / f).read_text()]
+        assert len(received) == 1
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(str(where[0]["cwd"]))
+
+
+def test_zero_install_bare_python_through_the_tunnel(ssh_config: str, sshd_pid: int, tmp_path: Path) -> None:
+    """A python that sees no site-packages and ignores PYTHONPATH gets everything shipped."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f"#!/bin/sh\nexec {shlex.quote(PY)} -I -S \"$@\"\n")
+    bare.chmod(0o755)
+    check = subprocess.run([str(bare), "-c", "import Pyro5"], capture_output=True, timeout=30)
+    assert check.returncode != 0  # really bare
+    grid = ssh_grid([Host("node-a", n_cpu=2, python=str(bare))], ssh_config, launcher_options={"tunnel": True})
+    try:
+        assert all(s.uri.startswith("PYRO:isdgrid.agent@./u:") for s in grid.slots)
+        sid = grid.publish(Probe())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        for w in where:
+            lib = os.path.join(str(w["cwd"]), LIB_FOLDER)
+            assert all(str(path).startswith(lib) for path in w["modules"].values()), w  # type: ignore[union-attr]
+        temp_dir = str(where[0]["cwd"])
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(temp_dir)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    from isdgrid import Grid, Host
+
+    class Replica:                      # lives in this driver's __main__
+        def __init__(self, temperature):
+            self.temperature = temperature
+        def energy(self, x):
+            return self.temperature * x
+
+    hosts = [Host("node-a", python=sys.executable), Host("node-b", python=sys.executable)]
+    grid = Grid(hosts, launcher="ssh", launcher_options={"ssh_config": sys.argv[1]})  # atexit ends it
+    sid = grid.publish(Replica(2.0))
+    print("ENERGIES", grid.gather(grid.broadcast(sid, "energy", 21), timeout=60))
+    print("TEMPS", " ".join(s.handle.spec.temp_path for s in grid.slots))
+    """
+)
+
+
+def test_class_from_drivers_main_over_ssh_and_cleanup_at_exit(ssh_config: str, sshd_pid: int) -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    out = subprocess.run(
+        [PY, "-c", DRIVER, ssh_config], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ENERGIES [42.0, 42.0]" in out.stdout
+    temps = out.stdout.split("TEMPS", 1)[1].split()
+    assert len(temps) == 2
+    assert wait_no_sessions(sshd_pid) == []
+    assert not any(os.path.exists(t) for t in temps)
+
+
+KILLED_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from isdgrid import Grid, Host
+
+    grid = Grid([Host("node-a", n_cpu=2, python=sys.executable)], launcher="ssh",
+                launcher_options={"ssh_config": sys.argv[1]})
+    print("TEMP", grid.slots[0].handle.spec.temp_path, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_killed_driver_leaves_nothing_on_the_host(ssh_config: str, sshd_pid: int) -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    driver = subprocess.Popen(
+        [PY, "-c", KILLED_DRIVER, ssh_config], stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line.startswith("TEMP "), line
+        temp_dir = line.split()[1]
+        assert os.path.isdir(temp_dir) and len(sshd_descendants(sshd_pid)) >= 2
+    finally:
+        driver.kill()  # SIGKILL: no atexit, no terminate()
+        driver.wait(timeout=30)
+        if driver.stdout is not None:
+            driver.stdout.close()
+    assert wait_no_sessions(sshd_pid) == []
+    deadline = time.monotonic() + 10
+    while os.path.exists(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(temp_dir)
+
+
+def test_unreachable_host_is_a_launch_error(ssh_config: str) -> None:
+    with pytest.raises(LaunchError) as info:
+        ssh_grid([Host("node-dead", python=PY)], ssh_config, launcher_options={"connect_timeout": 5})
+    err = info.value
+    assert err.host == "node-dead"
+    assert err.command[0] == "ssh" and "node-dead" in err.command
+    assert "refused" in err.output.lower()
+    assert "node-dead" in str(err) and "cannot connect" in str(err)
+
+
+def test_missing_ssh_client_is_a_launch_error(ssh_config: str) -> None:
+    with pytest.raises(LaunchError, match="cannot run /no/such/ssh"):
+        ssh_grid([Host("node-a", python=PY)], ssh_config, launcher_options={"ssh": "/no/such/ssh"})
+
+
+def test_bad_python_is_a_launch_error_naming_it(ssh_config: str, sshd_pid: int) -> None:
+    with pytest.raises(LaunchError) as info:
+        ssh_grid([Host("node-a", python="/opt/none/python3.99")], ssh_config)
+    assert info.value.host == "node-a"
+    assert "/opt/none/python3.99" in str(info.value)
+    assert wait_no_sessions(sshd_pid) == []
+
+
+def test_daemon_dying_at_start_is_a_launch_error_with_its_output(
+    ssh_config: str, sshd_pid: int, tmp_path: Path
+) -> None:
+    # init_cmd passes while preparing (run from $HOME) and fails in the slot (run in the temp folder)
+    scratch = tmp_path / "scratch"
+    host = Host("node-a", python=PY, init_cmd='[ "$PWD" = "$HOME" ]', temp_path=str(scratch))
+    with pytest.raises(LaunchError) as info:
+        ssh_grid([host], ssh_config)
+    assert info.value.host == "node-a"
+    assert "exited with code 3" in str(info.value)
+    assert "init_cmd failed" in info.value.output
+    assert wait_no_sessions(sshd_pid) == []
+    assert scratch.is_dir() and not list(scratch.iterdir())  # the folder made for the grid is gone
+
+
+def test_min_hosts_goes_on_with_the_hosts_that_started_and_keep_temp(
+    ssh_config: str, sshd_pid: int, tmp_path: Path
+) -> None:
+    hosts = [Host("node-a", n_cpu=2, python=PY, temp_path=str(tmp_path / "scratch")), Host("node-dead", python=PY)]
+    options = {"keep_temp": True, "bind": "0.0.0.0"}
+    grid = ssh_grid(hosts, ssh_config, min_hosts=1, launcher_options=options)
+    try:
+        assert [h.name for h in grid.hosts] == ["node-a"]
+        # bound to every interface, asked for; the URI names the address ssh reached
+        assert all(s.uri.startswith("PYRO:isdgrid.agent@127.0.0.1:") for s in grid.slots)
+        assert [s.label for s in grid.slots] == ["node-a/0", "node-a/1"]
+        sid = grid.publish(Probe())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        temp_dir = str(where[0]["cwd"])
+        assert temp_dir.startswith(str(tmp_path / "scratch" / "isdgrid-"))
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert os.path.isdir(temp_dir)  # keep_temp=True
+
+
+def test_respawn_of_a_killed_daemon_over_ssh(ssh_config: str, sshd_pid: int) -> None:
+    grid = ssh_grid([Host("node-a", n_cpu=2, python=PY)], ssh_config, respawn=True, host_timeout=5.0)
+    try:
+        sid = grid.publish(Probe())
+        before = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        grid.release_all()
+        psutil.Process(int(before[1]["pid"])).kill()  # type: ignore[call-overload]
+        deadline = time.monotonic() + 60
+        while grid.respawn_count < 1 or any(s.lost.is_set() for s in grid.slots):
+            assert time.monotonic() < deadline, "the killed slot was not respawned"
+            time.sleep(0.2)
+        after = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
+        assert after[1]["cwd"] == before[1]["cwd"]  # same host folder
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(str(before[0]["cwd"]))
