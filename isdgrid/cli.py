@@ -35,7 +35,9 @@ def cli(verbose: int) -> None:
 @click.option("--secret-stdin", is_flag=True, help="Read the secret from the first line of stdin.")
 @click.option("--temp-path", type=click.Path(file_okay=False), help="Working folder (on sys.path).")
 @click.option("--uri-file", type=click.Path(dir_okay=False), help="Also write the URI to this file.")
-@click.option("--heartbeat-timeout", default=0.0, show_default=True, help="Exit after this many silent seconds (0: never).")
+@click.option(
+    "--heartbeat-timeout", default=0.0, show_default=True, help="Exit after this many silent seconds (0: never)."
+)
 @click.option("--label", default="", help="Name in logs and in the name server.")
 @click.option("--nameserver", metavar="HOST:PORT", help="Register the URI at this Pyro5 name server.")
 @click.option("--group", default="default", show_default=True, help="Name server group the grid attaches to.")

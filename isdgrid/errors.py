@@ -162,7 +162,7 @@ class ConfigError(GridError, ValueError):
     """A bad hosts file or a bad grid option (names the file, line or key)."""
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(Exception):  # noqa: N818 - a traceback carrier, as concurrent.futures has
     """Carries a remote traceback text; set as ``__cause__`` of re-raised remote errors."""
 
     def __init__(self, tb: str) -> None:

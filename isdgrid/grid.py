@@ -236,9 +236,9 @@ class Grid:
         if not slots:
             raise ServiceUnavailableError(service_id, "no live host to publish on")
         outcomes = self._fan_out(slots, "publish", service_id, payload)
-        failures = [(slot, out) for slot, out in zip(slots, outcomes) if out]
+        failures = [(slot, out) for slot, out in zip(slots, outcomes, strict=True) if out]
         if failures:
-            ok_slots = [slot for slot, out in zip(slots, outcomes) if not out]
+            ok_slots = [slot for slot, out in zip(slots, outcomes, strict=True) if not out]
             self._fan_out(ok_slots, "unpublish", service_id)
             slot, out = failures[0]
             text = out if isinstance(out, str) else ""
@@ -307,7 +307,7 @@ class Grid:
             held = []
             try:
                 for server in service.servers:
-                    service.queue.take(server, lambda s=server: s.lost)
+                    service.queue.take(server, lambda s=server: bool(s.lost))  # type: ignore[misc]
                     server.state = ServerState.ACQUIRED
                     held.append(ServiceProxy(server))
             except BaseException:
@@ -359,7 +359,7 @@ class Grid:
         """
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = set(results)
+        pending: set[concurrent.futures.Future[Any]] = set(results)
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = concurrent.futures.wait(
@@ -368,7 +368,7 @@ class Grid:
             failed = [r for r in done if not r.cancelled() and r.exception() is not None]
             lost = [r for r in failed if isinstance(r.exception(), HostLostError)]
             if lost:
-                raise min(lost, key=results.index).exception()  # type: ignore[misc]
+                raise min(lost, key=lambda r: results.index(r)).exception()  # type: ignore[misc, arg-type]
             if pending and not failed:
                 raise TimeoutError(f"gather: {len(pending)} of {len(results)} results not ready within {timeout} s")
         for result in results:
@@ -600,7 +600,10 @@ class Grid:
         self.terminate()
 
     def __repr__(self) -> str:
-        return f"<Grid {len(self._slots)} slots on {len(self.hosts)} hosts, {len(self._services)} services, {self._state.value}>"
+        return (
+            f"<Grid {len(self._slots)} slots on {len(self.hosts)} hosts, "
+            f"{len(self._services)} services, {self._state.value}>"
+        )
 
     @property
     def slots(self) -> list[Slot]:

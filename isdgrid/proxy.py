@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,6 @@ class RemoteMethod:
         return f"<RemoteMethod {self._name} of {self._proxy!r}>"
 
 
-def _log_failed_setattr(result: Result) -> None:
+def _log_failed_setattr(result: concurrent.futures.Future[Any]) -> None:
     if not result.cancelled() and result.exception() is not None:
-        log.warning("%s failed: %s", result.description, result.exception())
+        log.warning("%s failed: %s", getattr(result, "description", "setting an attribute"), result.exception())

@@ -148,7 +148,7 @@ def test_soak_calls_while_slots_are_killed_with_respawn() -> None:
                 tags = [(tid, i + k) for k in range(5)]
                 results = [proxy.ident(tag) for tag in tags]
                 grid.release_service(proxy)
-                for tag, r in zip(tags, results):
+                for tag, r in zip(tags, results, strict=True):
                     with lock:
                         counts["calls"] += 1
                     try:

@@ -98,7 +98,7 @@ class Launcher(abc.ABC):
     def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
         """End the daemons (bounded by ``timeout``), reap them, and remove their folders."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most launchers hold nothing
         """Release what the launcher itself holds (after the last stop)."""
 
 
@@ -209,7 +209,8 @@ class ProcessLauncher(Launcher):
                     start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
                 )
             except OSError as exc:
-                pending.append((spec, cmd, None, LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)))
+                error = LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
+                pending.append((spec, cmd, None, error))
                 continue
             assert proc.stdin is not None and proc.stdout is not None
             try:
@@ -217,19 +218,20 @@ class ProcessLauncher(Launcher):
                 proc.stdin.flush()
             except OSError:
                 pass  # it died at once; its output says why
-            output = SlotOutput(spec, proc.stdout, self.log_dir)
-            output.start()
-            pending.append((spec, cmd, proc, output))
+            reader = SlotOutput(spec, proc.stdout, self.log_dir)
+            reader.start()
+            pending.append((spec, cmd, proc, reader))
         timeout = max(0.0, deadline - time.monotonic())
         results: list[DaemonHandle | LaunchError] = []
-        for spec, cmd, proc, output in pending:
+        for spec, cmd, started, output in pending:
             if isinstance(output, LaunchError):
                 results.append(output)
                 continue
-            assert proc is not None
+            assert started is not None
+            proc = started
             uri = output.wait_uri(max(0.0, deadline - time.monotonic()))
             if uri is None:
-                reason = "daemon did not report its address within %.0f s" % timeout
+                reason = f"daemon did not report its address within {timeout:.0f} s"
                 if proc.poll() is not None or _wait(proc, 0.5):
                     reason = f"daemon exited with code {proc.returncode} before serving"
                 self._kill(proc)

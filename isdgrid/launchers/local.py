@@ -64,7 +64,9 @@ class LocalLauncher(ProcessLauncher):
 
     name = "local"
 
-    def __init__(self, *, log_dir: str | None = None, heartbeat_timeout: float = 0.0, stop_timeout: float = 5.0) -> None:
+    def __init__(
+        self, *, log_dir: str | None = None, heartbeat_timeout: float = 0.0, stop_timeout: float = 5.0
+    ) -> None:
         super().__init__(log_dir=log_dir, stop_timeout=stop_timeout)
         self.heartbeat_timeout = heartbeat_timeout
         self._made_dirs: list[str] = []
