@@ -125,7 +125,8 @@ class GridDaemon(Pyro5.server.Daemon):
 
 def _peer(conn: Any) -> str:
     try:
-        return "%s:%s" % conn.sock.getpeername()[:2]
+        host, port = conn.sock.getpeername()[:2]
+        return f"{host}:{port}"
     except (OSError, TypeError, AttributeError):
         return "?"
 
@@ -185,7 +186,9 @@ def serve(
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(daemon.close)
         if remove_temp:
-            cleanup.callback(shutil.rmtree, temp_path, ignore_errors=True)
+            # Only once the driver is gone (stdin closed, heartbeat silence): a daemon that
+            # crashes must not pull the folder from under the other slots of its host.
+            cleanup.callback(lambda: stop.is_set() and shutil.rmtree(temp_path, ignore_errors=True))
         if nameserver:
             member = label or f"{socket.gethostname()}-{os.getpid()}"
             cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
