@@ -136,7 +136,6 @@ class Slot:
         self._monitor.start()
 
     def _watch(self) -> None:
-        ping_timeout = max(0.5, min(self.host_timeout / 2, 5.0))
         pinger: Pyro5.client.Proxy | None = None
         last_ok = time.monotonic()
         while not self._stop.wait(self.heartbeat_interval):
@@ -144,9 +143,14 @@ class Slot:
             if code is not None:
                 self.mark_lost(f"daemon process exited with code {code}")
                 return
+            # A ping may take until the slot's deadline, no longer: a silent daemon is
+            # declared lost host_timeout after its last answer, not a ping timeout later.
+            left = max(0.2, last_ok + self.host_timeout - time.monotonic())
             try:
                 if pinger is None:
-                    pinger = self.connect(ping_timeout)
+                    pinger = self.connect(left)
+                else:
+                    pinger._pyroTimeout = left
                 pinger.ping()
                 last_ok = time.monotonic()
             except (GridError, Pyro5.errors.PyroError, OSError) as exc:
@@ -155,7 +159,7 @@ class Slot:
                 pinger = None
                 silent = time.monotonic() - last_ok
                 log.debug("%s: heartbeat failed after %.1f s silent: %s", self.label, silent, exc)
-                if isinstance(exc, AuthenticationError) or silent > self.host_timeout:
+                if isinstance(exc, AuthenticationError) or silent >= self.host_timeout:
                     if not self._stop.is_set():
                         self.mark_lost(f"no answer to heartbeat for {silent:.1f} s ({exc})")
                     return
