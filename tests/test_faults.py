@@ -176,6 +176,7 @@ def test_soak_calls_while_slots_are_killed_with_respawn() -> None:
             stop.set()
             for f in futures:
                 f.result(timeout=120)
+        print(f"soak: {counts['calls']} calls, {counts['ok']} values, {counts['lost']} HostLostError, {kills} kills")
         assert not problems, problems[:5]
         assert counts["calls"] == counts["ok"] + counts["lost"]
         assert counts["ok"] > 1000
