@@ -164,12 +164,12 @@ class Agent:
         if self.bulk is not None:
             self.bulk.drop_where(f"q/{service_id}/", lambda rest: keep(int(rest.split("/", 1)[0])))
 
-    def _apply(self, obj: Any, data: Any, oob_min: int | None) -> tuple[Any, list[memoryview]]:
+    def _apply(self, obj: Any, data: Any, oob_min: int | None) -> tuple[Any, codec.Buffers]:
         start = time.perf_counter()
         try:
             kind, name, args, kwargs = self._decode(data)
         except BaseException as exc:  # noqa: BLE001
-            return codec.encode_error(exc, 0.0, traceback.format_exc()), []
+            return codec.encode_error(exc, 0.0, traceback.format_exc()), codec.Buffers()
         try:
             if kind == codec.CALL:
                 value = getattr(obj, name)(*args, **(kwargs or {}))
@@ -183,14 +183,14 @@ class Agent:
         except BaseException as exc:  # noqa: BLE001 - a remote error is a reply, not a crash
             if isinstance(exc, (SystemExit, KeyboardInterrupt)):
                 log.warning("remote %s raised %s; reported to the driver", codec.describe(kind, name), type(exc).__name__)
-            return codec.encode_error(exc, time.perf_counter() - start), []
+            return codec.encode_error(exc, time.perf_counter() - start), codec.Buffers()
         return codec.encode_value(value, time.perf_counter() - start, (kind, name), oob_min)
 
     def _decode(self, data: Any) -> Any:
         """The ``(kind, name, args, kwargs)`` of one wire operation (see :mod:`isdgrid.codec`)."""
         if isinstance(data, bytes):
             return codec.loads(data)
-        payload, key, extra = data
+        payload, key, extra, *kinds = data
         if key:
             if self.bulk is None:
                 raise LookupError("this daemon has no bulk port")
@@ -198,7 +198,7 @@ class Agent:
             if buffers is None:
                 raise LookupError(f"the bulk data {key} of this call did not arrive within {BULK_WAIT:g} s")
         else:
-            buffers = [bytearray(b) for b in extra]  # writable, like arrays unpickled in band
+            buffers = codec.inline_buffers(extra, kinds[0])  # writable, like arrays unpickled in band
         return codec.loads(payload, buffers)
 
     @Pyro5.server.expose

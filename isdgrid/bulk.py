@@ -16,10 +16,12 @@ message of bounded size, or it is dropped before anything else is read; at most
 Protocol (all integers big-endian):
 
 - client hello: ``b"ISDB"``, u16 secret length, the secret; server: ``b"OK"`` or close;
-- ``PUT``: ``b"P"``, u16 key length, u32 buffer count, key, one u64 size per buffer, the
-  buffers; server: ``b"K"``;
+- ``PUT``: ``b"P"``, u16 key length, u32 buffer count, key, one u64 size per buffer, one
+  kind byte per buffer (see :class:`isdgrid.codec.Buffers`), the buffers; server: ``b"K"``;
 - ``GET``: ``b"G"``, u16 key length, u32 0, key; server: ``b"K"``, u32 count, the sizes
-  (u64 each), the buffers; or ``b"N"`` when the key is unknown.
+  (u64 each), the kinds, the buffers; or ``b"N"`` when the key is unknown.
+
+Buffers are received into uninitialised memory of their kind (no zero-filling).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from .codec import Buffers, receive_buffer
 
 __all__ = ["BulkClient", "BulkError", "BulkServer", "BulkStore"]
 
@@ -62,10 +66,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv_into(sock: socket.socket, buf: bytearray) -> None:
-    view = memoryview(buf)
+def _recv_into(sock: socket.socket, buf: Any) -> None:
+    view = memoryview(buf).cast("B")
     got = 0
-    while got < len(buf):
+    size = view.nbytes
+    while got < size:
         n = sock.recv_into(view[got:])
         if not n:
             raise BulkError("bulk connection closed by the peer")
@@ -78,17 +83,23 @@ def _send_buffers(sock: socket.socket, head: bytes, buffers: Sequence[Any]) -> N
         sock.sendall(buf)
 
 
-def _sizes(buffers: Sequence[Any]) -> bytes:
-    return struct.pack(f"!{len(buffers)}Q", *(memoryview(b).nbytes for b in buffers))
+def _layout(buffers: Buffers) -> bytes:
+    kinds = buffers.kinds
+    if len(kinds) != len(buffers):
+        raise ValueError("one kind byte per buffer is needed")
+    return struct.pack(f"!{len(buffers)}Q", *(memoryview(b).nbytes for b in buffers)) + kinds
 
 
-def _recv_buffers(sock: socket.socket, count: int) -> list[bytearray]:
+def _recv_buffers(sock: socket.socket, count: int) -> Buffers:
     if count > MAX_COUNT:
         raise BulkError(f"too many buffers ({count})")
-    sizes = struct.unpack(f"!{count}Q", _recv_exact(sock, 8 * count)) if count else ()
-    buffers = []
-    for size in sizes:
-        buf = bytearray(size)
+    if not count:
+        return Buffers()
+    sizes = struct.unpack(f"!{count}Q", _recv_exact(sock, 8 * count))
+    kinds = _recv_exact(sock, count)
+    buffers = Buffers([], kinds)
+    for size, kind in zip(sizes, kinds):
+        buf = receive_buffer(size, kind)
         _recv_into(sock, buf)
         buffers.append(buf)
     return buffers
@@ -99,20 +110,20 @@ class BulkStore:
     """Buffers waiting under string keys: calls' buffers put by the driver, replies' staged."""
 
     def __init__(self) -> None:
-        self._items: dict[str, list[Any]] = {}
+        self._items: dict[str, Buffers] = {}
         self._cond = threading.Condition()
 
-    def put(self, key: str, buffers: list[Any]) -> None:
+    def put(self, key: str, buffers: Buffers) -> None:
         with self._cond:
             self._items[key] = buffers
             self._cond.notify_all()
 
-    def get(self, key: str) -> list[Any] | None:
+    def get(self, key: str) -> Buffers | None:
         """The buffers under ``key`` (kept), or None."""
         with self._cond:
             return self._items.get(key)
 
-    def take(self, key: str, timeout: float) -> list[Any] | None:
+    def take(self, key: str, timeout: float) -> Buffers | None:
         """Remove and return the buffers under ``key``, waiting at most ``timeout`` seconds."""
         with self._cond:
             if not self._cond.wait_for(lambda: key in self._items, timeout):
@@ -244,7 +255,7 @@ class BulkServer:
             if buffers is None:
                 conn.sendall(MISSING)
             else:
-                _send_buffers(conn, OK + _COUNT.pack(len(buffers)) + _sizes(buffers), buffers)
+                _send_buffers(conn, OK + _COUNT.pack(len(buffers)) + _layout(buffers), buffers)
         else:
             raise ValueError(f"unknown bulk request {op!r}")
         return True
@@ -277,17 +288,17 @@ class BulkClient:
         if self.sock.gettimeout() != timeout:
             self.sock.settimeout(timeout)
 
-    def put_many(self, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    def put_many(self, items: Sequence[tuple[str, Buffers]]) -> None:
         """Store each ``(key, buffers)`` on the daemon; returns once all are stored."""
         for key, buffers in items:
             k = key.encode()
-            _send_buffers(self.sock, _HEADER.pack(b"P", len(k), len(buffers)) + k + _sizes(buffers), buffers)
+            _send_buffers(self.sock, _HEADER.pack(b"P", len(k), len(buffers)) + k + _layout(buffers), buffers)
         for key, _ in items:
             if _recv_exact(self.sock, 1) != OK:
                 raise BulkError(f"bulk PUT of {key} failed")
 
-    def get_many(self, keys: Sequence[str]) -> list[list[bytearray]]:
-        """The buffers under each key, received into new ``bytearray`` objects."""
+    def get_many(self, keys: Sequence[str]) -> list[Buffers]:
+        """The buffers under each key, received into new memory (see :func:`codec.receive_buffer`)."""
         for key in keys:
             k = key.encode()
             self.sock.sendall(_HEADER.pack(b"G", len(k), 0) + k)

@@ -40,6 +40,7 @@ from .errors import RemoteError, RemoteTraceback
 
 __all__ = [
     "CALL",
+    "Buffers",
     "GETATTR",
     "OOB_MIN",
     "SETATTR",
@@ -49,9 +50,11 @@ __all__ = [
     "encode_error",
     "encode_op",
     "encode_value",
+    "inline_buffers",
     "is_plain",
     "loads",
     "pack",
+    "receive_buffer",
 ]
 
 PROTOCOL = 5
@@ -67,7 +70,6 @@ ReplyItem = tuple
 _ATOMS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 _CONTAINERS = frozenset({tuple, list, set, frozenset})
 _MAX_DEPTH = 32
-_NO_BUFFERS: list[Any] = []  # shared, never changed
 
 
 def is_plain(obj: Any, depth: int = 0) -> bool:
@@ -110,11 +112,32 @@ def loads(data: bytes, buffers: Sequence[Any] | None = None) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, list[pickle.PickleBuffer]]:
+class Buffers(list):  # type: ignore[type-arg]
+    """The out-of-band buffers of one pickle, in order, with their ``kinds``.
+
+    ``kinds`` has one byte per buffer: ``n`` when a numpy array exported it (the receiver
+    may then receive it into uninitialised numpy memory), ``b`` otherwise (a ``bytearray``).
+    """
+
+    __slots__ = ("kinds",)
+
+    def __init__(self, buffers: Sequence[Any] = (), kinds: bytes = b"") -> None:
+        super().__init__(buffers)
+        self.kinds = kinds
+
+    def captured(self) -> Buffers:
+        """Copies of the buffers, so later changes to the originals do not reach them."""
+        return Buffers([bytearray(buf) for buf in self], self.kinds)
+
+
+_NO_BUFFERS = Buffers()  # shared and empty: never change it
+
+
+def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
     """Pickle ``obj``; contiguous buffers of ``oob_min`` bytes or more are left out of band.
 
-    Returns the pickle and the out-of-band buffers (views of ``obj``'s memory, in order);
-    ``oob_min=None`` keeps everything in band.
+    Returns the pickle and the out-of-band buffers (byte views of ``obj``'s memory, not
+    copies); ``oob_min=None`` keeps everything in band.
     """
     buffers: list[pickle.PickleBuffer] = []
     callback = None
@@ -133,15 +156,45 @@ def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, list[pickle.Pickl
         data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
     else:
         data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
-    return data, buffers
+    if not buffers:
+        return data, _NO_BUFFERS
+    np = sys.modules.get("numpy")
+    kinds = bytes(
+        ord("n") if np is not None and isinstance(memoryview(buf).obj, np.ndarray) else ord("b") for buf in buffers
+    )
+    return data, Buffers([buf.raw() for buf in buffers], kinds)
 
 
 def encode_op(
     kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, oob_min: int | None = None
-) -> tuple[bytes, list[bytearray]]:
-    """Pickle one operation; its out-of-band buffers are copied, so later changes do not reach it."""
-    data, buffers = pack((kind, name, args, kwargs or None), oob_min)
-    return data, [bytearray(buf.raw()) for buf in buffers] if buffers else _NO_BUFFERS
+) -> tuple[bytes, Buffers]:
+    """Pickle one operation; its out-of-band buffers are views of the arguments (see ``Buffers.captured``)."""
+    return pack((kind, name, args, kwargs or None), oob_min)
+
+
+def receive_buffer(size: int, kind: int) -> Any:
+    """A writable buffer of ``size`` bytes to receive an out-of-band buffer of ``kind`` into.
+
+    Numpy's buffers get uninitialised numpy memory (no zero-filling of megabytes);
+    others a ``bytearray``, as in-band unpickling would give.
+    """
+    if kind == ord("n"):
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - a numpy buffer without numpy
+            return bytearray(size)
+        return numpy.empty(size, dtype=numpy.uint8)
+    return bytearray(size)
+
+
+def inline_buffers(buffers: Sequence[Any], kinds: bytes) -> list[Any]:
+    """Writable copies of buffers that travelled inline (as ``bytes``)."""
+    out = []
+    for buf, kind in zip(buffers, kinds):
+        copy = receive_buffer(len(buf), kind)
+        memoryview(copy).cast("B")[:] = buf
+        out.append(copy)
+    return out
 
 
 def describe(kind: str, name: str) -> str:
@@ -155,7 +208,7 @@ def describe(kind: str, name: str) -> str:
 
 def encode_value(
     value: Any, seconds: float, what: str | tuple[str, str], oob_min: int | None = None
-) -> tuple[ReplyItem, list[memoryview]]:
+) -> tuple[ReplyItem, Buffers]:
     """Reply item for a successful operation, and its out-of-band buffers.
 
     An unpicklable value becomes an error item. The buffers are views of ``value``'s
@@ -169,8 +222,8 @@ def encode_value(
         if isinstance(what, tuple):
             what = describe(*what)
         err = RemoteError(type(exc).__name__, f"the result of {what} cannot be pickled back to the driver: {exc}", tb)
-        return encode_error(err, seconds, tb), []
-    return (True, data, seconds), [buf.raw() for buf in buffers] if buffers else _NO_BUFFERS
+        return encode_error(err, seconds, tb), _NO_BUFFERS
+    return (True, data, seconds), buffers
 
 
 def encode_error(exc: BaseException, seconds: float, tb: str | None = None) -> ReplyItem:

@@ -15,15 +15,16 @@ class _Waiters(list):  # type: ignore[type-arg]
     ``concurrent.futures.wait`` and ``as_completed`` register themselves here.
     """
 
-    __slots__ = ("_result",)
+    __slots__ = ("_server",)
 
-    def __init__(self, result: Result) -> None:
+    def __init__(self, server: Any) -> None:
         super().__init__()
-        self._result = result
+        self._server = server  # not the result: no reference cycle, so results are freed at once
 
     def append(self, waiter: Any) -> None:
         super().append(waiter)
-        self._result._kick()
+        if self._server is not None:
+            self._server.kick()
 
 
 class Result(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -39,7 +40,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         self._server = server
         self._kind = kind
         self._name = name
-        self._waiters = _Waiters(self)
+        self._waiters = _Waiters(server)
 
     @property
     def description(self) -> str:

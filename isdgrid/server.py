@@ -72,8 +72,9 @@ class _Marker(enum.Enum):
     STOP = "stop"
 
 
-# A queued call: its pickle, its out-of-band buffers (copied at call time), its Result.
-_Call = tuple[bytes, list[bytearray], Result]
+# A call: its pickle, its out-of-band buffers, its Result. The buffers are views of the
+# caller's arguments only while the calling thread sends it; queued, they are copies.
+_Call = tuple[bytes, codec.Buffers, Result]
 
 
 @dataclass
@@ -95,6 +96,16 @@ class _Flight:
 
 
 _Item = Union[_Call, _Marker, _Unanswered]
+
+
+class _Stored(codec.Buffers):
+    """In place of a call's buffers once they are in the daemon's bulk store: their sizes.
+
+    A call sent by its calling thread puts views of the caller's arrays, which may change
+    as soon as the call returns; a resend of that batch names the stored copy instead.
+    """
+
+    __slots__ = ()
 
 
 class _Abandoned(Exception):
@@ -164,30 +175,34 @@ class Server:
         return f"<Server {self.service.id}#{self.index} on {self.slot.label} {self.state.value}{lost}>"
 
     # -- called by proxies, results and the grid ----------------------------------------
-    def submit(self, op: bytes, buffers: list[bytearray], result: Result) -> None:
-        """Queue a pickled operation (and its out-of-band buffers); its outcome goes to ``result``.
+    def submit(self, op: bytes, buffers: codec.Buffers, result: Result) -> None:
+        """Queue a pickled operation and its out-of-band buffers; its outcome goes to ``result``.
 
-        When the server is idle and the call small, the calling thread sends it at once.
+        ``buffers`` may be views of the caller's arguments: they are sent before this
+        returns, or copied. When the server is idle (connected, nothing queued or in
+        flight), the calling thread sends the call at once.
         """
-        call = (op, buffers, result)
         with self._cond:
             if self._closed:
                 raise GridTerminatedError(f"service {self.service.id!r} was terminated")
             self._queued += 1
             fast = (
-                not buffers
-                and len(op) <= FAST_SEND_MAX
-                and not self._inbox
+                not self._inbox
                 and self._proxy is not None
+                and (
+                    (not buffers and len(op) <= FAST_SEND_MAX)
+                    or (self._bulk is not None and self._bulk_slot is self.slot)
+                )
                 and self._send_lock.acquire(blocking=False)
             )
             if fast and self._flight is not None:
                 self._send_lock.release()
                 fast = False
             if not fast:
-                self._inbox.append(call)
+                self._inbox.append((op, buffers.captured() if buffers else buffers, result))
                 self._cond.notify()
                 return
+        call = (op, buffers, result)
         try:
             self._send_now(call)
         finally:
@@ -330,9 +345,14 @@ class Server:
         try:
             if self.slot is not self._proxy_slot or self._closed or self.slot.lost.is_set():
                 raise OSError("connection not current")
-            self._flight = self._launch(seq, [call], None)
+            flight = self._launch(seq, [call], None)
+            if call[1]:
+                flight.calls = [(call[0], _Stored([memoryview(b).nbytes for b in call[1]]), call[2])]
+            self._flight = flight
         except (Pyro5.errors.PyroError, OSError, GridError):
             self._drop_connection()  # the worker resends it (same number) and reports errors
+            if call[1]:
+                call = (call[0], call[1].captured(), call[2])  # the caller may change them once we return
             with self._cond:
                 self._inbox.appendleft(_Unanswered(seq, [call]))
                 self._cond.notify()
@@ -443,16 +463,18 @@ class Server:
     def _wire(self, seq: int, calls: list[_Call], bulk: BulkClient | None) -> list[Any]:
         """The batch as sent to the agent; large buffers go ahead on the bulk channel."""
         items: list[Any] = []
-        puts: list[tuple[str, list[bytearray]]] = []
+        puts: list[tuple[str, codec.Buffers]] = []
         for i, (data, buffers, _) in enumerate(calls):
             if not buffers:
                 items.append(data)
+            elif isinstance(buffers, _Stored):
+                items.append((data, f"q/{self.service.id}/{seq}/{i}", list(buffers)))
             elif bulk is not None:
                 key = f"q/{self.service.id}/{seq}/{i}"
                 puts.append((key, buffers))
-                items.append((data, key, [len(b) for b in buffers]))
+                items.append((data, key, [memoryview(b).nbytes for b in buffers]))
             else:
-                items.append((data, "", buffers))
+                items.append((data, "", list(buffers), buffers.kinds))
         if puts:
             assert bulk is not None
             bulk.put_many(puts)
