@@ -163,8 +163,9 @@ def serve(
         sys.path.insert(0, temp_path)
     daemon = GridDaemon(secret, host=host, port=port, unix_socket=unix_socket)
     # The bulk side channel listens on the same interface; a Unix-socket daemon (ssh
-    # tunnel) has none, and large payloads then travel inline.
-    bulk = None if unix_socket else BulkServer(secret, BulkStore(), host=daemon.sock.getsockname()[0]).start()
+    # tunnel) has none, nor one started with ISDGRID_BULK=0: large payloads then travel inline.
+    use_bulk = not unix_socket and os.environ.get("ISDGRID_BULK", "1") != "0"
+    bulk = BulkServer(secret, BulkStore(), host=daemon.sock.getsockname()[0]).start() if use_bulk else None
     agent = Agent(
         temp_path, label or f"{host}:{daemon.locationStr}",
         bulk=bulk.store if bulk else None, bulk_port=bulk.port if bulk else None,

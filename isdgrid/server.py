@@ -449,9 +449,9 @@ class Server:
     def _bulk_connection(self) -> BulkClient | None:
         """The bulk channel to the slot's daemon; None when it has none or it cannot be reached."""
         slot = self.slot
-        if self._bulk_slot is not slot:
+        if self._bulk is None or self._bulk_slot is not slot:
             self._drop_bulk()
-            self._bulk = slot.connect_bulk()
+            self._bulk = slot.connect_bulk()  # quick when the slot has none or it failed lately
             self._bulk_slot = slot
         return self._bulk
 

@@ -27,6 +27,7 @@ __all__ = ["Slot", "convert_error", "pyro_errors"]
 log = logging.getLogger(__name__)
 
 SERIALIZER = "marshal"
+BULK_RETRY = 30.0  # after a failed bulk connection, large payloads go inline this long
 
 
 @contextlib.contextmanager
@@ -99,6 +100,7 @@ class Slot:
         self._sockets: weakref.WeakValueDictionary[int, socket.socket] = weakref.WeakValueDictionary()
         self._bulk_address: tuple[str, int] | None | bool = False  # False: not asked yet
         self._bulk_lock = threading.Lock()
+        self._bulk_retry_at = 0.0
         self._control: Pyro5.client.Proxy | None = None
         self._control_lock = threading.Lock()
         self._stop = threading.Event()
@@ -133,14 +135,18 @@ class Slot:
                 self.info = dict(self.control("info"))
                 self._bulk_address = _bulk_address(self.uri, self.info.get("bulk_port"))
             address = self._bulk_address
-        if address is None or address is False or self.lost.is_set():
+            if time.monotonic() < self._bulk_retry_at:
+                return None
+        if not address or self.lost.is_set():
             return None
+        assert isinstance(address, tuple)
         try:
             client = BulkClient.connect(address, self.secret, timeout=min(self.host_timeout, 5.0))
         except OSError as exc:
-            log.warning("%s: bulk port %s:%s not reachable (%s); large payloads go inline", self.label, *address, exc)
+            log.warning("%s: bulk port %s:%s not reachable (%s); large payloads go inline for %g s",
+                        self.label, *address, exc, BULK_RETRY)
             with self._bulk_lock:
-                self._bulk_address = None
+                self._bulk_retry_at = time.monotonic() + BULK_RETRY
             return None
         with self._proxies_lock:
             self._sockets[id(client.sock)] = client.sock
