@@ -29,6 +29,7 @@ import concurrent.futures
 import enum
 import logging
 import marshal
+import select
 import threading
 import time
 from collections import deque
@@ -47,7 +48,7 @@ from .slot import Slot, convert_error
 if TYPE_CHECKING:
     from .service import Service
 
-__all__ = ["Server", "ServerState"]
+__all__ = ["Server", "ServerState", "serve_results"]
 
 log = logging.getLogger(__name__)
 
@@ -562,3 +563,40 @@ class Server:
                 log.info("%s: connection broke (%s); reconnecting", slot.label, exc)
                 slot.lost.wait(RECONNECT_DELAYS[attempt])
                 attempt += 1
+
+
+def serve_results(results: list[Result], deadline: float | None) -> None:
+    """Read the replies of ``results`` that are in flight from the calling thread, as they come.
+
+    Used by ``Grid.gather`` after a broadcast: each reply is read the moment it arrives
+    (``select`` on the servers' connections), by the gathering thread itself, so a
+    fan-out costs no thread switches. Returns when nothing is left in flight for this
+    thread to read (the rest, if any, is the workers' to finish) or at ``deadline``.
+    """
+    while True:
+        waiting: dict[Any, tuple[Server, Result]] = {}
+        for result in results:
+            server = result._server
+            if server is None or concurrent.futures.Future.done(result):
+                continue
+            flight = server._flight
+            proxy = server._proxy
+            if flight is None or proxy is None or flight.calls[-1][2] is not result:
+                continue
+            sock = getattr(getattr(proxy, "_pyroConnection", None), "sock", None)
+            if sock is not None:
+                waiting[sock] = (server, result)
+        if not waiting:
+            return
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        try:
+            ready, _, _ = select.select(list(waiting), [], [], left)
+        except (OSError, ValueError):  # a socket was closed meanwhile: let the workers finish
+            return
+        if not ready:
+            return
+        for sock in ready:
+            server, result = waiting[sock]
+            server.run_for(result, None if deadline is None else max(0.0, deadline - time.monotonic()))
