@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from typing import Any
 
@@ -27,20 +28,44 @@ class _Waiters(list):  # type: ignore[type-arg]
             self._server.kick()
 
 
+_PENDING = concurrent.futures._base.PENDING
+_FINISHED = concurrent.futures._base.FINISHED
+_CANCELLED = (concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED)
+_NO_CALLBACKS: tuple[Any, ...] = ()
+
+
 class Result(concurrent.futures.Future):  # type: ignore[type-arg]
     """The outcome of one remote call, a :class:`concurrent.futures.Future`.
 
     ``get(timeout)`` is the original grid's way to read it: the value, or the remote
     exception re-raised with the remote traceback attached as its cause. A thread that
     waits for a result reads its reply itself when it can, which saves thread switches.
+
+    Results of one server share one condition (a future's own lock and waiter list are
+    made only when needed), so a call costs no lock allocations.
     """
 
     def __init__(self, server: Any = None, kind: str = "", name: str = "") -> None:
-        super().__init__()
+        # What concurrent.futures.Future.__init__ sets up, made cheaper (see the class doc).
+        self._condition = server._results_cond if server is not None else threading.Condition()
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._done_callbacks = _NO_CALLBACKS  # type: ignore[assignment]
+        self._waiter_list: _Waiters | None = None
         self._server = server
         self._kind = kind
         self._name = name
-        self._waiters = _Waiters(server)
+
+    @property  # type: ignore[override]
+    def _waiters(self) -> Any:
+        """The waiter list ``concurrent.futures.wait`` registers in (made on first use)."""
+        waiters = self._waiter_list
+        if waiters is None:
+            if self._state == _FINISHED:
+                return _NO_CALLBACKS  # read while settling: nobody registered
+            waiters = self._waiter_list = _Waiters(self._server)
+        return waiters
 
     @property
     def description(self) -> str:
@@ -55,38 +80,72 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _kick(self) -> None:
         server = self._server
-        if server is not None and self._state != concurrent.futures._base.FINISHED:
+        if server is not None and self._state != _FINISHED:
             server.kick()
 
     def _serve(self, timeout: float | None) -> float | None:
         """Read this call's reply in the calling thread if nobody else is; the time left."""
         server = self._server
-        if server is None or self._state == concurrent.futures._base.FINISHED:
+        if server is None or self._state == _FINISHED:
             return timeout
         started = time.monotonic() if timeout is not None else 0.0
         server.run_for(self, timeout)
-        if self._state != concurrent.futures._base.FINISHED:
+        if self._state != _FINISHED:
             server.kick()
         if timeout is None:
             return None
         return max(0.0, timeout - (time.monotonic() - started))
 
+    def _wait_settled(self, timeout: float | None) -> None:
+        """Wait (condition held) until settled; the condition is shared, so wake-ups may be for others."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._state != _FINISHED and self._state not in _CANCELLED:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise concurrent.futures.TimeoutError()
+            self._condition.wait(left)
+
     def result(self, timeout: float | None = None) -> Any:
         """As :meth:`concurrent.futures.Future.result` (``concurrent.futures.TimeoutError``)."""
-        return super().result(self._serve(timeout))
+        timeout = self._serve(timeout)
+        with self._condition:
+            self._wait_settled(timeout)
+            if self._state in _CANCELLED:
+                raise concurrent.futures.CancelledError()
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # type: ignore[assignment]  # no reference cycle through the traceback
+            return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._serve(timeout))
+        """As :meth:`concurrent.futures.Future.exception`."""
+        timeout = self._serve(timeout)
+        with self._condition:
+            self._wait_settled(timeout)
+            if self._state in _CANCELLED:
+                raise concurrent.futures.CancelledError()
+            return self._exception
 
     def done(self) -> bool:
-        done = super().done()
+        done = self._state == _FINISHED or self._state in _CANCELLED
         if not done:
             self._kick()
         return done
 
     def add_done_callback(self, fn: Any) -> None:
-        super().add_done_callback(fn)
-        self._kick()
+        with self._condition:
+            if self._state not in _CANCELLED and self._state != _FINISHED:
+                if self._done_callbacks is _NO_CALLBACKS:
+                    self._done_callbacks = []
+                self._done_callbacks.append(fn)
+                self._kick()
+                return
+        try:
+            fn(self)
+        except Exception:  # noqa: BLE001 - as concurrent.futures does
+            concurrent.futures._base.LOGGER.exception("exception calling callback for %r", self)
 
     def get(self, timeout: float | None = None) -> Any:
         """The value of the call; waits at most ``timeout`` seconds (None: no limit).

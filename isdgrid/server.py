@@ -128,6 +128,7 @@ class Server:
         self.respawns = 0
         self._inbox: deque[_Item] = deque()
         self._cond = threading.Condition()  # guards the inbox, the counters and the state
+        self._results_cond = threading.Condition()  # shared by the Results of this server
         self._queued = 0
         self._kicked = False
         self._closed = False
