@@ -577,16 +577,17 @@ def serve_results(results: list[Result], deadline: float | None) -> None:
     while True:
         waiting: dict[Any, tuple[Server, Result]] = {}
         for result in results:
+            if result._state == concurrent.futures._base.FINISHED:
+                if result._exception is not None:
+                    return  # the gatherer raises it now, without waiting for the others
+                continue
             server = result._server
-            if server is None or concurrent.futures.Future.done(result):
-                continue
-            flight = server._flight
-            proxy = server._proxy
-            if flight is None or proxy is None or flight.calls[-1][2] is not result:
-                continue
+            flight = None if server is None else server._flight
+            proxy = None if server is None else server._proxy
             sock = getattr(getattr(proxy, "_pyroConnection", None), "sock", None)
-            if sock is not None:
-                waiting[sock] = (server, result)
+            if flight is None or sock is None or flight.calls[-1][2] is not result:
+                return  # not ours to read (queued, or with the worker): wait the usual way
+            waiting[sock] = (server, result)
         if not waiting:
             return
         left = None if deadline is None else deadline - time.monotonic()
