@@ -72,34 +72,52 @@ _CONTAINERS = frozenset({tuple, list, set, frozenset})
 _MAX_DEPTH = 32
 
 
-def is_plain(obj: Any, depth: int = 0) -> bool:
+def is_plain(obj: Any) -> bool:
     """True when ``obj`` holds only builtins and numpy data, so ``pickle`` gives what cloudpickle would.
 
     Everything else (instances of user classes, functions, classes, subclasses of the
     builtins) may refer to a module the other side lacks, such as the driver's
     ``__main__``, and must go through cloudpickle.
     """
+    return _scan(obj, 0) > 0
+
+
+def _scan(obj: Any, depth: int) -> int:
+    """0: not plain; 1: plain builtins only; 2: plain, with numpy arrays (buffers to take out of band)."""
     t = type(obj)
     if t in _ATOMS:
-        return True
+        return 1
     if depth >= _MAX_DEPTH:
-        return False
+        return 0
+    found = 1
     if t in _CONTAINERS:
         for x in obj:
-            if type(x) not in _ATOMS and not is_plain(x, depth + 1):
-                return False
-        return True
+            if type(x) not in _ATOMS:
+                sub = _scan(x, depth + 1)
+                if not sub:
+                    return 0
+                found = max(found, sub)
+        return found
     if t is dict:
         for k, v in obj.items():
-            if type(k) not in _ATOMS and not is_plain(k, depth + 1):
-                return False
-            if type(v) not in _ATOMS and not is_plain(v, depth + 1):
-                return False
-        return True
+            if type(k) not in _ATOMS:
+                sub = _scan(k, depth + 1)
+                if not sub:
+                    return 0
+                found = max(found, sub)
+            if type(v) not in _ATOMS:
+                sub = _scan(v, depth + 1)
+                if not sub:
+                    return 0
+                found = max(found, sub)
+        return found
     np = sys.modules.get("numpy")
-    if np is not None and (t is np.ndarray or isinstance(obj, np.generic)):
-        return not obj.dtype.hasobject and t.__module__ == "numpy"
-    return False
+    if np is not None:
+        if t is np.ndarray:
+            return 0 if obj.dtype.hasobject else 2
+        if isinstance(obj, np.generic) and t.__module__ == "numpy":
+            return 0 if obj.dtype.hasobject else 1
+    return 0
 
 
 def dumps(obj: Any) -> bytes:
@@ -139,6 +157,9 @@ def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
     Returns the pickle and the out-of-band buffers (byte views of ``obj``'s memory, not
     copies); ``oob_min=None`` keeps everything in band.
     """
+    plain = _scan(obj, 0)
+    if plain == 1:  # builtins only: no buffers to take out of band
+        return pickle.dumps(obj, protocol=PROTOCOL), _NO_BUFFERS
     buffers: list[pickle.PickleBuffer] = []
     callback = None
     if oob_min is not None:
@@ -152,7 +173,7 @@ def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
                 pass
             return True
 
-    if is_plain(obj):
+    if plain:
         data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
     else:
         data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)

@@ -371,7 +371,7 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
         )
     lines += [
         f"| idle CPU, driver / each daemon | {g('idle_cpu_driver') * 100:.2f} % / {g('idle_cpu_daemons') * 100:.2f} % | | |",
-        f"| RSS growth over {int(g('calls_for_memory')):,} calls, driver / daemon | "
+        f"| RSS growth over {g('calls_for_memory'):,.0f} calls, driver / daemon | "
         f"{g('rss_driver_growth') / 1e6:+.1f} MB / {g('rss_daemon_growth') / 1e6:+.1f} MB "
         f"(of {g('rss_driver') / 1e6:.0f} / {g('rss_daemon') / 1e6:.0f} MB) | | |",
         f"| threads added over those calls, driver / daemon | {g('threads_driver_growth'):+.0f} / "
@@ -390,7 +390,7 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
     for text, value, bound, unit in targets:
         met = value >= -bound if bound < 0 else value <= bound
         lines.append(f"| {text} | {value:.2f}{unit} | {'yes' if met else 'NO'} |")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if "nan" not in line)  # sections not run
 
 
 def plot(res: Results, path: str) -> None:
