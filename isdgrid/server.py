@@ -394,6 +394,13 @@ class Server:
             for call in live:
                 self._settle(call[2], exc=exc)
             return
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the calls, never the worker
+            log.exception("%s: sending a batch of %s failed", self.slot.label, self.service.id)
+            self._drop_connection()
+            error = RemoteError(type(exc).__name__, f"sending the call failed: {exc}")
+            for call in live:
+                self._settle(call[2], exc=error)
+            return
         finally:
             self.in_flight = 0
         outcomes = []
@@ -505,8 +512,13 @@ class Server:
         msg = protocol.recv_stub(proxy._pyroConnection, [protocol.MSG_RESULT])
         if msg.seq != flight.pyro_seq:
             raise Pyro5.errors.ProtocolError(f"reply {msg.seq} does not answer request {flight.pyro_seq}")
-        if msg.flags & protocol.FLAGS_EXCEPTION:
-            raise _MARSHAL.loads(msg.data)  # an error in the agent itself (a bug): as Pyro5 raises it
+        if msg.flags & protocol.FLAGS_EXCEPTION:  # the agent itself failed: a bug, or another isdgrid version
+            exc = _MARSHAL.loads(msg.data)
+            raise RemoteError(
+                type(exc).__name__,
+                f"the daemon on {self.slot.label} could not run the batch: {exc} "
+                "(is it running the same isdgrid version as the driver?)",
+            )
         replies = marshal.loads(msg.data)
         keys = [item[3] for item in replies if item[0] and len(item) == 5]
         if not keys:
