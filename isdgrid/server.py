@@ -86,7 +86,7 @@ class _Unanswered:
     calls: list[_Call]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Flight:
     """A batch sent whose reply is still on the connection, unread."""
 
@@ -127,7 +127,8 @@ class Server:
         self.in_flight = 0
         self.respawns = 0
         self._inbox: deque[_Item] = deque()
-        self._cond = threading.Condition()  # guards the inbox, the counters and the state
+        self._lock = threading.RLock()  # guards the inbox, the counters and the state
+        self._cond = threading.Condition(self._lock)  # (``with self._lock`` where nobody waits: cheaper)
         self._results_cond = threading.Condition()  # shared by the Results of this server
         self._queued = 0
         self._kicked = False
@@ -139,6 +140,7 @@ class Server:
         self._flight: _Flight | None = None
         self._proxy: Any = None
         self._proxy_slot: Slot | None = None
+        self._timeout: float | None = None  # the connection's socket timeout
         self._bulk: BulkClient | None = None
         self._bulk_slot: Slot | None = None
         self._thread = threading.Thread(target=self._work, name=f"isdgrid-{service.id}-{slot.label}", daemon=True)
@@ -184,7 +186,7 @@ class Server:
         returns, or copied. When the server is idle (connected, nothing queued or in
         flight), the calling thread sends the call at once.
         """
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise GridTerminatedError(f"service {self.service.id!r} was terminated")
             self._queued += 1
@@ -414,7 +416,7 @@ class Server:
             total += seconds
             errors += not ok
             outcomes.append((ok, value))
-        with self._cond:
+        with self._lock:
             self.calls += len(outcomes)
             self.total_time += total
             self.errors += errors
@@ -443,6 +445,7 @@ class Server:
         if self._proxy is None or self._proxy_slot is not slot:
             self._drop_connection()
             self._proxy, self._proxy_slot = slot.connect(), slot
+            self._timeout = None
         return self._proxy
 
     def _drop_connection(self) -> None:
@@ -492,8 +495,8 @@ class Server:
     def _launch(self, seq: int, calls: list[_Call], timeout: float | None) -> _Flight:
         """Send a batch (its bulk buffers first) without reading the reply."""
         proxy = self._connection()
-        if timeout is not None or proxy._pyroTimeout is not None:
-            proxy._pyroTimeout = timeout  # a syscall: only when it changes
+        if timeout is not None or self._timeout is not None:
+            proxy._pyroTimeout = self._timeout = timeout  # a syscall: only when it changes
         bulk = self._bulk_connection()
         if bulk is not None:
             bulk.settimeout(timeout)
@@ -507,8 +510,8 @@ class Server:
     def _receive(self, flight: _Flight, timeout: float | None) -> list[tuple[Any, Any]]:
         """Read a flight's reply: ``(reply item, out-of-band buffers or None)`` per call."""
         proxy = self._proxy
-        if timeout is not None or proxy._pyroTimeout is not None:
-            proxy._pyroTimeout = timeout
+        if timeout is not None or self._timeout is not None:
+            proxy._pyroTimeout = self._timeout = timeout
         msg = protocol.recv_stub(proxy._pyroConnection, [protocol.MSG_RESULT])
         if msg.seq != flight.pyro_seq:
             raise Pyro5.errors.ProtocolError(f"reply {msg.seq} does not answer request {flight.pyro_seq}")
