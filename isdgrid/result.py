@@ -29,6 +29,7 @@ class _Waiters(list):  # type: ignore[type-arg]
 
 
 _PENDING = concurrent.futures._base.PENDING
+_RUNNING = concurrent.futures._base.RUNNING
 _FINISHED = concurrent.futures._base.FINISHED
 _CANCELLED = (concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED)
 _NO_CALLBACKS: tuple[Any, ...] = ()
@@ -66,6 +67,55 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
                 return _NO_CALLBACKS  # read while settling: nobody registered
             waiters = self._waiter_list = _Waiters(self._server)
         return waiters
+
+    @staticmethod
+    def start_all(results: list[Result]) -> list[bool]:
+        """``set_running_or_notify_cancel`` for results sharing one condition, under one lock."""
+        if not results:
+            return []
+        flags = []
+        with results[0]._condition:
+            for result in results:
+                if result._state == _PENDING:
+                    result._state = _RUNNING
+                    flags.append(True)
+                elif result._state == _CANCELLED[0]:
+                    result._state = _CANCELLED[1]
+                    for waiter in result._waiters:
+                        waiter.add_cancelled(result)
+                    flags.append(False)
+                else:
+                    raise concurrent.futures.InvalidStateError(f"{result!r} cannot start")
+        return flags
+
+    @staticmethod
+    def settle_all(outcomes: list[tuple[Result, bool, Any]]) -> None:
+        """Set the value (``ok``) or exception of results sharing one condition: one lock, one wake-up."""
+        if not outcomes:
+            return
+        callbacks = []
+        cond = outcomes[0][0]._condition
+        with cond:
+            for result, ok, value in outcomes:
+                if result._state == _FINISHED or result._state in _CANCELLED:
+                    continue
+                if ok:
+                    result._result = value
+                else:
+                    result._exception = value
+                result._state = _FINISHED
+                waiters = result._waiter_list
+                if waiters:
+                    for waiter in waiters:
+                        if ok:
+                            waiter.add_result(result)
+                        else:
+                            waiter.add_exception(result)
+                if result._done_callbacks:
+                    callbacks.append(result)
+            cond.notify_all()
+        for result in callbacks:
+            result._invoke_callbacks()
 
     @property
     def description(self) -> str:

@@ -343,7 +343,7 @@ class Server:
     # -- sending (send lock held) ---------------------------------------------------------
     def _send_now(self, call: _Call) -> None:
         """Send one call from the calling thread and leave its reply as the flight."""
-        call[2].set_running_or_notify_cancel()
+        call[2]._state = concurrent.futures._base.RUNNING  # new and not yet visible to anyone else
         self._seq += 1
         seq = self._seq
         try:
@@ -371,7 +371,7 @@ class Server:
         self, batch: list[_Call], seq: int | None, deadline: float | None, flight: _Flight | None = None
     ) -> None:
         if seq is None:
-            live = [call for call in batch if call[2].set_running_or_notify_cancel()]
+            live = [call for call, ok in zip(batch, Result.start_all([c[2] for c in batch])) if ok]
             if len(live) < len(batch):
                 with self._cond:
                     self._queued -= len(batch) - len(live)
@@ -408,27 +408,20 @@ class Server:
         outcomes = []
         errors = 0
         total = 0.0
-        for item, buffers in replies:
+        for call, (item, buffers) in zip(live, replies):
             try:
                 ok, value, seconds = codec.decode_reply(item, buffers)
             except Exception as exc:  # noqa: BLE001 - a reply the driver cannot unpickle
                 ok, value, seconds = False, RemoteError(type(exc).__name__, f"cannot unpickle the reply: {exc}"), 0.0
             total += seconds
             errors += not ok
-            outcomes.append((ok, value))
+            outcomes.append((call[2], ok, value))
         with self._lock:
             self.calls += len(outcomes)
             self.total_time += total
             self.errors += errors
             self._queued -= len(outcomes)
-        for call, (ok, value) in zip(live, outcomes):
-            try:
-                if ok:
-                    call[2].set_result(value)
-                else:
-                    call[2].set_exception(value)
-            except concurrent.futures.InvalidStateError:  # pragma: no cover - settled elsewhere
-                pass
+        Result.settle_all(outcomes)
 
     def _settle(self, result: Result, *, value: Any = None, exc: BaseException | None = None) -> None:
         with self._cond:
