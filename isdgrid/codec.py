@@ -96,7 +96,8 @@ def _scan(obj: Any, depth: int) -> int:
                 sub = _scan(x, depth + 1)
                 if not sub:
                     return 0
-                found = max(found, sub)
+                if sub > found:
+                    found = sub
         return found
     if t is dict:
         for k, v in obj.items():
@@ -104,12 +105,14 @@ def _scan(obj: Any, depth: int) -> int:
                 sub = _scan(k, depth + 1)
                 if not sub:
                     return 0
-                found = max(found, sub)
+                if sub > found:
+                    found = sub
             if type(v) not in _ATOMS:
                 sub = _scan(v, depth + 1)
                 if not sub:
                     return 0
-                found = max(found, sub)
+                if sub > found:
+                    found = sub
         return found
     np = sys.modules.get("numpy")
     if np is not None:
@@ -190,7 +193,10 @@ def encode_op(
     kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, oob_min: int | None = None
 ) -> tuple[bytes, Buffers]:
     """Pickle one operation; its out-of-band buffers are views of the arguments (see ``Buffers.captured``)."""
-    return pack((kind, name, args, kwargs or None), oob_min)
+    op = (kind, name, args, kwargs or None)
+    if (not args or _scan(args, 1) == 1) and (not kwargs or _scan(kwargs, 1) == 1):
+        return pickle.dumps(op, protocol=PROTOCOL), _NO_BUFFERS  # the common case, made short
+    return pack(op, oob_min)
 
 
 def receive_buffer(size: int, kind: int) -> Any:
