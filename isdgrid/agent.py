@@ -40,8 +40,8 @@ class _Service:
     obj: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_seq: int = 0
-    last_reply: list[Any] = field(default_factory=list)
-    staged: list[str] = field(default_factory=list)  # bulk keys of last_reply's buffers
+    # The replies of the last MAX_FLIGHTS batches, for resends: seq -> (reply, bulk keys of its buffers)
+    replies: dict[int, tuple[list[Any], list[str]]] = field(default_factory=dict)
 
 
 @Pyro5.server.behavior(instance_mode="single")
@@ -109,7 +109,8 @@ class Agent:
             service = self._services.pop(service_id, None)
         found = service is not None
         if service is not None and self.bulk is not None:
-            self.bulk.drop(service.staged)
+            for _, staged in service.replies.values():
+                self.bulk.drop(staged)
             self.bulk.drop_where(f"q/{service_id}/", lambda rest: False)
         if found:
             log.info("%s: unpublished %s", self.label, service_id)
@@ -119,8 +120,9 @@ class Agent:
     def run(self, service_id: str, seq: int, ops: list[Any], bulk: bool = False) -> list[Any]:
         """Apply pickled operations in order to the object of ``service_id``.
 
-        ``seq`` numbers the batches of one service; a batch with the number of the last
-        one is a resend after a lost reply and gets that reply again. With ``bulk`` the
+        ``seq`` numbers the batches of one service; a batch with the number of one of the
+        last ``codec.MAX_FLIGHTS`` is a resend after a lost reply and gets that reply again
+        (the driver never has more batches out at once). With ``bulk`` the
         driver reads the bulk port, so large buffers of the results wait there under a key.
         """
         self.last_contact = time.monotonic()
@@ -130,11 +132,12 @@ class Agent:
             err = LookupError(f"service {service_id!r} is not published on {self.label}")
             return [codec.encode_error(err, 0.0, "") for _ in ops]
         with service.lock:
-            if seq == service.last_seq:
+            record = service.replies.get(seq)
+            if record is not None:
                 log.info("%s: batch %d of %s resent; answering from record", self.label, seq, service_id)
                 self._drop_requests(service_id, lambda s: s > seq)
-                return service.last_reply
-            if seq < service.last_seq:
+                return record[0]
+            if seq <= service.last_seq:
                 self._drop_requests(service_id, lambda s: s > service.last_seq)
                 err = LookupError(f"stale batch {seq} for {service_id} (last was {service.last_seq})")
                 return [codec.encode_error(err, 0.0, "") for _ in ops]
@@ -150,12 +153,14 @@ class Agent:
                     staged.append(key)
                     item = (*item, key, [b.nbytes for b in buffers])
                 reply.append(item)
-            if self.bulk is not None:
-                if service.staged:
-                    self.bulk.drop(service.staged)
-                if self.bulk.has_requests:
-                    self._drop_requests(service_id, lambda s: s > seq)
-            service.last_seq, service.last_reply, service.staged = seq, reply, staged
+            service.replies[seq] = (reply, staged)
+            for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
+                _, old_staged = service.replies.pop(old)  # the driver has read it: it sent this batch after
+                if old_staged and self.bulk is not None:
+                    self.bulk.drop(old_staged)
+            if self.bulk is not None and self.bulk.has_requests:
+                self._drop_requests(service_id, lambda s: s > seq)
+            service.last_seq = seq
             self.last_contact = time.monotonic()
             return reply
 

@@ -42,6 +42,7 @@ __all__ = [
     "CALL",
     "Buffers",
     "GETATTR",
+    "MAX_FLIGHTS",
     "OOB_MIN",
     "SETATTR",
     "decode_reply",
@@ -59,6 +60,7 @@ __all__ = [
 
 PROTOCOL = 5
 OOB_MIN = 128 * 1024  # contiguous buffers this large travel out of band (see isdgrid.bulk)
+MAX_FLIGHTS = 2  # batches of one server out at once; the agent keeps this many replies for resends
 
 CALL = "call"
 GETATTR = "getattr"

@@ -94,6 +94,7 @@ class _Flight:
     calls: list[_Call]
     pyro_seq: int
     bulk: BulkClient | None
+    gen: int  # the connection it was sent on
 
 
 _Item = Union[_Call, _Marker, _Unanswered]
@@ -133,11 +134,12 @@ class Server:
         self._queued = 0
         self._kicked = False
         self._closed = False
-        # The right to send and to read replies; guards _seq, _flight and the connections.
+        # The right to send and to read replies; guards _seq, _flights and the connections.
         # Not owned by a thread: a calling thread that leaves a flight behind releases it.
         self._send_lock = threading.Lock()
         self._seq = 0
-        self._flight: _Flight | None = None
+        self._flights: deque[_Flight] = deque()  # sent, replies unread; oldest first
+        self._gen = 0  # connection generation: a flight sent on an older connection is resent
         self._proxy: Any = None
         self._proxy_slot: Slot | None = None
         self._timeout: float | None = None  # the connection's socket timeout
@@ -199,7 +201,7 @@ class Server:
                 )
                 and self._send_lock.acquire(blocking=False)
             )
-            if fast and self._flight is not None:
+            if fast and self._flights:
                 self._send_lock.release()
                 fast = False
             if not fast:
@@ -225,7 +227,7 @@ class Server:
 
     def kick(self) -> None:
         """Someone waits for a result: make sure a batch in flight gets read."""
-        if self._flight is not None or self._inbox:
+        if self._flights or self._inbox:
             with self._cond:
                 self._kicked = True
                 self._cond.notify()
@@ -260,7 +262,7 @@ class Server:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if self._flight is not None:
+            while self._flights and not concurrent.futures.Future.done(result):
                 self._land(deadline)
             while self._inbox and not concurrent.futures.Future.done(result):
                 if not self._process_front(deadline):
@@ -273,7 +275,7 @@ class Server:
     def _release_send(self) -> None:
         """Release the send lock; wake the worker if work is left that nobody will do."""
         self._send_lock.release()
-        if self._inbox or (self._kicked and self._flight is not None):
+        if self._inbox or (self._kicked and self._flights):
             with self._cond:
                 self._cond.notify()
 
@@ -287,7 +289,14 @@ class Server:
                     self._cond.wait(IDLE_WAKE)
                 self._kicked = False
             with self._send_lock:
-                if self._flight is not None:
+                # Keep up to MAX_FLIGHTS batches out, so the daemon runs one while the
+                # driver sends or unpacks another; land them all, oldest first (nobody
+                # else may be reading); markers come after.
+                while True:
+                    while len(self._flights) < codec.MAX_FLIGHTS and self._launch_front():
+                        pass
+                    if not self._flights:
+                        break
                     self._land(None)
                 if not self._process_front(None):
                     break
@@ -352,7 +361,7 @@ class Server:
             flight = self._launch(seq, [call], None)
             if call[1]:
                 flight.calls = [(call[0], _Stored([memoryview(b).nbytes for b in call[1]]), call[2])]
-            self._flight = flight
+            self._flights.append(flight)
         except (Pyro5.errors.PyroError, OSError, GridError):
             self._drop_connection()  # the worker resends it (same number) and reports errors
             if call[1]:
@@ -361,10 +370,33 @@ class Server:
                 self._inbox.appendleft(_Unanswered(seq, [call]))
                 self._cond.notify()
 
+    def _launch_front(self) -> bool:
+        """Send the calls at the front of the inbox as a new flight; False when there are none."""
+        with self._cond:
+            if not self._inbox or not isinstance(self._inbox[0], tuple) or self._closed:
+                return False
+            batch: list[_Call] = []
+            while self._inbox and len(batch) < MAX_BATCH and isinstance(self._inbox[0], tuple):
+                batch.append(self._inbox.popleft())  # type: ignore[arg-type]
+        live = [call for call, ok in zip(batch, Result.start_all([c[2] for c in batch])) if ok]
+        if len(live) < len(batch):
+            with self._lock:
+                self._queued -= len(batch) - len(live)
+        if not live:
+            return True
+        self._seq += 1
+        try:
+            self._flights.append(self._launch(self._seq, live, None))
+        except (Pyro5.errors.PyroError, OSError, GridError):
+            self._drop_connection()  # landing resends the flights, then this batch (same number)
+            with self._cond:
+                self._inbox.appendleft(_Unanswered(self._seq, live))
+            return False
+        return True
+
     def _land(self, deadline: float | None) -> None:
-        """Read the reply of the batch in flight and settle its calls."""
-        flight, self._flight = self._flight, None
-        assert flight is not None
+        """Read the reply of the oldest batch in flight and settle its calls."""
+        flight = self._flights.popleft()
         self._run_batch(flight.calls, flight.seq, deadline, flight)
 
     def _run_batch(
@@ -387,7 +419,10 @@ class Server:
             self.in_flight = len(live)
             replies = self._send(seq, live, deadline, flight)
         except _Abandoned:
-            with self._cond:
+            with self._cond:  # resent later, in order: this batch, then the later flights
+                while self._flights:
+                    later = self._flights.pop()
+                    self._inbox.appendleft(_Unanswered(later.seq, later.calls))
                 self._inbox.appendleft(_Unanswered(seq, live))
             raise
         except GridError as exc:
@@ -439,6 +474,7 @@ class Server:
             self._drop_connection()
             self._proxy, self._proxy_slot = slot.connect(), slot
             self._timeout = None
+            self._gen += 1
         return self._proxy
 
     def _drop_connection(self) -> None:
@@ -498,7 +534,7 @@ class Server:
         proxy._pyroSeq = pyro_seq = (proxy._pyroSeq + 1) & 0xFFFF
         data = marshal.dumps((conn.objectId, "run", (self.service.id, seq, items, bulk is not None), {}))
         conn.send(protocol.SendingMessage(protocol.MSG_INVOKE, 0, pyro_seq, _MARSHAL.serializer_id, data).data)
-        return _Flight(seq, calls, pyro_seq, bulk)
+        return _Flight(seq, calls, pyro_seq, bulk, self._gen)
 
     def _receive(self, flight: _Flight, timeout: float | None) -> list[tuple[Any, Any]]:
         """Read a flight's reply: ``(reply item, out-of-band buffers or None)`` per call."""
@@ -551,8 +587,8 @@ class Server:
                 raise _Abandoned()
             try:
                 try:
-                    if flight is None:
-                        flight = self._launch(seq, calls, left)
+                    if flight is None or flight.gen != self._gen or self._proxy is None:
+                        flight = self._launch(seq, calls, left)  # (again, on this connection)
                     return self._receive(flight, left)
                 except (Pyro5.errors.PyroError, OSError) as exc:
                     self._drop_connection()  # a reply may still be coming: never read it
@@ -590,10 +626,10 @@ def serve_results(results: list[Result], deadline: float | None) -> None:
                     return  # the gatherer raises it now, without waiting for the others
                 continue
             server = result._server
-            flight = None if server is None else server._flight
+            flights = () if server is None else tuple(server._flights)
             proxy = None if server is None else server._proxy
             sock = getattr(getattr(proxy, "_pyroConnection", None), "sock", None)
-            if flight is None or sock is None or flight.calls[-1][2] is not result:
+            if sock is None or not any(f.calls[-1][2] is result for f in flights):
                 return  # not ours to read (queued, or with the worker): wait the usual way
             waiting[sock] = (server, result)
         if not waiting:
