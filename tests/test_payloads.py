@@ -251,3 +251,20 @@ def test_driver_main_classes_and_functions_travel_by_value(tmp_path: Any) -> Non
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DRIVER-OK" in done.stdout
+
+
+def test_pipelined_batches_cut_mid_stream_run_once_in_order() -> None:
+    """Two batches out at once, connections cut under them: every call runs once, in order."""
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=0.5, host_timeout=10.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        n = 3000
+        results = []
+        for i in range(n):
+            results.append(proxy.add(i))
+            if i % 500 == 250:
+                grid.slots[0]._cut_all()  # breaks whatever is out: resent under the same numbers
+        assert [r.get(timeout=60) for r in results] == list(range(1, n + 1))
+        assert proxy.history().get(timeout=60) == list(range(n))
+        assert not grid.slots[0].lost.is_set()
+        grid.release_service(proxy)
