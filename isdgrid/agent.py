@@ -142,8 +142,8 @@ class Agent:
                 err = LookupError(f"stale batch {seq} for {service_id} (last was {service.last_seq})")
                 return [codec.encode_error(err, 0.0, "") for _ in ops]
             oob_min = codec.OOB_MIN if bulk and self.bulk is not None else None
-            reply = []
-            staged = []
+            reply: list[Any] = []
+            staged: list[str] = []
             for data in ops:
                 item, buffers = self._apply(service.obj, data, oob_min)
                 if buffers:
@@ -187,7 +187,9 @@ class Agent:
                 raise ValueError(f"unknown operation kind {kind!r}")
         except BaseException as exc:  # noqa: BLE001 - a remote error is a reply, not a crash
             if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                log.warning("remote %s raised %s; reported to the driver", codec.describe(kind, name), type(exc).__name__)
+                log.warning(
+                    "remote %s raised %s; reported to the driver", codec.describe(kind, name), type(exc).__name__
+                )
             return codec.encode_error(exc, time.perf_counter() - start), codec.Buffers()
         return codec.encode_value(value, time.perf_counter() - start, (kind, name), oob_min)
 
@@ -196,6 +198,7 @@ class Agent:
         if isinstance(data, bytes):
             return codec.loads(data)
         payload, key, extra, *kinds = data
+        buffers: list[Any] | None
         if key:
             if self.bulk is None:
                 raise LookupError("this daemon has no bulk port")

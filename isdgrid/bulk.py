@@ -98,7 +98,7 @@ def _recv_buffers(sock: socket.socket, count: int) -> Buffers:
     sizes = struct.unpack(f"!{count}Q", _recv_exact(sock, 8 * count))
     kinds = _recv_exact(sock, count)
     buffers = Buffers([], kinds)
-    for size, kind in zip(sizes, kinds):
+    for size, kind in zip(sizes, kinds, strict=True):
         buf = receive_buffer(size, kind)
         _recv_into(sock, buf)
         buffers.append(buf)

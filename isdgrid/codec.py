@@ -219,7 +219,7 @@ def receive_buffer(size: int, kind: int) -> Any:
 def inline_buffers(buffers: Sequence[Any], kinds: bytes) -> list[Any]:
     """Writable copies of buffers that travelled inline (as ``bytes``)."""
     out = []
-    for buf, kind in zip(buffers, kinds):
+    for buf, kind in zip(buffers, kinds, strict=True):
         copy = receive_buffer(len(buf), kind)
         memoryview(copy).cast("B")[:] = buf
         out.append(copy)

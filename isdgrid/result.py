@@ -52,14 +52,14 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         self._state = _PENDING
         self._result = None
         self._exception = None
-        self._done_callbacks = _NO_CALLBACKS  # type: ignore[assignment]
+        self._done_callbacks: Any = _NO_CALLBACKS
         self._waiter_list: _Waiters | None = None
         self._server = server
         self._kind = kind
         self._name = name
 
-    @property  # type: ignore[override]
-    def _waiters(self) -> Any:
+    @property
+    def _waiters(self) -> Any:  # type: ignore[override]
         """The waiter list ``concurrent.futures.wait`` registers in (made on first use)."""
         waiters = self._waiter_list
         if waiters is None:
@@ -115,7 +115,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
                     callbacks.append(result)
             cond.notify_all()
         for result in callbacks:
-            result._invoke_callbacks()
+            result._invoke_callbacks()  # type: ignore[attr-defined]
 
     @property
     def description(self) -> str:

@@ -378,7 +378,7 @@ class Server:
             batch: list[_Call] = []
             while self._inbox and len(batch) < MAX_BATCH and isinstance(self._inbox[0], tuple):
                 batch.append(self._inbox.popleft())  # type: ignore[arg-type]
-        live = [call for call, ok in zip(batch, Result.start_all([c[2] for c in batch])) if ok]
+        live = [call for call, ok in zip(batch, Result.start_all([c[2] for c in batch]), strict=True) if ok]
         if len(live) < len(batch):
             with self._lock:
                 self._queued -= len(batch) - len(live)
@@ -403,7 +403,7 @@ class Server:
         self, batch: list[_Call], seq: int | None, deadline: float | None, flight: _Flight | None = None
     ) -> None:
         if seq is None:
-            live = [call for call, ok in zip(batch, Result.start_all([c[2] for c in batch])) if ok]
+            live = [call for call, ok in zip(batch, Result.start_all([c[2] for c in batch]), strict=True) if ok]
             if len(live) < len(batch):
                 with self._cond:
                     self._queued -= len(batch) - len(live)
@@ -426,10 +426,9 @@ class Server:
                 self._inbox.appendleft(_Unanswered(seq, live))
             raise
         except GridError as exc:
-            if self._closed:
-                exc = GridTerminatedError(f"service {self.service.id!r} was terminated")
+            error = GridTerminatedError(f"service {self.service.id!r} was terminated") if self._closed else exc
             for call in live:
-                self._settle(call[2], exc=exc)
+                self._settle(call[2], exc=error)
             return
         except Exception as exc:  # noqa: BLE001 - a bug must fail the calls, never the worker
             log.exception("%s: sending a batch of %s failed", self.slot.label, self.service.id)
@@ -443,7 +442,7 @@ class Server:
         outcomes = []
         errors = 0
         total = 0.0
-        for call, (item, buffers) in zip(live, replies):
+        for call, (item, buffers) in zip(live, replies, strict=True):
             try:
                 ok, value, seconds = codec.decode_reply(item, buffers)
             except Exception as exc:  # noqa: BLE001 - a reply the driver cannot unpickle

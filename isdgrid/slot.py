@@ -49,9 +49,13 @@ def convert_error(slot: Slot, what: str, exc: BaseException) -> GridError:
         text = str(exc)
         if "rejected" in text and "secret" in text:
             return AuthenticationError(f"{slot.label} refused the grid's secret while {what}: {text}")
-        return HostLostError(f"lost contact with {slot.label} while {what}: {exc}", host=slot.host.name, slot=slot.index)
+        return HostLostError(
+            f"lost contact with {slot.label} while {what}: {exc}", host=slot.host.name, slot=slot.index
+        )
     if isinstance(exc, OSError):
-        return HostLostError(f"lost contact with {slot.label} while {what}: {exc}", host=slot.host.name, slot=slot.index)
+        return HostLostError(
+            f"lost contact with {slot.label} while {what}: {exc}", host=slot.host.name, slot=slot.index
+        )
     return RemoteError(type(exc).__name__, f"{slot.label} while {what}: {exc}")
 
 

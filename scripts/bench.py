@@ -342,7 +342,8 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
         f"| sync no-op call vs raw Pyro5 (serpent) | {_us(g('grid_sync'))} | {_us(g('raw_serpent'))} | "
         f"{g('grid_sync') / g('raw_serpent'):.2f}x |",
         f"| pipelined calls on one proxy (per call) | {_us(g('pipelined'))} ({1 / g('pipelined'):,.0f}/s) | "
-        f"{_us(g('raw_marshal'))} ({1 / g('raw_marshal'):,.0f}/s raw sync) | {g('raw_marshal') / g('pipelined'):.1f}x the rate |",
+        f"{_us(g('raw_marshal'))} ({1 / g('raw_marshal'):,.0f}/s raw sync) | "
+        f"{g('raw_marshal') / g('pipelined'):.1f}x the rate |",
         f"| sync no-op call vs multiprocessing.Pool.apply | {_us(g('grid_sync'))} | {_us(g('pool_noop'))} | "
         f"{g('grid_sync') / g('pool_noop'):.2f}x |",
     ]
@@ -370,7 +371,8 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
             f"(start {_ms(g(f'start_{n}'))}) | | |"
         )
     lines += [
-        f"| idle CPU, driver / each daemon | {g('idle_cpu_driver') * 100:.2f} % / {g('idle_cpu_daemons') * 100:.2f} % | | |",
+        f"| idle CPU, driver / each daemon | {g('idle_cpu_driver') * 100:.2f} % / "
+        f"{g('idle_cpu_daemons') * 100:.2f} % | | |",
         f"| RSS growth over {g('calls_for_memory'):,.0f} calls, driver / daemon | "
         f"{g('rss_driver_growth') / 1e6:+.1f} MB / {g('rss_daemon_growth') / 1e6:+.1f} MB "
         f"(of {g('rss_driver') / 1e6:.0f} / {g('rss_daemon') / 1e6:.0f} MB) | | |",
@@ -420,7 +422,8 @@ def plot(res: Results, path: str) -> None:
     right.set_ylabel("round trip (ms)")
     right.set_title("Payload echo")
     right.legend()
-    fig.suptitle(f"isdgrid benchmark on {os.cpu_count()} cores (median of {len(res.values.get('grid_sync', [0]))} runs)")
+    runs = len(res.values.get("grid_sync", [0]))
+    fig.suptitle(f"isdgrid benchmark on {os.cpu_count()} cores (median of {runs} runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -429,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
     parser.add_argument("--repeat", type=int, default=3, help="runs to take the median of (default 3)")
-    parser.add_argument("--plot", default=os.path.join(REPO, "docs", "performance.png"), help="PNG to write ('' for none)")
+    default_plot = os.path.join(REPO, "docs", "performance.png")
+    parser.add_argument("--plot", default=default_plot, help="PNG to write ('' for none)")
     parser.add_argument("--only", default="", help="comma-separated sections: calls,payloads,fanout,pool,idle")
     args = parser.parse_args(argv)
     sections = set(args.only.split(",")) if args.only else {"calls", "payloads", "fanout", "pool", "idle"}

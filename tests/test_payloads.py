@@ -61,7 +61,8 @@ def _same(a: np.ndarray, b: Any) -> bool:
     layout_kept = not (a.flags.c_contiguous or a.flags.f_contiguous) or (
         a.flags.c_contiguous == b.flags.c_contiguous and a.flags.f_contiguous == b.flags.f_contiguous
     )
-    return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b) and layout_kept
+    same_values = isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    return same_values and layout_kept
 
 
 @pytest.mark.parametrize("path", ["bulk", "inline"])
