@@ -11,26 +11,73 @@
 
 from __future__ import annotations
 
-from .errors import (
-    AuthenticationError,
-    ConfigError,
-    GridError,
-    GridTerminatedError,
-    HostLostError,
-    LaunchError,
-    PublishError,
-    RemoteError,
-    RemoteTraceback,
-    ServiceReleasedError,
-    ServiceUnavailableError,
-    UnknownServiceError,
-)
-from .grid import Grid, GridState, ServerStatus
-from .hosts import Host, create_host_list, load_hosts
-from .launchers import Launcher
-from .proxy import RemoteMethod, ServiceProxy
-from .result import Result
-from .servicequeue import ServerQueue
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
+# Names are imported on first use (PEP 562): a daemon, which imports isdgrid.daemon, then
+# never loads the driver's side (grid, launchers, click), and starts faster.
+_LAZY = {
+    "AuthenticationError": "errors",
+    "ConfigError": "errors",
+    "GridError": "errors",
+    "GridTerminatedError": "errors",
+    "HostLostError": "errors",
+    "LaunchError": "errors",
+    "PublishError": "errors",
+    "RemoteError": "errors",
+    "RemoteTraceback": "errors",
+    "ServiceReleasedError": "errors",
+    "ServiceUnavailableError": "errors",
+    "UnknownServiceError": "errors",
+    "Grid": "grid",
+    "GridState": "grid",
+    "ServerStatus": "grid",
+    "Host": "hosts",
+    "create_host_list": "hosts",
+    "load_hosts": "hosts",
+    "Launcher": "launchers",
+    "RemoteMethod": "proxy",
+    "ServiceProxy": "proxy",
+    "Result": "result",
+    "ServerQueue": "servicequeue",
+}
+
+if _TYPE_CHECKING:
+    from .errors import (
+        AuthenticationError,
+        ConfigError,
+        GridError,
+        GridTerminatedError,
+        HostLostError,
+        LaunchError,
+        PublishError,
+        RemoteError,
+        RemoteTraceback,
+        ServiceReleasedError,
+        ServiceUnavailableError,
+        UnknownServiceError,
+    )
+    from .grid import Grid, GridState, ServerStatus
+    from .hosts import Host, create_host_list, load_hosts
+    from .launchers import Launcher
+    from .proxy import RemoteMethod, ServiceProxy
+    from .result import Result
+    from .servicequeue import ServerQueue
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'isdgrid' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -25,10 +25,12 @@ from typing import Any
 import Pyro5.server
 
 from . import codec
+from .bulk import BulkStore
 
 __all__ = ["AGENT_ID", "Agent"]
 
 AGENT_ID = "isdgrid.agent"
+BULK_WAIT = 30.0  # a call's bulk buffers are put before the call is sent; this bounds a lost one
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +40,19 @@ class _Service:
     obj: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_seq: int = 0
-    last_reply: list[Any] = field(default_factory=list)
+    # The replies of the last MAX_FLIGHTS batches, for resends: seq -> (reply, bulk keys of its buffers)
+    replies: dict[int, tuple[list[Any], list[str]]] = field(default_factory=dict)
 
 
 @Pyro5.server.behavior(instance_mode="single")
 class Agent:
     """Loads shipped objects, runs operation batches on them, and receives files."""
 
-    def __init__(self, temp_path: str, label: str) -> None:
+    def __init__(self, temp_path: str, label: str, bulk: BulkStore | None = None, bulk_port: int | None = None) -> None:
         self.temp_path = temp_path
         self.label = label
+        self.bulk = bulk
+        self.bulk_port = bulk_port if bulk is not None else None
         self.last_contact = time.monotonic()
         self.started = time.time()
         self._services: dict[str, _Service] = {}
@@ -77,6 +82,7 @@ class Agent:
             "label": self.label,
             "services": services,
             "started": self.started,
+            "bulk_port": self.bulk_port,
         }
 
     @Pyro5.server.expose
@@ -100,58 +106,108 @@ class Agent:
         """Forget ``service_id``; True when it was there."""
         self._touch()
         with self._lock:
-            found = self._services.pop(service_id, None) is not None
+            service = self._services.pop(service_id, None)
+        found = service is not None
+        if service is not None and self.bulk is not None:
+            for _, staged in service.replies.values():
+                self.bulk.drop(staged)
+            self.bulk.drop_where(f"q/{service_id}/", lambda rest: False)
         if found:
             log.info("%s: unpublished %s", self.label, service_id)
         return found
 
     @Pyro5.server.expose
-    def run(self, service_id: str, seq: int, ops: list[bytes]) -> list[Any]:
+    def run(self, service_id: str, seq: int, ops: list[Any], bulk: bool = False) -> list[Any]:
         """Apply pickled operations in order to the object of ``service_id``.
 
-        ``seq`` numbers the batches of one service; a batch with the number of the last
-        one is a resend after a lost reply and gets that reply again.
+        ``seq`` numbers the batches of one service; a batch with the number of one of the
+        last ``codec.MAX_FLIGHTS`` is a resend after a lost reply and gets that reply again
+        (the driver never has more batches out at once). With ``bulk`` the
+        driver reads the bulk port, so large buffers of the results wait there under a key.
         """
-        self._touch()
-        with self._lock:
-            service = self._services.get(service_id)
+        self.last_contact = time.monotonic()
+        service = self._services.get(service_id)  # a dict read is atomic
         if service is None:
+            self._drop_requests(service_id, lambda s: False)
             err = LookupError(f"service {service_id!r} is not published on {self.label}")
             return [codec.encode_error(err, 0.0, "") for _ in ops]
         with service.lock:
-            if seq == service.last_seq:
+            record = service.replies.get(seq)
+            if record is not None:
                 log.info("%s: batch %d of %s resent; answering from record", self.label, seq, service_id)
-                return service.last_reply
-            if seq < service.last_seq:
+                self._drop_requests(service_id, lambda s: s > seq)
+                return record[0]
+            if seq <= service.last_seq:
+                self._drop_requests(service_id, lambda s: s > service.last_seq)
                 err = LookupError(f"stale batch {seq} for {service_id} (last was {service.last_seq})")
                 return [codec.encode_error(err, 0.0, "") for _ in ops]
-            reply = [self._apply(service.obj, data) for data in ops]
-            service.last_seq, service.last_reply = seq, reply
-            self._touch()
+            oob_min = codec.OOB_MIN if bulk and self.bulk is not None else None
+            reply: list[Any] = []
+            staged: list[str] = []
+            for data in ops:
+                item, buffers = self._apply(service.obj, data, oob_min)
+                if buffers:
+                    assert self.bulk is not None
+                    key = f"r/{service_id}/{seq}/{len(reply)}"
+                    self.bulk.put(key, buffers)
+                    staged.append(key)
+                    item = (*item, key, [b.nbytes for b in buffers])
+                reply.append(item)
+            service.replies[seq] = (reply, staged)
+            for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
+                _, old_staged = service.replies.pop(old)  # the driver has read it: it sent this batch after
+                if old_staged and self.bulk is not None:
+                    self.bulk.drop(old_staged)
+            if self.bulk is not None and self.bulk.has_requests:
+                self._drop_requests(service_id, lambda s: s > seq)
+            service.last_seq = seq
+            self.last_contact = time.monotonic()
             return reply
 
-    @staticmethod
-    def _apply(obj: Any, data: bytes) -> Any:
+    def _drop_requests(self, service_id: str, keep: Any) -> None:
+        """Forget bulk buffers put for batches of ``service_id`` whose number fails ``keep``."""
+        if self.bulk is not None:
+            self.bulk.drop_where(f"q/{service_id}/", lambda rest: keep(int(rest.split("/", 1)[0])))
+
+    def _apply(self, obj: Any, data: Any, oob_min: int | None) -> tuple[Any, codec.Buffers]:
         start = time.perf_counter()
         try:
-            op: codec.Op = codec.loads(data)
+            kind, name, args, kwargs = self._decode(data)
         except BaseException as exc:  # noqa: BLE001
-            return codec.encode_error(exc, 0.0, traceback.format_exc())
+            return codec.encode_error(exc, 0.0, traceback.format_exc()), codec.Buffers()
         try:
-            if op.kind == codec.CALL:
-                value = getattr(obj, op.name)(*op.args, **(op.kwargs or {}))
-            elif op.kind == codec.GETATTR:
-                value = getattr(obj, op.name)
-            elif op.kind == codec.SETATTR:
-                setattr(obj, op.name, op.args[0])
+            if kind == codec.CALL:
+                value = getattr(obj, name)(*args, **(kwargs or {}))
+            elif kind == codec.GETATTR:
+                value = getattr(obj, name)
+            elif kind == codec.SETATTR:
+                setattr(obj, name, args[0])
                 value = None
             else:
-                raise ValueError(f"unknown operation kind {op.kind!r}")
+                raise ValueError(f"unknown operation kind {kind!r}")
         except BaseException as exc:  # noqa: BLE001 - a remote error is a reply, not a crash
             if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                log.warning("remote %s raised %s; reported to the driver", op.describe(), type(exc).__name__)
-            return codec.encode_error(exc, time.perf_counter() - start)
-        return codec.encode_value(value, time.perf_counter() - start, op.describe())
+                log.warning(
+                    "remote %s raised %s; reported to the driver", codec.describe(kind, name), type(exc).__name__
+                )
+            return codec.encode_error(exc, time.perf_counter() - start), codec.Buffers()
+        return codec.encode_value(value, time.perf_counter() - start, (kind, name), oob_min)
+
+    def _decode(self, data: Any) -> Any:
+        """The ``(kind, name, args, kwargs)`` of one wire operation (see :mod:`isdgrid.codec`)."""
+        if isinstance(data, bytes):
+            return codec.loads(data)
+        payload, key, extra, *kinds = data
+        buffers: list[Any] | None
+        if key:
+            if self.bulk is None:
+                raise LookupError("this daemon has no bulk port")
+            buffers = self.bulk.take(key, BULK_WAIT)
+            if buffers is None:
+                raise LookupError(f"the bulk data {key} of this call did not arrive within {BULK_WAIT:g} s")
+        else:
+            buffers = codec.inline_buffers(extra, kinds[0])  # writable, like arrays unpickled in band
+        return codec.loads(payload, buffers)
 
     @Pyro5.server.expose
     def put_files(self, archive: bytes) -> int:

@@ -1,72 +1,258 @@
 """How calls, replies and published objects are turned into bytes and back.
 
-Everything that crosses the wire as user data is pickled with cloudpickle (protocol 5),
-so classes defined in a driver's ``__main__`` travel by value and come back as the same
-class. Each call and each reply item is pickled on its own: one unpicklable argument or
-result fails that call alone, never its batch. Pyro5 carries the resulting bytes with the
+Everything that crosses the wire as user data is pickled with protocol 5. Values made
+only of builtins (numbers, strings, bytes, tuples, lists, dicts, sets) and numpy arrays
+and scalars of non-object dtype are pickled with the standard ``pickle`` module, which is
+an order of magnitude faster for small values; anything else goes through cloudpickle, so
+classes and functions defined in a driver's ``__main__`` (or shipped by value to a daemon)
+travel by value and come back as the same class. Both write the same format, so the
+receiver always uses ``pickle.loads``.
+
+Large contiguous buffers (numpy arrays, ``PickleBuffer``) can be taken out of band
+(pickle protocol 5 ``buffer_callback``): the pickle then holds only their layout, and the
+buffers travel raw, on the bulk side channel (:mod:`isdgrid.bulk`) or inline as bytes.
+
+Each call and each reply item is pickled on its own: one unpicklable argument or result
+fails that call alone, never its batch. Pyro5 carries the resulting bytes with the
 ``marshal`` serializer, which passes ``bytes`` through without re-encoding them.
+
+Wire formats (all marshal-able):
+
+- an operation: ``bytes`` (the pickled ``(kind, name, args, kwargs)`` tuple), or
+  ``(bytes, key, sizes_or_buffers)`` when it has out-of-band buffers: ``key`` names them in
+  the daemon's bulk store, or is ``""`` when the buffers themselves follow inline;
+- a reply item: ``(True, bytes, seconds)``, ``(True, bytes, seconds, key, sizes)`` when
+  its out-of-band buffers wait in the daemon's bulk store, or
+  ``(False, exception_bytes_or_empty, type_name, message, traceback_text, seconds)``.
 """
 
 from __future__ import annotations
 
 import pickle
+import sys
 import traceback
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
 
 from .errors import RemoteError, RemoteTraceback
 
-__all__ = ["CALL", "GETATTR", "SETATTR", "Op", "decode_reply", "dumps", "encode_error", "encode_value", "loads"]
+__all__ = [
+    "CALL",
+    "Buffers",
+    "GETATTR",
+    "MAX_FLIGHTS",
+    "OOB_MIN",
+    "SETATTR",
+    "decode_reply",
+    "describe",
+    "dumps",
+    "encode_error",
+    "encode_op",
+    "encode_value",
+    "inline_buffers",
+    "is_plain",
+    "loads",
+    "pack",
+    "receive_buffer",
+]
 
 PROTOCOL = 5
+OOB_MIN = 128 * 1024  # contiguous buffers this large travel out of band (see isdgrid.bulk)
+MAX_FLIGHTS = 2  # batches of one server out at once; the agent keeps this many replies for resends
 
 CALL = "call"
 GETATTR = "getattr"
 SETATTR = "setattr"
 
+# A reply item on the wire (see the module docstring).
+ReplyItem = tuple
+
+_ATOMS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
+_CONTAINERS = frozenset({tuple, list, set, frozenset})
+_MAX_DEPTH = 32
+
+
+def is_plain(obj: Any) -> bool:
+    """True when ``obj`` holds only builtins and numpy data, so ``pickle`` gives what cloudpickle would.
+
+    Everything else (instances of user classes, functions, classes, subclasses of the
+    builtins) may refer to a module the other side lacks, such as the driver's
+    ``__main__``, and must go through cloudpickle.
+    """
+    return _scan(obj, 0) > 0
+
+
+def _scan(obj: Any, depth: int) -> int:
+    """0: not plain; 1: plain builtins only; 2: plain, with numpy arrays (buffers to take out of band)."""
+    t = type(obj)
+    if t in _ATOMS:
+        return 1
+    if depth >= _MAX_DEPTH:
+        return 0
+    found = 1
+    if t in _CONTAINERS:
+        for x in obj:
+            if type(x) not in _ATOMS:
+                sub = _scan(x, depth + 1)
+                if not sub:
+                    return 0
+                if sub > found:
+                    found = sub
+        return found
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) not in _ATOMS:
+                sub = _scan(k, depth + 1)
+                if not sub:
+                    return 0
+                if sub > found:
+                    found = sub
+            if type(v) not in _ATOMS:
+                sub = _scan(v, depth + 1)
+                if not sub:
+                    return 0
+                if sub > found:
+                    found = sub
+        return found
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if t is np.ndarray:
+            return 0 if obj.dtype.hasobject else 2
+        if isinstance(obj, np.generic) and t.__module__ == "numpy":
+            return 0 if obj.dtype.hasobject else 1
+    return 0
+
 
 def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` with cloudpickle (protocol 5)."""
+    """Pickle ``obj`` with cloudpickle (protocol 5), everything in band."""
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
 
 
-def loads(data: bytes) -> Any:
-    """Unpickle bytes made by :func:`dumps`."""
-    return pickle.loads(data)
+def loads(data: bytes, buffers: Sequence[Any] | None = None) -> Any:
+    """Unpickle bytes made by :func:`dumps` or :func:`pack` (with their out-of-band buffers)."""
+    return pickle.loads(data, buffers=buffers)
 
 
-@dataclass(frozen=True)
-class Op:
-    """One operation on a published object: a method call or an attribute access."""
+class Buffers(list):  # type: ignore[type-arg]
+    """The out-of-band buffers of one pickle, in order, with their ``kinds``.
 
-    kind: str
-    name: str
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] | None = None
+    ``kinds`` has one byte per buffer: ``n`` when a numpy array exported it (the receiver
+    may then receive it into uninitialised numpy memory), ``b`` otherwise (a ``bytearray``).
+    """
 
-    def describe(self) -> str:
-        if self.kind == CALL:
-            return f"{self.name}()"
-        if self.kind == SETATTR:
-            return f"setting attribute {self.name!r}"
-        return f"attribute {self.name!r}"
+    __slots__ = ("kinds",)
 
+    def __init__(self, buffers: Sequence[Any] = (), kinds: bytes = b"") -> None:
+        super().__init__(buffers)
+        self.kinds = kinds
 
-# A reply item on the wire: (True, value_bytes, seconds) or
-# (False, exception_bytes_or_empty, type_name, message, traceback_text, seconds).
-ReplyItem = tuple
+    def captured(self) -> Buffers:
+        """Copies of the buffers, so later changes to the originals do not reach them."""
+        return Buffers([bytearray(buf) for buf in self], self.kinds)
 
 
-def encode_value(value: Any, seconds: float, what: str) -> ReplyItem:
-    """Reply item for a successful operation; an unpicklable value becomes an error item."""
+_NO_BUFFERS = Buffers()  # shared and empty: never change it
+
+
+def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
+    """Pickle ``obj``; contiguous buffers of ``oob_min`` bytes or more are left out of band.
+
+    Returns the pickle and the out-of-band buffers (byte views of ``obj``'s memory, not
+    copies); ``oob_min=None`` keeps everything in band.
+    """
+    plain = _scan(obj, 0)
+    if plain == 1:  # builtins only: no buffers to take out of band
+        return pickle.dumps(obj, protocol=PROTOCOL), _NO_BUFFERS
+    buffers: list[pickle.PickleBuffer] = []
+    callback = None
+    if oob_min is not None:
+
+        def callback(buf: pickle.PickleBuffer) -> bool:
+            try:
+                if buf.raw().nbytes >= oob_min:
+                    buffers.append(buf)
+                    return False  # out of band
+            except BufferError:  # not contiguous: stays in band
+                pass
+            return True
+
+    if plain:
+        data = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    else:
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    if not buffers:
+        return data, _NO_BUFFERS
+    np = sys.modules.get("numpy")
+    kinds = bytes(
+        ord("n") if np is not None and isinstance(memoryview(buf).obj, np.ndarray) else ord("b") for buf in buffers
+    )
+    return data, Buffers([buf.raw() for buf in buffers], kinds)
+
+
+def encode_op(
+    kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, oob_min: int | None = None
+) -> tuple[bytes, Buffers]:
+    """Pickle one operation; its out-of-band buffers are views of the arguments (see ``Buffers.captured``)."""
+    op = (kind, name, args, kwargs or None)
+    if (not args or _scan(args, 1) == 1) and (not kwargs or _scan(kwargs, 1) == 1):
+        return pickle.dumps(op, protocol=PROTOCOL), _NO_BUFFERS  # the common case, made short
+    return pack(op, oob_min)
+
+
+def receive_buffer(size: int, kind: int) -> Any:
+    """A writable buffer of ``size`` bytes to receive an out-of-band buffer of ``kind`` into.
+
+    Numpy's buffers get uninitialised numpy memory (no zero-filling of megabytes);
+    others a ``bytearray``, as in-band unpickling would give.
+    """
+    if kind == ord("n"):
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - a numpy buffer without numpy
+            return bytearray(size)
+        return numpy.empty(size, dtype=numpy.uint8)
+    return bytearray(size)
+
+
+def inline_buffers(buffers: Sequence[Any], kinds: bytes) -> list[Any]:
+    """Writable copies of buffers that travelled inline (as ``bytes``)."""
+    out = []
+    for buf, kind in zip(buffers, kinds, strict=True):
+        copy = receive_buffer(len(buf), kind)
+        memoryview(copy).cast("B")[:] = buf
+        out.append(copy)
+    return out
+
+
+def describe(kind: str, name: str) -> str:
+    """How an operation is named in messages."""
+    if kind == CALL:
+        return f"{name}()"
+    if kind == SETATTR:
+        return f"setting attribute {name!r}"
+    return f"attribute {name!r}"
+
+
+def encode_value(
+    value: Any, seconds: float, what: str | tuple[str, str], oob_min: int | None = None
+) -> tuple[ReplyItem, Buffers]:
+    """Reply item for a successful operation, and its out-of-band buffers.
+
+    An unpicklable value becomes an error item. The buffers are views of ``value``'s
+    memory (not copies): the caller keeps them until they are sent. ``what`` names the
+    operation, or is its ``(kind, name)``.
+    """
     try:
-        return (True, dumps(value), seconds)
+        data, buffers = pack(value, oob_min)
     except Exception as exc:  # noqa: BLE001 - any pickling failure must reach the caller
         tb = traceback.format_exc()
+        if isinstance(what, tuple):
+            what = describe(*what)
         err = RemoteError(type(exc).__name__, f"the result of {what} cannot be pickled back to the driver: {exc}", tb)
-        return encode_error(err, seconds, tb)
+        return encode_error(err, seconds, tb), _NO_BUFFERS
+    return (True, data, seconds), buffers
 
 
 def encode_error(exc: BaseException, seconds: float, tb: str | None = None) -> ReplyItem:
@@ -81,15 +267,14 @@ def encode_error(exc: BaseException, seconds: float, tb: str | None = None) -> R
     return (False, exc_bytes, type_name, _safe_str(exc), tb, seconds)
 
 
-def decode_reply(item: ReplyItem) -> tuple[bool, Any, float]:
-    """``(ok, value_or_exception, seconds)`` from a reply item.
+def decode_reply(item: ReplyItem, buffers: Sequence[Any] | None = None) -> tuple[bool, Any, float]:
+    """``(ok, value_or_exception, seconds)`` from a reply item (and its out-of-band buffers).
 
     A remote exception is re-created as itself with a :class:`RemoteTraceback` as its
     cause; when its type cannot be unpickled here it becomes a :class:`RemoteError`.
     """
     if item[0]:
-        _, payload, seconds = item
-        return True, loads(payload), float(seconds)
+        return True, loads(item[1], buffers), float(item[2])
     _, exc_bytes, type_name, message, tb, seconds = item
     exc: BaseException | None = None
     if exc_bytes:

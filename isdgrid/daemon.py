@@ -31,6 +31,7 @@ from Pyro5 import core, protocol, serializers
 
 from .agent import AGENT_ID, Agent
 from .announce import announcement
+from .bulk import BulkServer, BulkStore
 from .errors import GridError
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 
@@ -162,7 +163,14 @@ def serve(
     if temp_path not in sys.path:
         sys.path.insert(0, temp_path)
     daemon = GridDaemon(secret, host=host, port=port, unix_socket=unix_socket)
-    agent = Agent(temp_path, label or f"{host}:{daemon.locationStr}")
+    # The bulk side channel listens on the same interface; a Unix-socket daemon (ssh
+    # tunnel) has none, nor one started with ISDGRID_BULK=0: large payloads then travel inline.
+    use_bulk = not unix_socket and os.environ.get("ISDGRID_BULK", "1") != "0"
+    bulk = BulkServer(secret, BulkStore(), host=daemon.sock.getsockname()[0]).start() if use_bulk else None
+    agent = Agent(
+        temp_path, label or f"{host}:{daemon.locationStr}",
+        bulk=bulk.store if bulk else None, bulk_port=bulk.port if bulk else None,
+    )
     uri = daemon.register(agent, AGENT_ID)
     stop = threading.Event()
 
@@ -185,6 +193,8 @@ def serve(
         os.replace(tmp, uri_file)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(daemon.close)
+        if bulk is not None:
+            cleanup.callback(bulk.close)
         if remove_temp:
             # Only once the driver is gone (stdin closed, heartbeat silence): a daemon that
             # crashes must not pull the folder from under the other slots of its host.

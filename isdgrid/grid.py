@@ -31,7 +31,7 @@ from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .proxy import ServiceProxy
 from .result import Result
-from .server import Server, ServerState
+from .server import Server, ServerState, serve_results
 from .service import Service, public_methods
 from .slot import Slot
 from .statusfile import StatusFileWriter
@@ -359,6 +359,7 @@ class Grid:
         """
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
+        serve_results(results, deadline)  # replies in flight are read here, as they come
         pending: set[concurrent.futures.Future[Any]] = set(results)
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

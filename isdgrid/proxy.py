@@ -29,25 +29,30 @@ class ServiceProxy:
     later changes to them in the driver do not reach the call.
     """
 
-    __slots__ = ("_isdgrid_server", "_isdgrid_released", "_isdgrid_lock", "__weakref__")
+    __slots__ = ("_isdgrid_server", "_isdgrid_released", "_isdgrid_lock", "_isdgrid_methods", "__weakref__")
 
     def __init__(self, server: Server) -> None:
         object.__setattr__(self, "_isdgrid_server", server)
         object.__setattr__(self, "_isdgrid_released", False)
         object.__setattr__(self, "_isdgrid_lock", threading.Lock())
+        object.__setattr__(self, "_isdgrid_methods", {})
 
     def __getattr__(self, name: str) -> Any:
+        method = self._isdgrid_methods.get(name)
+        if method is not None:
+            return method
         if name.startswith("__") or name.startswith("_isdgrid_"):
             raise AttributeError(name)
         server: Server = self._isdgrid_server
         if name in server.service.methods:
-            return RemoteMethod(self, name)
-        return self._isdgrid_submit(codec.Op(codec.GETATTR, name), f"attribute {name!r}")
+            method = self._isdgrid_methods[name] = RemoteMethod(self, name)
+            return method
+        return self._isdgrid_submit(codec.GETATTR, name, (), None)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("__") or name.startswith("_isdgrid_"):
             raise AttributeError(f"cannot set {name!r} on a service proxy")
-        result = self._isdgrid_submit(codec.Op(codec.SETATTR, name, (value,)), f"setting attribute {name!r}")
+        result = self._isdgrid_submit(codec.SETATTR, name, (value,), None)
         result.add_done_callback(_log_failed_setattr)
 
     def __repr__(self) -> str:
@@ -56,26 +61,26 @@ class ServiceProxy:
         return f"<ServiceProxy {server.service.id} on {server.slot.label} {state}>"
 
     def _isdgrid_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
-        return self._isdgrid_submit(codec.Op(codec.CALL, name, args, kwargs or None), f"{name}()")
+        return self._isdgrid_submit(codec.CALL, name, args, kwargs)
 
     def _isdgrid_invoke(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
         """Call ``name``, or read it when it is a plain attribute and no arguments are given."""
         if args or kwargs or name in self._isdgrid_server.service.methods:
             return self._isdgrid_call(name, args, kwargs)
-        return self._isdgrid_submit(codec.Op(codec.GETATTR, name), f"attribute {name!r}")
+        return self._isdgrid_submit(codec.GETATTR, name, (), None)
 
-    def _isdgrid_submit(self, op: codec.Op, what: str) -> Result:
-        server = self._isdgrid_server
-        description = f"{server.service.class_name}.{what} on {server.slot.label}"
+    def _isdgrid_submit(self, kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Result:
+        server: Server = self._isdgrid_server
         try:
-            data = codec.dumps(op)
+            data, buffers = codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
         except Exception as exc:
+            description = f"{server.service.class_name}.{codec.describe(kind, name)} on {server.slot.label}"
             raise TypeError(f"cannot send {description}: its arguments cannot be pickled: {exc}") from exc
-        result = Result(description)
+        result = Result(server, kind, name)
         with self._isdgrid_lock:
             if self._isdgrid_released:
                 raise ServiceReleasedError(f"proxy of {server.service.id!r} on {server.slot.label} was released")
-            server.submit(data, result)
+            server.submit(data, buffers, result)
         return result
 
     def _isdgrid_release(self) -> None:

@@ -15,17 +15,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import Pyro5.client
+import Pyro5.core
 import Pyro5.errors
 
-from .agent import AGENT_ID
+from .bulk import BulkClient
 from .errors import AuthenticationError, GridError, HostLostError, RemoteError
 from .launchers.base import DaemonHandle
 
-__all__ = ["Slot", "pyro_errors"]
+__all__ = ["Slot", "convert_error", "pyro_errors"]
 
 log = logging.getLogger(__name__)
 
 SERIALIZER = "marshal"
+BULK_RETRY = 30.0  # after a failed bulk connection, large payloads go inline this long
 
 
 @contextlib.contextmanager
@@ -35,21 +37,26 @@ def pyro_errors(slot: Slot, what: str) -> Iterator[None]:
         yield
     except GridError:
         raise
-    except Pyro5.errors.SecurityError as exc:
-        raise AuthenticationError(f"{slot.label} refused the grid's secret while {what}: {exc}") from exc
-    except Pyro5.errors.CommunicationError as exc:
+    except (Pyro5.errors.PyroError, OSError) as exc:
+        raise convert_error(slot, what, exc) from exc
+
+
+def convert_error(slot: Slot, what: str, exc: BaseException) -> GridError:
+    """The isdgrid error for a Pyro5 error or ``OSError`` raised while talking to ``slot``."""
+    if isinstance(exc, Pyro5.errors.SecurityError):
+        return AuthenticationError(f"{slot.label} refused the grid's secret while {what}: {exc}")
+    if isinstance(exc, Pyro5.errors.CommunicationError):
         text = str(exc)
         if "rejected" in text and "secret" in text:
-            raise AuthenticationError(f"{slot.label} refused the grid's secret while {what}: {text}") from exc
-        raise HostLostError(
+            return AuthenticationError(f"{slot.label} refused the grid's secret while {what}: {text}")
+        return HostLostError(
             f"lost contact with {slot.label} while {what}: {exc}", host=slot.host.name, slot=slot.index
-        ) from exc
-    except OSError as exc:
-        raise HostLostError(
+        )
+    if isinstance(exc, OSError):
+        return HostLostError(
             f"lost contact with {slot.label} while {what}: {exc}", host=slot.host.name, slot=slot.index
-        ) from exc
-    except Pyro5.errors.PyroError as exc:
-        raise RemoteError(type(exc).__name__, f"{slot.label} while {what}: {exc}") from exc
+        )
+    return RemoteError(type(exc).__name__, f"{slot.label} while {what}: {exc}")
 
 
 def make_proxy(uri: str, secret: str, timeout: float | None = None) -> Pyro5.client.Proxy:
@@ -94,6 +101,10 @@ class Slot:
         # Keyed by id(): Pyro5 proxies hash and compare by URI, so a set would merge them.
         self._proxies: weakref.WeakValueDictionary[int, Pyro5.client.Proxy] = weakref.WeakValueDictionary()
         self._proxies_lock = threading.Lock()
+        self._sockets: weakref.WeakValueDictionary[int, socket.socket] = weakref.WeakValueDictionary()
+        self._bulk_address: tuple[str, int] | None | bool = False  # False: not asked yet
+        self._bulk_lock = threading.Lock()
+        self._bulk_retry_at = 0.0
         self._control: Pyro5.client.Proxy | None = None
         self._control_lock = threading.Lock()
         self._stop = threading.Event()
@@ -115,6 +126,37 @@ class Slot:
         if self.lost.is_set():  # lost while connecting: do not hand out a live socket
             _cut(proxy)
         return proxy
+
+    def connect_bulk(self) -> BulkClient | None:
+        """A new authenticated connection to the daemon's bulk port, owned by the caller.
+
+        None when the daemon has no bulk port (a Unix socket daemon, as with the ssh
+        tunnel) or it cannot be reached from here: large payloads then travel inline.
+        The connection is cut with the others when the slot is lost.
+        """
+        with self._bulk_lock:
+            if self._bulk_address is False:
+                self.info = dict(self.control("info"))
+                self._bulk_address = _bulk_address(self.uri, self.info.get("bulk_port"))
+            address = self._bulk_address
+            if time.monotonic() < self._bulk_retry_at:
+                return None
+        if not address or self.lost.is_set():
+            return None
+        assert isinstance(address, tuple)
+        try:
+            client = BulkClient.connect(address, self.secret, timeout=min(self.host_timeout, 5.0))
+        except OSError as exc:
+            log.warning("%s: bulk port %s:%s not reachable (%s); large payloads go inline for %g s",
+                        self.label, *address, exc, BULK_RETRY)
+            with self._bulk_lock:
+                self._bulk_retry_at = time.monotonic() + BULK_RETRY
+            return None
+        with self._proxies_lock:
+            self._sockets[id(client.sock)] = client.sock
+        if self.lost.is_set():
+            client.close()
+        return client
 
     def control(self, method: str, *args: Any) -> Any:
         """Call an agent method over the slot's shared control connection."""
@@ -179,8 +221,12 @@ class Slot:
     def _cut_all(self) -> None:
         with self._proxies_lock:
             proxies = list(self._proxies.values())
+            sockets = list(self._sockets.values())
         for proxy in proxies:
             _cut(proxy)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Stop the heartbeat and cut the connections (the daemon is being stopped)."""
@@ -188,6 +234,16 @@ class Slot:
         self._cut_all()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=self.heartbeat_interval + 6.0)
+
+
+def _bulk_address(uri: str, port: Any) -> tuple[str, int] | None:
+    """Where the bulk port of the daemon at ``uri`` is: its Pyro5 host and ``port``."""
+    if not isinstance(port, int) or port <= 0:
+        return None
+    location = Pyro5.core.URI(uri)
+    if location.sockname or not location.host:
+        return None
+    return (location.host, port)
 
 
 def _cut(proxy: Pyro5.client.Proxy) -> None:

@@ -205,3 +205,80 @@ def test_host_cut_off_by_the_network_fails_calls_instead_of_hanging(netns, tmp_p
         grid.release_service(proxy)
     # terminate closed the daemon's stdin: it is gone although the network was down
     assert grid.slots[0].handle.process.poll() is not None  # type: ignore[union-attr]
+
+
+# -- the bulk side channel's port -----------------------------------------------------------
+
+
+def _bulk_inputs(rng: random.Random, secret_len: int, quick: int, slow: int) -> list[tuple[str, bytes]]:
+    from isdgrid.bulk import MAGIC
+
+    wrong = rng.randbytes(secret_len).hex()[:secret_len].encode()
+    cases: list[tuple[str, bytes]] = []
+    for i in range(quick):
+        kind = i % 6
+        if kind == 0:
+            cases.append(("random", rng.randbytes(rng.randint(1, 4096))))
+        elif kind == 1:
+            cases.append(("wrong-secret", MAGIC + len(wrong).to_bytes(2, "big") + wrong))
+        elif kind == 2:
+            cases.append(("huge-secret-length", MAGIC + (65535).to_bytes(2, "big") + rng.randbytes(100)))
+        elif kind == 3:  # a PUT of a terabyte without a hello
+            cases.append(("put-before-hello", b"P" + (3).to_bytes(2, "big") + (1).to_bytes(4, "big") + b"q/x"
+                          + (1 << 40).to_bytes(8, "big") + b"n"))
+        elif kind == 4:
+            cases.append(("get-before-hello", b"G" + (7).to_bytes(2, "big") + bytes(4) + b"r/x/1/0"))
+        else:
+            cases.append(("pyro-on-bulk", _pyro_message(protocol.MSG_CONNECT, {"handshake": "x", "object": "y"})))
+    for i in range(slow):
+        if i % 2:
+            cases.append(("idle", b""))
+        else:
+            cases.append(("truncated-hello", (MAGIC + (64).to_bytes(2, "big"))[: rng.randint(1, 5)]))
+    rng.shuffle(cases)
+    return cases
+
+
+def test_fuzzing_the_bulk_port_does_not_stop_or_stall_large_calls() -> None:
+    import numpy as np
+
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=0.5, host_timeout=10.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        big = np.arange(100_000, dtype=np.float64)
+        assert np.array_equal(proxy.ident(big).get(timeout=30), big)  # the bulk channel is up
+        port = grid.slots[0].info["bulk_port"]
+        assert isinstance(port, int)
+        stop = threading.Event()
+        served: list[int] = []
+        failures: list[BaseException] = []
+
+        def legit_calls() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    back = proxy.ident(big + i).get(timeout=30)
+                    assert back[0] == i
+                    served.append(i)
+                except BaseException as exc:  # noqa: BLE001
+                    failures.append(exc)
+                    return
+                i += 1
+
+        caller = threading.Thread(target=legit_calls)
+        caller.start()
+        cases = _bulk_inputs(random.Random(11), len(grid._secret), quick=1400, slow=60)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(48) as pool:
+                closed_after = list(pool.map(lambda case: (case[0], _attack("127.0.0.1", port, case[1])), cases))
+        finally:
+            stop.set()
+            caller.join(timeout=60)
+        assert not failures, failures[:1]
+        assert len(served) > 10
+        slowest = max(t for _, t in closed_after)
+        assert slowest < CLOSE_BOUND, f"a hostile bulk connection stayed open {slowest:.1f} s"
+        assert grid.slots[0].handle.process.poll() is None  # type: ignore[union-attr]
+        assert not grid.slots[0].lost.is_set()
+        assert np.array_equal(proxy.ident(big).get(timeout=30), big)
+        grid.release_service(proxy)
