@@ -198,7 +198,7 @@ def serve(
         if remove_temp:
             # Only once the driver is gone (stdin closed, heartbeat silence): a daemon that
             # crashes must not pull the folder from under the other slots of its host.
-            cleanup.callback(lambda: stop.is_set() and shutil.rmtree(temp_path, ignore_errors=True))
+            cleanup.callback(_remove_if_driver_gone, stop, temp_path)
         if nameserver:
             member = label or f"{socket.gethostname()}-{os.getpid()}"
             cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
@@ -214,9 +214,14 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _remove_if_driver_gone(stop: threading.Event, path: str) -> None:
+    if stop.is_set():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _watch_stdin(shut: Any) -> None:
     try:
-        while sys.stdin.buffer.read1(65536):
+        while os.read(sys.stdin.fileno(), 65536):
             pass
     except (OSError, ValueError):
         pass

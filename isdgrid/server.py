@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import Pyro5.errors
 from Pyro5 import protocol, serializers
@@ -97,7 +97,7 @@ class _Flight:
     gen: int  # the connection it was sent on
 
 
-_Item = Union[_Call, _Marker, _Unanswered]
+_Item = _Call | _Marker | _Unanswered
 
 
 class _Stored(codec.Buffers):
@@ -110,7 +110,7 @@ class _Stored(codec.Buffers):
     __slots__ = ()
 
 
-class _Abandoned(Exception):
+class _Abandoned(Exception):  # noqa: N818 - a control-flow signal, never seen by users
     """The sender's own deadline passed while the batch was out."""
 
 
