@@ -69,11 +69,6 @@ class Host:
         if not isinstance(self.init_cmd, str):
             raise ConfigError(f"host {self.name!r}: init_cmd must be a string")
 
-    @property
-    def is_local(self) -> bool:
-        """True when the name denotes this machine (``localhost`` or a 127.x address)."""
-        return self.name in ("localhost", "127.0.0.1", "::1") or self.name.startswith("127.")
-
 
 _HOST_FIELDS = {f.name for f in dataclasses.fields(Host)}
 

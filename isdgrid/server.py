@@ -125,7 +125,6 @@ class Server:
         self.calls = 0
         self.errors = 0
         self.total_time = 0.0
-        self.in_flight = 0
         self.respawns = 0
         self._inbox: deque[_Item] = deque()
         self._lock = threading.RLock()  # guards the inbox, the counters and the state
@@ -416,7 +415,6 @@ class Server:
         try:
             if self._closed:
                 raise GridTerminatedError(f"service {self.service.id!r} was terminated")
-            self.in_flight = len(live)
             replies = self._send(seq, live, deadline, flight)
         except _Abandoned:
             with self._cond:  # resent later, in order: this batch, then the later flights
@@ -437,8 +435,6 @@ class Server:
             for call in live:
                 self._settle(call[2], exc=error)
             return
-        finally:
-            self.in_flight = 0
         outcomes = []
         errors = 0
         total = 0.0

@@ -23,13 +23,13 @@ import Pyro5.errors
 from .. import nameserver as ns
 from ..errors import AuthenticationError, ConfigError, LaunchError
 from ..hosts import Host
+from ..slot import make_proxy
 from .base import DaemonHandle, Launcher, SlotSpec
 
 __all__ = ["AttachLauncher", "uri_address"]
 
 log = logging.getLogger(__name__)
 
-SERIALIZER = "marshal"
 
 
 def uri_address(uri: str) -> tuple[str, int]:
@@ -178,11 +178,7 @@ class AttachLauncher(Launcher):
 
     @staticmethod
     def _info(uri: str, secret: str, timeout: float) -> dict[str, Any]:
-        proxy = Pyro5.client.Proxy(uri)
-        proxy._pyroHandshake = secret
-        proxy._pyroSerializer = SERIALIZER
-        proxy._pyroMaxRetries = 0
-        proxy._pyroTimeout = timeout
+        proxy = make_proxy(uri, secret, timeout)
         host, _ = uri_address(uri)
         try:
             with proxy:
