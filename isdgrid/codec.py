@@ -28,10 +28,11 @@ Wire formats (all marshal-able):
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import cloudpickle
@@ -91,31 +92,10 @@ def _scan(obj: Any, depth: int) -> int:
         return 1
     if depth >= _MAX_DEPTH:
         return 0
-    found = 1
     if t in _CONTAINERS:
-        for x in obj:
-            if type(x) not in _ATOMS:
-                sub = _scan(x, depth + 1)
-                if not sub:
-                    return 0
-                if sub > found:
-                    found = sub
-        return found
+        return _scan_all(obj, depth + 1)
     if t is dict:
-        for k, v in obj.items():
-            if type(k) not in _ATOMS:
-                sub = _scan(k, depth + 1)
-                if not sub:
-                    return 0
-                if sub > found:
-                    found = sub
-            if type(v) not in _ATOMS:
-                sub = _scan(v, depth + 1)
-                if not sub:
-                    return 0
-                if sub > found:
-                    found = sub
-        return found
+        return _scan_all(itertools.chain.from_iterable(obj.items()), depth + 1)
     np = sys.modules.get("numpy")
     if np is not None:
         if t is np.ndarray:
@@ -123,6 +103,19 @@ def _scan(obj: Any, depth: int) -> int:
         if isinstance(obj, np.generic) and t.__module__ == "numpy":
             return 0 if obj.dtype.hasobject else 1
     return 0
+
+
+def _scan_all(items: Iterable[Any], depth: int) -> int:
+    """The :func:`_scan` verdict for a collection: its worst item, or 2 if any holds arrays."""
+    found = 1
+    for x in items:
+        if type(x) not in _ATOMS:
+            sub = _scan(x, depth)
+            if not sub:
+                return 0
+            if sub > found:
+                found = sub
+    return found
 
 
 def dumps(obj: Any) -> bytes:
