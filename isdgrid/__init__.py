@@ -20,6 +20,8 @@ from typing import Any as _Any
 _LAZY = {
     "AuthenticationError": "errors",
     "ConfigError": "errors",
+    "DeadlockError": "errors",
+    "PayloadTooLargeError": "errors",
     "GridError": "errors",
     "GridTerminatedError": "errors",
     "HostLostError": "errors",
@@ -47,10 +49,12 @@ if _TYPE_CHECKING:
     from .errors import (
         AuthenticationError,
         ConfigError,
+        DeadlockError,
         GridError,
         GridTerminatedError,
         HostLostError,
         LaunchError,
+        PayloadTooLargeError,
         PublishError,
         RemoteError,
         RemoteTraceback,
@@ -84,6 +88,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "ConfigError",
+    "DeadlockError",
     "Grid",
     "GridError",
     "GridState",
@@ -92,6 +97,7 @@ __all__ = [
     "HostLostError",
     "LaunchError",
     "Launcher",
+    "PayloadTooLargeError",
     "PublishError",
     "RemoteError",
     "RemoteMethod",

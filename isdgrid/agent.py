@@ -1,10 +1,17 @@
-"""The agent: the one Pyro5 object of a host daemon, which hosts the published copies.
+"""The agent: the published copies of one daemon, and the exactly-once record of batches.
 
 The driver never talks to a published object directly: it sends batches of operations
-to the agent (``run``), which applies them in order to the object of that service and
-returns one reply item per operation. Each batch carries a sequence number; the agent
-keeps the reply of the last batch of each service, so a batch resent after a broken
-connection is answered from that record instead of being run twice.
+(over the calls channel, :mod:`isdgrid.wire`), which the agent applies in order to the
+object of that service, one reply item per operation. The batches of one service run
+one after the other, in the thread that :meth:`Agent.submit` hands the work to (the
+daemon's connection thread, which saves a thread switch per call; see
+:mod:`isdgrid.daemon` for how a long call does not hold up other services).
+Each batch carries a sequence number; the agent keeps the replies of the last
+``codec.MAX_FLIGHTS`` batches of each service, so a batch resent after a broken connection
+is answered from that record instead of being run twice.
+
+The control methods (``ping``, ``info``, ``publish``, ``unpublish``, ``put_files``) are
+served through Pyro5 by a :class:`ControlEndpoint` per control connection.
 """
 
 from __future__ import annotations
@@ -19,20 +26,25 @@ import tarfile
 import threading
 import time
 import traceback
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import Pyro5.server
 
 from . import codec
-from .bulk import BulkStore
+from .errors import PayloadTooLargeError
 
-__all__ = ["AGENT_ID", "Agent"]
+__all__ = ["AGENT_ID", "Agent", "ControlEndpoint", "Reply"]
 
 AGENT_ID = "isdgrid.agent"
-BULK_WAIT = 30.0  # a call's bulk buffers are put before the call is sent; this bounds a lost one
 
 log = logging.getLogger(__name__)
+
+# The reply of one batch: one ``(reply item, out-of-band buffers)`` per operation.
+Reply = list[tuple[Any, codec.Buffers]]
+Op = tuple[bytes, codec.Buffers]
 
 
 @dataclass
@@ -40,37 +52,36 @@ class _Service:
     obj: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_seq: int = 0
-    # The replies of the last MAX_FLIGHTS batches, for resends: seq -> (reply, bulk keys of its buffers)
-    replies: dict[int, tuple[list[Any], list[str]]] = field(default_factory=dict)
+    replies: dict[int, Reply] = field(default_factory=dict)  # the last MAX_FLIGHTS batches, for resends
+    pending: deque[Any] = field(default_factory=deque)  # batches waiting to run, in order
+    busy: bool = False  # a thread is running this service's batches
+    queue_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@Pyro5.server.behavior(instance_mode="single")
 class Agent:
     """Loads shipped objects, runs operation batches on them, and receives files."""
 
-    def __init__(self, temp_path: str, label: str, bulk: BulkStore | None = None, bulk_port: int | None = None) -> None:
+    def __init__(self, temp_path: str, label: str) -> None:
         self.temp_path = temp_path
         self.label = label
-        self.bulk = bulk
-        self.bulk_port = bulk_port if bulk is not None else None
         self.last_contact = time.monotonic()
         self.started = time.time()
+        self.port: int | None = None
         self._services: dict[str, _Service] = {}
         self._lock = threading.Lock()
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
+        """Note that the driver was heard from (the daemon's heartbeat watch reads it)."""
         self.last_contact = time.monotonic()
 
-    @Pyro5.server.expose
     def ping(self) -> float:
         """Heartbeat: returns the daemon's wall clock."""
-        self._touch()
+        self.touch()
         return time.time()
 
-    @Pyro5.server.expose
     def info(self) -> dict[str, Any]:
         """Who this daemon is: pid, host name, python, temp path and services."""
-        self._touch()
+        self.touch()
         with self._lock:
             services = sorted(self._services)
         return {
@@ -82,13 +93,12 @@ class Agent:
             "label": self.label,
             "services": services,
             "started": self.started,
-            "bulk_port": self.bulk_port,
+            "port": self.port,
         }
 
-    @Pyro5.server.expose
     def publish(self, service_id: str, payload: bytes) -> str:
         """Load a pickled instance as ``service_id``; '' on success, else the traceback."""
-        self._touch()
+        self.touch()
         importlib.invalidate_caches()  # files copied since start must be importable
         try:
             obj = codec.loads(payload)
@@ -96,83 +106,88 @@ class Agent:
             tb = traceback.format_exc()
             log.warning("%s: could not load service %s:\n%s", self.label, service_id, tb)
             return tb or "unknown error"
+        service = _Service(obj)
         with self._lock:
-            self._services[service_id] = _Service(obj)
+            self._services[service_id] = service
         log.info("%s: published %s (%s)", self.label, service_id, type(obj).__qualname__)
         return ""
 
-    @Pyro5.server.expose
     def unpublish(self, service_id: str) -> bool:
         """Forget ``service_id``; True when it was there."""
-        self._touch()
+        self.touch()
         with self._lock:
             service = self._services.pop(service_id, None)
-        found = service is not None
-        if service is not None and self.bulk is not None:
-            for _, staged in service.replies.values():
-                self.bulk.drop(staged)
-            self.bulk.drop_where(f"q/{service_id}/", lambda rest: False)
-        if found:
-            log.info("%s: unpublished %s", self.label, service_id)
-        return found
+        if service is None:
+            return False
+        log.info("%s: unpublished %s", self.label, service_id)
+        return True
 
-    @Pyro5.server.expose
-    def run(self, service_id: str, seq: int, ops: list[Any], bulk: bool = False) -> list[Any]:
-        """Apply pickled operations in order to the object of ``service_id``.
+    def submit(
+        self, service_id: str, seq: int, ops: list[Op], max_reply: int, send: Callable[[Reply | BaseException], None]
+    ) -> Callable[[], None] | None:
+        """Queue a batch; ``send`` gets its reply (or the error that stopped it).
+
+        Returns the work to run now in the calling thread (the service was idle: run its
+        batches until none is left), or None when a thread is already running them.
+        """
+        self.touch()
+        service = self._services.get(service_id)  # a dict read is atomic
+        if service is None:
+            err = LookupError(f"service {service_id!r} is not published on {self.label}")
+            send([(codec.encode_error(err, 0.0, ""), codec.Buffers()) for _ in ops])
+            return None
+        with service.queue_lock:
+            service.pending.append((seq, ops, max_reply, send))
+            if service.busy:
+                return None
+            service.busy = True
+        return lambda: self._drain(service_id, service)
+
+    def _drain(self, service_id: str, service: _Service) -> None:
+        """Run the service's waiting batches in order until none is left."""
+        while True:
+            with service.queue_lock:
+                if not service.pending:
+                    service.busy = False
+                    return
+                seq, ops, max_reply, send = service.pending.popleft()
+            try:
+                reply: Reply | BaseException = self.run(service, seq, ops, max_reply)
+            except BaseException as exc:  # noqa: BLE001 - the service outlives any batch
+                log.exception("%s: batch %d of %s failed", self.label, seq, service_id)
+                reply = exc
+            try:
+                send(reply)
+            except BaseException:  # noqa: BLE001 - a dead connection: the driver resends
+                log.debug("%s: reply of batch %d of %s not sent", self.label, seq, service_id, exc_info=True)
+
+    def run(self, service: _Service, seq: int, ops: list[Op], max_reply: int) -> Reply:
+        """Apply operations in order to the object of ``service``; one reply item each.
 
         ``seq`` numbers the batches of one service; a batch with the number of one of the
         last ``codec.MAX_FLIGHTS`` is a resend after a lost reply and gets that reply again
-        (the driver never has more batches out at once). With ``bulk`` the
-        driver reads the bulk port, so large buffers of the results wait there under a key.
+        (the driver never has more batches out at once).
         """
-        self.last_contact = time.monotonic()
-        service = self._services.get(service_id)  # a dict read is atomic
-        if service is None:
-            self._drop_requests(service_id, lambda s: False)
-            err = LookupError(f"service {service_id!r} is not published on {self.label}")
-            return [codec.encode_error(err, 0.0, "") for _ in ops]
         with service.lock:
             record = service.replies.get(seq)
             if record is not None:
-                log.info("%s: batch %d of %s resent; answering from record", self.label, seq, service_id)
-                self._drop_requests(service_id, lambda s: s > seq)
-                return record[0]
+                log.info("%s: batch %d resent; answering from record", self.label, seq)
+                return record
             if seq <= service.last_seq:
-                self._drop_requests(service_id, lambda s: s > service.last_seq)
-                err = LookupError(f"stale batch {seq} for {service_id} (last was {service.last_seq})")
-                return [codec.encode_error(err, 0.0, "") for _ in ops]
-            oob_min = codec.OOB_MIN if bulk and self.bulk is not None else None
-            reply: list[Any] = []
-            staged: list[str] = []
-            for data in ops:
-                item, buffers = self._apply(service.obj, data, oob_min)
-                if buffers:
-                    assert self.bulk is not None
-                    key = f"r/{service_id}/{seq}/{len(reply)}"
-                    self.bulk.put(key, buffers)
-                    staged.append(key)
-                    item = (*item, key, [b.nbytes for b in buffers])
-                reply.append(item)
-            service.replies[seq] = (reply, staged)
+                err = LookupError(f"stale batch {seq} (last was {service.last_seq})")
+                return [(codec.encode_error(err, 0.0, ""), codec.Buffers()) for _ in ops]
+            reply: Reply = [self._apply(service.obj, data, buffers, max_reply) for data, buffers in ops]
+            service.replies[seq] = reply
             for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
-                _, old_staged = service.replies.pop(old)  # the driver has read it: it sent this batch after
-                if old_staged and self.bulk is not None:
-                    self.bulk.drop(old_staged)
-            if self.bulk is not None and self.bulk.has_requests:
-                self._drop_requests(service_id, lambda s: s > seq)
+                del service.replies[old]  # the driver has read it: it sent this batch after
             service.last_seq = seq
-            self.last_contact = time.monotonic()
+            self.touch()
             return reply
 
-    def _drop_requests(self, service_id: str, keep: Any) -> None:
-        """Forget bulk buffers put for batches of ``service_id`` whose number fails ``keep``."""
-        if self.bulk is not None:
-            self.bulk.drop_where(f"q/{service_id}/", lambda rest: keep(int(rest.split("/", 1)[0])))
-
-    def _apply(self, obj: Any, data: Any, oob_min: int | None) -> tuple[Any, codec.Buffers]:
+    def _apply(self, obj: Any, data: bytes, buffers: codec.Buffers, max_reply: int) -> tuple[Any, codec.Buffers]:
         start = time.perf_counter()
         try:
-            kind, name, args, kwargs = self._decode(data)
+            kind, name, args, kwargs = codec.loads(data, buffers)
         except BaseException as exc:  # noqa: BLE001
             return codec.encode_error(exc, 0.0, traceback.format_exc()), codec.Buffers()
         try:
@@ -191,28 +206,20 @@ class Agent:
                     "remote %s raised %s; reported to the driver", codec.describe(kind, name), type(exc).__name__
                 )
             return codec.encode_error(exc, time.perf_counter() - start), codec.Buffers()
-        return codec.encode_value(value, time.perf_counter() - start, (kind, name), oob_min)
+        seconds = time.perf_counter() - start
+        item, out = codec.encode_value(value, seconds, (kind, name), codec.OOB_MIN)
+        size = len(item[1]) + sum(memoryview(b).nbytes for b in out) if item[0] else 0
+        if size > max_reply:
+            err = PayloadTooLargeError(
+                f"the result of {codec.describe(kind, name)} is {size} bytes, more than the grid's "
+                f"max_message_size of {max_reply} bytes", size=size, limit=max_reply,
+            )
+            return codec.encode_error(err, seconds, ""), codec.Buffers()
+        return item, out
 
-    def _decode(self, data: Any) -> Any:
-        """The ``(kind, name, args, kwargs)`` of one wire operation (see :mod:`isdgrid.codec`)."""
-        if isinstance(data, bytes):
-            return codec.loads(data)
-        payload, key, extra, *kinds = data
-        buffers: list[Any] | None
-        if key:
-            if self.bulk is None:
-                raise LookupError("this daemon has no bulk port")
-            buffers = self.bulk.take(key, BULK_WAIT)
-            if buffers is None:
-                raise LookupError(f"the bulk data {key} of this call did not arrive within {BULK_WAIT:g} s")
-        else:
-            buffers = codec.inline_buffers(extra, kinds[0])  # writable, like arrays unpickled in band
-        return codec.loads(payload, buffers)
-
-    @Pyro5.server.expose
     def put_files(self, archive: bytes) -> int:
         """Unpack a tar archive into the temp path (folders kept); returns the file count."""
-        self._touch()
+        self.touch()
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
             members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
             for member in members:
@@ -225,3 +232,32 @@ class Agent:
         count = sum(1 for m in members if m.isfile())
         log.info("%s: received %d files into %s", self.label, count, self.temp_path)
         return count
+
+
+@Pyro5.server.expose
+@Pyro5.server.behavior(instance_mode="single")
+class ControlEndpoint:
+    """The agent's control methods as a Pyro5 object (one per control connection).
+
+    Pyro5 marks a registered object as belonging to one daemon, and each authenticated
+    control connection is served by a daemon of its own, so each gets a thin endpoint.
+    Every method returns ``(True, value)`` or ``(False, reply item of the error)``: an
+    error raised on the host (a folder in the way of a copied file, say) reaches the
+    driver as its own type, never mistaken for a broken connection.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def call(self, method: str, *args: Any) -> tuple[bool, Any]:
+        """Run the agent's control ``method``; see the class doc for the outcome."""
+        if method not in CONTROL_METHODS:
+            return False, codec.encode_error(AttributeError(f"no control method {method!r}"), 0.0, "")
+        try:
+            return True, getattr(self._agent, method)(*args)
+        except BaseException as exc:  # noqa: BLE001 - the error is the caller's to see
+            log.warning("%s: %s failed: %s", self._agent.label, method, exc)
+            return False, codec.encode_error(exc, 0.0)
+
+
+CONTROL_METHODS = frozenset({"ping", "info", "publish", "unpublish", "put_files"})

@@ -10,19 +10,17 @@ receiver always uses ``pickle.loads``.
 
 Large contiguous buffers (numpy arrays, ``PickleBuffer``) can be taken out of band
 (pickle protocol 5 ``buffer_callback``): the pickle then holds only their layout, and the
-buffers travel raw, on the bulk side channel (:mod:`isdgrid.bulk`) or inline as bytes.
+buffers travel raw after the frame's header (:mod:`isdgrid.wire`), never copied into it.
 
 Each call and each reply item is pickled on its own: one unpicklable argument or result
 fails that call alone, never its batch. Pyro5 carries the resulting bytes with the
 ``marshal`` serializer, which passes ``bytes`` through without re-encoding them.
 
-Wire formats (all marshal-able):
+Wire formats (all marshal-able; see :mod:`isdgrid.wire` for the frames around them):
 
-- an operation: ``bytes`` (the pickled ``(kind, name, args, kwargs)`` tuple), or
-  ``(bytes, key, sizes_or_buffers)`` when it has out-of-band buffers: ``key`` names them in
-  the daemon's bulk store, or is ``""`` when the buffers themselves follow inline;
-- a reply item: ``(True, bytes, seconds)``, ``(True, bytes, seconds, key, sizes)`` when
-  its out-of-band buffers wait in the daemon's bulk store, or
+- an operation: ``bytes``, the pickled ``(kind, name, args, kwargs)`` tuple, plus its
+  out-of-band buffers in the frame;
+- a reply item: ``(True, bytes, seconds)`` plus its out-of-band buffers, or
   ``(False, exception_bytes_or_empty, type_name, message, traceback_text, seconds)``.
 """
 
@@ -60,7 +58,7 @@ __all__ = [
 ]
 
 PROTOCOL = 5
-OOB_MIN = 128 * 1024  # contiguous buffers this large travel out of band (see isdgrid.bulk)
+OOB_MIN = 128 * 1024  # contiguous buffers this large travel out of band, raw (see isdgrid.wire)
 MAX_FLIGHTS = 2  # batches of one server out at once; the agent keeps this many replies for resends
 
 CALL = "call"

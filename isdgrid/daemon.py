@@ -1,18 +1,27 @@
-"""The host daemon: one Pyro5 daemon process per slot, hosting an :class:`Agent`.
+"""The host daemon: one process per slot, serving the grid on one authenticated port.
 
 Started by a launcher as ``python -u -m isdgrid.daemon --secret-stdin --watch-stdin ...``
 or by hand with ``isdgrid daemon``. It prints one line ``ISDGRID-URI <uri>`` on stdout
-once it serves, then logs to stderr. It refuses every Pyro5 connection whose handshake
-does not carry the grid's secret, before any object is reached. When started by a grid
-it exits on its own once the driver is gone: its stdin closes, or no request arrives for
-``--heartbeat-timeout`` seconds.
+once it serves, then logs to stderr.
+
+Every connection first passes the mutual challenge-response of :mod:`isdgrid.handshake`
+(one deadline, at most ``MAX_UNAUTHENTICATED`` at once; nothing is deserialised before it
+succeeds), then is one of two channels:
+
+- *calls*: framed batches of operations (:mod:`isdgrid.wire`), run by the agent's runner
+  of each service, replies framed back;
+- *control*: a Pyro5 daemon on that connection (``Daemon(connected_socket=...)``) serving a
+  :class:`~isdgrid.agent.ControlEndpoint` (ping, info, publish, files).
+
+When started by a grid it exits on its own once the driver is gone: its stdin closes, or
+no request arrives for ``--heartbeat-timeout`` seconds. A line ``retire`` on stdin ends it
+without the cleanup of a gone driver (the grid replaces this slot; the folder stays).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import logging
 import os
 import shutil
@@ -21,115 +30,298 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import Pyro5.errors
 import Pyro5.server
-from Pyro5 import config as pyro_config
-from Pyro5 import core, protocol, serializers
 
-from .agent import AGENT_ID, Agent
+from . import handshake, wire
+from .agent import AGENT_ID, Agent, ControlEndpoint, Reply
 from .announce import announcement
-from .bulk import BulkServer, BulkStore
+from .codec import Buffers
 from .errors import GridError
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 
-__all__ = ["GridDaemon", "main", "serve"]
+__all__ = ["Listener", "main", "serve"]
 
-HANDSHAKE_TIMEOUT = 5.0
-MAX_HANDSHAKE_SIZE = 64 * 1024
-THREADPOOL_SIZE = 256
+MAX_FRAME = 1 << 62  # the peer is authenticated; each side bounds what it sends
+TAKEOVER = 0.005  # a batch running longer than this in a connection's thread gets a new reader
 
 log = logging.getLogger(__name__)
 
 
-class GridDaemon(Pyro5.server.Daemon):
-    """A Pyro5 daemon that admits only clients presenting the grid's secret."""
+class Listener:
+    """The daemon's one port: accepts, authenticates and serves connections.
 
-    def __init__(self, secret: str, host: str, port: int = 0, unix_socket: str | None = None) -> None:
+    A thread per connection: at most ``MAX_UNAUTHENTICATED`` in the handshake (a new one
+    beyond that pushes out the oldest), and after it the few the driver opens (calls,
+    control, heartbeat).
+    """
+
+    def __init__(self, agent: Agent, secret: str, *, host: str = "127.0.0.1", port: int = 0,
+                 unix_socket: str | None = None) -> None:
         if not secret:
             raise ValueError("a grid daemon needs a non-empty secret")
+        self.agent = agent
         self._secret = secret.encode()
-        super().__init__(host=host, port=port, unixsocket=unix_socket)
+        self.daemon_id = handshake.new_daemon_id()
+        if unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(unix_socket)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_socket)
+            location = f"./u:{unix_socket}"
+        else:
+            self.sock = socket.create_server((host, port), reuse_port=False)
+            bound = self.sock.getsockname()
+            agent.port = bound[1]
+            location = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        self.sock.listen(128)
+        self.uri = f"PYRO:{AGENT_ID}@{location}"
+        self._unauthenticated: dict[socket.socket, None] = {}  # in the handshake, oldest first
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
 
-    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
-        """Admit a client only if its connect message carries the secret.
+    def start(self) -> Listener:
+        self._thread.start()
+        return self
 
-        Replaces Pyro5's handshake so that nothing from an unauthenticated client reaches
-        a deserializer (marshal is not safe on hostile bytes) and so that a client that
-        sends too little, too much or nothing is dropped within ``HANDSHAKE_TIMEOUT``.
-        """
-        if denied_reason:
-            # Pyro5 calls this from its accept loop when the pool is full: waiting for the
-            # client's message there would stall every other client, so just hang up.
-            log.warning("refused a client from %s: %s", _peer(conn), denied_reason)
-            return False
-        conn.timeout = HANDSHAKE_TIMEOUT
-        msg = None
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            with self._lock:
+                if len(self._unauthenticated) >= handshake.MAX_UNAUTHENTICATED:
+                    # Drop the oldest, not the newest: a flood that keeps every place taken
+                    # cannot lock the driver out, whose handshake takes a millisecond.
+                    oldest = next(iter(self._unauthenticated))
+                    del self._unauthenticated[oldest]
+                    log.warning("%d handshakes under way: dropped the oldest", handshake.MAX_UNAUTHENTICATED)
+                    with contextlib.suppress(OSError):
+                        oldest.shutdown(socket.SHUT_RDWR)
+                self._unauthenticated[conn] = None
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="conn", daemon=True).start()
+            except BaseException:  # noqa: BLE001 - no thread: drop the connection, keep accepting
+                with self._lock:
+                    self._unauthenticated.pop(conn, None)
+                _close(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
         try:
-            header = conn.recv(6)
-            protocol.ReceivingMessage.validate(header)
-            header += conn.recv(protocol._header_size - 6)
-            msg = protocol.ReceivingMessage(header)
-            if msg.type != protocol.MSG_CONNECT:
-                raise Pyro5.errors.ProtocolError(f"expected a connect message, got type {msg.type}")
-            size = msg.annotations_size + msg.data_size
-            if size > MAX_HANDSHAKE_SIZE:
-                raise Pyro5.errors.ProtocolError(f"connect message of {size} bytes is too large")
-            payload = conn.recv(size) if size else b""
-            if self._secret not in bytes(payload):  # before any deserializer sees it
-                raise Pyro5.errors.SecurityError("access denied: wrong or missing grid secret")
-            msg.add_payload(payload)
-            serializer = serializers.serializers_by_id[msg.serializer_id]
-            data = serializer.loads(msg.data)
-            self.validateHandshake(conn, data["handshake"])
-            response = {
-                "handshake": "isdgrid",
-                "meta": self.objectsById[core.DAEMON_NAME].get_metadata(data["object"]),
-            }
-            reply = protocol.SendingMessage(
-                protocol.MSG_CONNECTOK, 0, msg.seq, msg.serializer_id, serializer.dumps(response)
-            )
-            conn.send(reply.data)
-        except Pyro5.errors.SecurityError as exc:
-            log.warning("refused a client from %s: %s", _peer(conn), exc)
-            self._refuse(conn, msg, str(exc))
-            return False
-        except (Pyro5.errors.PyroError, OSError, KeyError, TypeError, ValueError, EOFError) as exc:
-            log.debug("dropped a client from %s during the handshake: %s", _peer(conn), exc)
-            return False
-        conn.timeout = None
-        return True
+            try:
+                channel = handshake.answer(conn, self._secret, self.daemon_id,
+                                           time.monotonic() + handshake.HANDSHAKE_TIMEOUT)
+            except (OSError, ValueError) as exc:
+                log.info("dropped a connection from %s during the handshake: %s", _peer(conn), exc)
+                return
+            finally:
+                with self._lock:
+                    self._unauthenticated.pop(conn, None)
+            if channel == handshake.CHANNEL_CALLS:
+                _CallsChannel(self.agent, conn).serve()
+            else:
+                _serve_control(self.agent, conn, self._stop)
+        except BaseException:  # noqa: BLE001 - one connection's end never ends the daemon
+            log.exception("connection from %s failed", _peer(conn))
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            _close(conn)
 
-    @staticmethod
-    def _refuse(conn: Any, msg: Any, reason: str) -> None:
-        """Tell a well-formed but unauthorised Pyro5 client why it is refused."""
-        if msg is None:
-            return
-        marshal_id = serializers.MarshalSerializer.serializer_id
-        reply = protocol.SendingMessage(
-            protocol.MSG_CONNECTFAIL, 0, msg.seq, marshal_id, serializers.serializers_by_id[marshal_id].dumps(reason)
-        )
+    def close(self) -> None:
+        """Stop accepting and cut every connection."""
+        self._stop.set()
+        _close(self.sock)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _CallsChannel:
+    """One calls connection: frames in, batches run, reply frames out.
+
+    The thread that reads a batch of an idle service runs it itself (no thread switch
+    per call), having first given up the connection's read role. Should the batch run
+    longer than ``TAKEOVER`` seconds, the watchdog starts another thread to read on, so
+    the other services of the slot are never held up behind a long call.
+    """
+
+    def __init__(self, agent: Agent, sock: socket.socket) -> None:
+        self.agent = agent
+        self.sock = sock
+        self._frames = wire.FrameReader(sock)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._reading = False
+        self.free_since: float | None = None  # when the read role was left free for a batch
+        self.closed = threading.Event()
+
+    def serve(self) -> None:
+        """Read and run batches until the connection ends (the connection's own thread)."""
+        self.read_loop()
+        self.closed.wait()
+
+    def read_loop(self) -> None:
+        with self._lock:
+            if self._reading or self.closed.is_set():
+                return
+            self._reading = True
+            self.free_since = None
         try:
-            conn.send(reply.data)
-        except (OSError, Pyro5.errors.PyroError):
-            pass
+            while True:
+                try:
+                    kind, meta, buffers = self._frames.read(MAX_FRAME)
+                except OSError:
+                    self.closed.set()
+                    return
+                if kind != wire.BATCH:
+                    log.warning("unexpected frame %r on a calls connection; closing it", kind)
+                    self.closed.set()
+                    return
+                service_id, seq, items, max_reply = meta
+                ops = []
+                at = 0
+                for data, count in items:
+                    ops.append((data, Buffers(buffers[at: at + count], buffers.kinds[at: at + count])))
+                    at += count
+                work = self.agent.submit(service_id, seq, ops, max_reply, self._replier(service_id, seq))
+                if work is None:
+                    continue
+                with self._lock:
+                    self._reading = False
+                    self.free_since = time.monotonic()
+                _watchdog.watch(self)
+                work()
+                with self._lock:
+                    if self._reading or self.closed.is_set():
+                        return  # another thread reads on: this one is done
+                    self._reading = True
+                    self.free_since = None
+        except BaseException:
+            self.closed.set()
+            raise
 
-    def validateHandshake(self, conn: Any, data: Any) -> str:  # noqa: N802 - Pyro5's name
-        offered = data.encode() if isinstance(data, str) else data
-        if not isinstance(offered, bytes) or not hmac.compare_digest(offered, self._secret):
-            log.warning("refused a client from %s: wrong or missing grid secret", _peer(conn))
-            raise Pyro5.errors.SecurityError("access denied: wrong or missing grid secret")
-        return "isdgrid"
+    def take_over_due(self, now: float) -> bool:
+        """True (once) when the read role has been left free too long: start a reader."""
+        with self._lock:
+            if self._reading or self.free_since is None or self.closed.is_set():
+                return False
+            if now - self.free_since < TAKEOVER:
+                return False
+            self.free_since = None
+            return True
+
+    def _replier(self, service_id: str, seq: int) -> Callable[[Reply | BaseException], None]:
+        def send(reply: Reply | BaseException) -> None:
+            if isinstance(reply, BaseException):
+                meta: Any = (service_id, seq, type(reply).__name__, str(reply))
+                with self._send_lock:
+                    wire.send_frame(self.sock, wire.ERROR, meta)
+                return
+            out = Buffers([], b"".join(buffers.kinds for _, buffers in reply))
+            items = []
+            for item, buffers in reply:
+                items.append((item, len(buffers)))
+                out.extend(buffers)
+            with self._send_lock:
+                wire.send_frame(self.sock, wire.REPLY, (service_id, seq, items), out)
+
+        return send
 
 
-def _peer(conn: Any) -> str:
+class _Watchdog:
+    """Starts a new reader for a calls connection whose batch runs longer than TAKEOVER.
+
+    It ticks only while batches run (and a second after), so a stream of short calls
+    costs it no wake-up per call.
+    """
+
+    def __init__(self) -> None:
+        self._channels: weakref.WeakSet[_CallsChannel] = weakref.WeakSet()
+        self._cond = threading.Condition()
+        self._active = False
+        self._watched = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, channel: _CallsChannel) -> None:
+        with self._cond:
+            self._watched = True
+            if channel not in self._channels:
+                self._channels.add(channel)
+            if not self._active:
+                self._active = True
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="takeover-watchdog", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+
+    def _run(self) -> None:
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                with self._cond:
+                    while not self._active:
+                        self._cond.wait()
+                time.sleep(TAKEOVER / 2)
+                now = time.monotonic()
+                busy = False
+                for channel in list(self._channels):
+                    if channel.free_since is not None:
+                        busy = True
+                    if channel.take_over_due(now):
+                        threading.Thread(target=channel.read_loop, name="conn-reader", daemon=True).start()
+                with self._cond:
+                    if busy or self._watched:
+                        quiet_since = now
+                    elif now - quiet_since > 1.0:
+                        self._active = False
+                    self._watched = False
+            except BaseException:  # noqa: BLE001 - the watchdog outlives any error
+                log.exception("takeover watchdog error")
+                time.sleep(TAKEOVER)
+
+
+_watchdog = _Watchdog()
+
+
+def _serve_control(agent: Agent, sock: socket.socket, stop: threading.Event) -> None:
+    """Serve the agent's control methods through Pyro5 on this authenticated connection."""
+    daemon = Pyro5.server.Daemon(connected_socket=sock)
     try:
-        host, port = conn.sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except (OSError, TypeError, AttributeError):
+        daemon.register(ControlEndpoint(agent), AGENT_ID)
+        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+    finally:
+        daemon.close()
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        peer = conn.getpeername()
+    except OSError:
         return "?"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) or "a local socket"
 
 
 def serve(
@@ -156,29 +348,25 @@ def serve(
     With ``nameserver`` (``HOST:PORT``) the agent URI is registered there under
     ``isdgrid.<group>.<label or host-pid>`` while the daemon serves.
     """
-    pyro_config.THREADPOOL_SIZE = max(pyro_config.THREADPOOL_SIZE, THREADPOOL_SIZE)
     temp_path = os.path.abspath(temp_path or os.getcwd())
     os.makedirs(temp_path, exist_ok=True)
     os.chdir(temp_path)
     if temp_path not in sys.path:
         sys.path.insert(0, temp_path)
-    daemon = GridDaemon(secret, host=host, port=port, unix_socket=unix_socket)
-    # The bulk side channel listens on the same interface; a Unix-socket daemon (ssh
-    # tunnel) has none, nor one started with ISDGRID_BULK=0: large payloads then travel inline.
-    use_bulk = not unix_socket and os.environ.get("ISDGRID_BULK", "1") != "0"
-    bulk = BulkServer(secret, BulkStore(), host=daemon.sock.getsockname()[0]).start() if use_bulk else None
-    agent = Agent(
-        temp_path, label or f"{host}:{daemon.locationStr}",
-        bulk=bulk.store if bulk else None, bulk_port=bulk.port if bulk else None,
-    )
-    uri = daemon.register(agent, AGENT_ID)
+    agent = Agent(temp_path, label)
+    listener = Listener(agent, secret, host=host, port=port, unix_socket=unix_socket)
+    if not label:
+        agent.label = listener.uri.split("@", 1)[1]
+    uri = listener.uri
     stop = threading.Event()
+    driver_gone = threading.Event()
 
-    def shut(reason: str) -> None:
+    def shut(reason: str, gone: bool = True) -> None:
         if not stop.is_set():
+            if gone:
+                driver_gone.set()
             stop.set()
             log.info("%s: %s; shutting down", agent.label, reason)
-            daemon.shutdown()
 
     if watch_stdin:
         threading.Thread(target=_watch_stdin, args=(shut,), name="stdin-watch", daemon=True).start()
@@ -192,37 +380,52 @@ def serve(
             fh.write(f"{uri}\n")
         os.replace(tmp, uri_file)
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(daemon.close)
-        if bulk is not None:
-            cleanup.callback(bulk.close)
+        cleanup.callback(listener.close)
         if remove_temp:
-            # Only once the driver is gone (stdin closed, heartbeat silence): a daemon that
-            # crashes must not pull the folder from under the other slots of its host.
-            cleanup.callback(_remove_if_driver_gone, stop, temp_path)
+            # Only once the driver is gone (stdin closed, heartbeat silence): not when a
+            # daemon crashes or the grid retires it, which would pull the folder from
+            # under the other slots of its host.
+            cleanup.callback(_remove_if_driver_gone, driver_gone, temp_path)
+        if unix_socket:
+            cleanup.callback(_unlink, unix_socket)
         if nameserver:
             member = label or f"{socket.gethostname()}-{os.getpid()}"
             cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
+        listener.start()
         if on_ready is not None:
             on_ready(str(uri))
         sys.stdout.write(announcement(str(uri)) + "\n")
         sys.stdout.flush()
         log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
-        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
+        while not stop.wait(1.0):
+            pass
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _remove_if_driver_gone(stop: threading.Event, path: str) -> None:
-    if stop.is_set():
+def _remove_if_driver_gone(driver_gone: threading.Event, path: str) -> None:
+    if driver_gone.is_set():
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _watch_stdin(shut: Any) -> None:
+    seen = b""
     try:
-        while os.read(sys.stdin.fileno(), 65536):
-            pass
+        while True:
+            data = os.read(sys.stdin.fileno(), 65536)
+            if not data:
+                break
+            seen = (seen + data)[-64:]
+            if b"retire\n" in seen:
+                shut("retired by the grid (the slot is replaced)", gone=False)
+                return
     except (OSError, ValueError):
         pass
     shut("stdin closed (the driver is gone)")

@@ -7,6 +7,8 @@ Every error the grid raises on purpose derives from :class:`GridError`::
      ├── ServiceReleasedError     a call on a released proxy, or a second release
      ├── PublishError             the object cannot be pickled or fails to load on a host
      ├── RemoteError              a remote exception whose own type cannot be re-raised here
+     ├── PayloadTooLargeError     one call (or reply) is larger than the grid's message limit
+     ├── DeadlockError            the calling thread would wait for a server it holds itself
      ├── HostLostError            a daemon died or stopped answering
      │    └── ServiceUnavailableError   every server of a service is lost
      ├── AuthenticationError      a daemon refused the grid's secret
@@ -25,10 +27,12 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "ConfigError",
+    "DeadlockError",
     "GridError",
     "GridTerminatedError",
     "HostLostError",
     "LaunchError",
+    "PayloadTooLargeError",
     "PublishError",
     "RemoteError",
     "RemoteTraceback",
@@ -103,6 +107,27 @@ class RemoteError(GridError):
         if self.remote_traceback:
             text += f"\n--- remote traceback ---\n{self.remote_traceback.rstrip()}"
         return text
+
+
+class PayloadTooLargeError(GridError):
+    """One call or one reply is larger than the grid's message limit.
+
+    The call fails alone; its slot stays healthy. ``size`` and ``limit`` are in bytes.
+    """
+
+    def __init__(self, message: str, *, size: int = 0, limit: int = 0) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(message)
+
+
+class DeadlockError(GridError):
+    """The calling thread would wait for a server that it holds itself.
+
+    Raised at once (instead of waiting forever) by ``acquire_service`` when every busy
+    server of the service is held by the calling thread, and by ``broadcast`` /
+    ``scatter`` when the calling thread holds a server of that service.
+    """
 
 
 class HostLostError(GridError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import enum
 import logging
 import secrets
@@ -18,6 +19,7 @@ from typing import Any
 from . import codec
 from .errors import (
     ConfigError,
+    DeadlockError,
     GridError,
     GridTerminatedError,
     HostLostError,
@@ -31,7 +33,7 @@ from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .proxy import ServiceProxy
 from .result import Result
-from .server import Server, ServerState, serve_results
+from .server import Server, ServerState
 from .service import Service, public_methods
 from .slot import Slot
 from .statusfile import StatusFileWriter
@@ -39,6 +41,9 @@ from .statusfile import StatusFileWriter
 __all__ = ["Grid", "GridState", "ServerStatus"]
 
 log = logging.getLogger("isdgrid")
+
+DEFAULT_MAX_MESSAGE_SIZE = 2 * 1024**3
+GATHER_SLICE = 0.05  # gather looks for a lost host at least this often while it reads a reply
 
 
 class GridState(enum.Enum):
@@ -80,6 +85,9 @@ class Grid:
     ``daemon_timeout`` seconds after the driver stops talking to it, or at once when the
     driver's end of its stdin closes. Use as a context manager, or call :meth:`terminate`.
 
+    ``max_message_size`` (bytes, default 2 GiB) bounds one call and one reply: a call over it
+    raises :class:`PayloadTooLargeError` at once, a reply over it fails that call alone.
+
     ``status_file`` (default True) keeps a JSON status file for ``isdgrid status`` in the
     run folder (see :mod:`isdgrid.statusfile`); a string is the file's path, False turns
     it off.
@@ -105,9 +113,13 @@ class Grid:
         secret: str | None = None,
         launcher_options: Mapping[str, Any] | None = None,
         status_file: bool | str = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
             raise ConfigError("need 0 < heartbeat_interval < host_timeout")
+        if max_message_size < 1024:
+            raise ConfigError(f"max_message_size must be at least 1024 bytes, not {max_message_size}")
+        self.max_message_size = int(max_message_size)
         if isinstance(launcher, Launcher):
             self._launcher = launcher
         else:
@@ -125,7 +137,8 @@ class Grid:
         self.queues: dict[str, Any] = {}
         self.debug = debug
         self.verbose = bool(verbose)
-        self.set_debug(debug, verbose)
+        if debug or verbose:  # otherwise the logging set up by the user stays as it is
+            self.set_debug(debug, verbose)
         self._secret = secret or secrets.token_hex(32)
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
@@ -213,6 +226,11 @@ class Grid:
             host_timeout=self._host_timeout,
             on_lost=self._slot_lost,
         )
+        try:
+            slot.open()
+        except (GridError, OSError) as exc:
+            slot.close()
+            raise LaunchError(f"cannot connect to the daemon at {handle.uri}: {exc}", host=handle.host.name) from exc
         self._slots.append(slot)
         slot.start_monitor()
         return slot
@@ -253,7 +271,9 @@ class Grid:
         service = Service(service_id, cls.__qualname__, public_methods(cls), payload)
         with self._lock:
             self._check_running()
-            service.servers = [Server(service, slot, i) for i, slot in enumerate(slots)]
+            service.servers = [
+                Server(service, slot, i, max_message_size=self.max_message_size) for i, slot in enumerate(slots)
+            ]
             for server in service.servers:
                 service.queue.put(server)
             self._services[service_id] = service
@@ -269,7 +289,7 @@ class Grid:
         for future in futures:
             try:
                 outcomes.append(future.result())
-            except GridError as exc:
+            except Exception as exc:  # noqa: BLE001 - each slot's outcome, host-side errors included
                 outcomes.append(exc)
         return outcomes
 
@@ -277,13 +297,23 @@ class Grid:
     def acquire_service(self, service_id: str, timeout: float | None = None) -> ServiceProxy:
         """A proxy to a free server of ``service_id``; waits while all are busy.
 
-        Raises :class:`UnknownServiceError` at once for an unknown id, ``TimeoutError``
-        after ``timeout`` seconds, :class:`ServiceUnavailableError` when every server of
-        the service is lost.
+        Servers are handed out first come, first served. Raises
+        :class:`UnknownServiceError` at once for an unknown id, ``TimeoutError`` after
+        ``timeout`` seconds, :class:`ServiceUnavailableError` when every server of the
+        service is lost, and :class:`DeadlockError` at once when every busy server is held
+        by the calling thread itself (nothing could ever free one).
         """
         service = self._service(service_id)
+        me = threading.get_ident()
+        live = [s for s in service.servers if not s.lost]
+        if live and all(s.state is ServerState.ACQUIRED and s.holder == me for s in live):
+            raise DeadlockError(
+                f"acquire_service({service_id!r}) would wait forever: the calling thread holds every server of it "
+                "(release one first, or release_all() after a broadcast)"
+            )
         server = service.queue.get(timeout)
         server.state = ServerState.ACQUIRED
+        server.holder = me
         log.debug("acquired %r", server)
         return ServiceProxy(server)
 
@@ -298,33 +328,62 @@ class Grid:
         proxy._isdgrid_release()
 
     # -- collective calls ----------------------------------------------------------------
-    def _hold(self, service_id: str) -> list[ServiceProxy]:
+    def _hold(self, service_id: str, timeout: float | None) -> list[ServiceProxy]:
+        """Every server of the service, in server order, kept until release_all."""
         service = self._service(service_id)
         with self._lock:
             held = self._held.get(service_id)
+        if held is not None:
+            return held
+        me = threading.get_ident()
+        mine = [s for s in service.servers if s.state is ServerState.ACQUIRED and s.holder == me]
+        if mine:
+            raise DeadlockError(
+                f"broadcast/scatter on {service_id!r} would wait forever: the calling thread holds "
+                f"{len(mine)} of its servers (release them first)"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not service.hold_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise TimeoutError(f"another thread is taking the servers of {service_id!r} for a broadcast")
+        try:
+            with self._lock:
+                held = self._held.get(service_id)
             if held is not None:
                 return held
-            held = []
+            taken: list[Server] = []
             try:
                 for server in service.servers:
-                    service.queue.take(server, lambda s=server: bool(s.lost))  # type: ignore[misc]
-                    server.state = ServerState.ACQUIRED
-                    held.append(ServiceProxy(server))
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if service.queue.take(server, lambda s=server: bool(s.lost), left) is not None:  # type: ignore[misc]
+                        taken.append(server)
+                        server.state = ServerState.ACQUIRED
+                        server.holder = me
             except BaseException:
-                for proxy in held:
-                    proxy._isdgrid_release()
+                for server in taken:
+                    server.state = ServerState.ACQUIRED
+                    server.submit_release()
                 raise
-            self._held[service_id] = held
+            held = [ServiceProxy(server) for server in service.servers]  # a lost one's calls fail at once
+            with self._lock:
+                self._check_running()
+                self._held[service_id] = held
             return held
+        finally:
+            service.hold_lock.release()
 
-    def broadcast(self, service_id: str, name: str, *args: Any, **kwargs: Any) -> list[Result]:
+    def broadcast(
+        self, service_id: str, name: str, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> list[Result]:
         """Call ``name(*args, **kwargs)`` on every server of the service; a Result each.
 
         A plain (non-callable) attribute named ``name`` is read when no arguments are given.
         The first broadcast or scatter takes every server of the service, in server order,
         and keeps them until :meth:`release_all`, so result ``i`` always comes from server ``i``.
+        ``timeout`` bounds the wait for busy servers (``TimeoutError``); it is the grid's,
+        not passed on (give a remote ``timeout`` argument through :meth:`scatter`'s ``kwlist``).
+        Raises :class:`DeadlockError` at once when the calling thread holds a server of it.
         """
-        return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id)]
+        return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id, timeout)]
 
     def scatter(
         self,
@@ -332,17 +391,20 @@ class Grid:
         name: str,
         arglist: Sequence[Any],
         kwlist: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
     ) -> list[Result]:
         """Call ``name`` on server ``i`` with ``arglist[i]`` (and ``kwlist[i]``).
 
         A tuple or list item is unpacked as positional arguments; any other item (a dict
-        included) is passed as the one argument.
+        included) is passed as the one argument. ``timeout`` as for :meth:`broadcast`.
         """
-        held = self._hold(service_id)
-        if len(arglist) != len(held):
-            raise ValueError(f"scatter: {len(arglist)} argument items for {len(held)} servers of {service_id!r}")
-        if kwlist is not None and len(kwlist) != len(held):
-            raise ValueError(f"scatter: {len(kwlist)} keyword items for {len(held)} servers of {service_id!r}")
+        service = self._service(service_id)
+        n = len(service.servers)
+        if len(arglist) != n:
+            raise ValueError(f"scatter: {len(arglist)} argument items for {n} servers of {service_id!r}")
+        if kwlist is not None and len(kwlist) != n:
+            raise ValueError(f"scatter: {len(kwlist)} keyword items for {n} servers of {service_id!r}")
+        held = self._hold(service_id, timeout)
         results = []
         for i, proxy in enumerate(held):
             item = arglist[i]
@@ -351,27 +413,25 @@ class Grid:
             results.append(proxy._isdgrid_call(name, args, kwargs))
         return results
 
-    def gather(self, results: Iterable[Result], timeout: float | None = None) -> list[Any]:
+    def gather(self, results: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> list[Any]:
         """The values of ``results``, in order; raises the first error in that order.
 
         Waits for every result (at most ``timeout`` seconds, then ``TimeoutError``),
-        except that a :class:`HostLostError` is raised as soon as it happens.
+        except that a :class:`HostLostError` is raised as soon as it happens. The replies
+        are read by the calling thread itself, as they come.
         """
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
-        serve_results(results, deadline)  # replies in flight are read here, as they come
-        pending: set[concurrent.futures.Future[Any]] = set(results)
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = concurrent.futures.wait(
-                pending, timeout=left, return_when=concurrent.futures.FIRST_EXCEPTION
-            )
-            failed = [r for r in done if not r.cancelled() and r.exception() is not None]
-            lost = [r for r in failed if isinstance(r.exception(), HostLostError)]
-            if lost:
-                raise min(lost, key=lambda r: results.index(r)).exception()  # type: ignore[misc, arg-type]
-            if pending and not failed:
-                raise TimeoutError(f"gather: {len(pending)} of {len(results)} results not ready within {timeout} s")
+        for result in results:
+            while not concurrent.futures.Future.done(result):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    waiting = sum(not concurrent.futures.Future.done(r) for r in results)
+                    raise TimeoutError(f"gather: {waiting} of {len(results)} results not ready within {timeout} s")
+                step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
+                with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                    result.exception(step)
+                _raise_lost(results)
         for result in results:
             if not result.cancelled() and result.exception() is not None:
                 raise result.exception()  # type: ignore[misc]
@@ -459,6 +519,7 @@ class Grid:
         for service in services:
             for server in service.servers:
                 if server.slot is slot:
+                    server.fail_queued(slot.lost_error("the call was queued"))
                     service.queue.discard(server)
             service.queue.wake()
         if respawn:
@@ -477,7 +538,9 @@ class Grid:
     def _respawn_slot(self, old: Slot, services: list[Service]) -> None:
         """Start a lost slot again and re-publish its services there (a worker thread)."""
         try:
-            self._launcher.stop([old.handle], self._stop_timeout)  # reap what is left of it
+            # Reap what is left of it; "retire" tells a hung daemon that resumes later that
+            # the driver lives on, so it leaves the (maybe shared) temp folder alone.
+            self._launcher.stop([old.handle], self._stop_timeout, retire=True)
             old.close()
             for attempt in range(3):
                 if self._state is not GridState.RUNNING:
@@ -554,7 +617,7 @@ class Grid:
         for service in services:  # daemons the grid does not own outlive it: clean them up
             self._terminate_service(service, unpublish=not self._launcher.owns_daemons)
         for slot in self._slots:
-            slot.close()
+            slot.close(GridTerminatedError("the grid was terminated"))
         self._launcher.stop([slot.handle for slot in self._slots], self._stop_timeout)
         for service in services:
             for server in service.servers:
@@ -610,6 +673,15 @@ class Grid:
     def slots(self) -> list[Slot]:
         """The daemons of the grid (one per slot)."""
         return list(self._slots)
+
+
+def _raise_lost(results: list[concurrent.futures.Future[Any]]) -> None:
+    """Raise the HostLostError of the first result (in order) that failed with one."""
+    for result in results:
+        if concurrent.futures.Future.done(result) and not result.cancelled():
+            exc = result.exception()
+            if isinstance(exc, HostLostError):
+                raise exc
 
 
 _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()

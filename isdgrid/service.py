@@ -33,6 +33,7 @@ class Service:
     queue: ServerQueue = field(init=False)
     respawning: int = 0
     terminated: threading.Event = field(default_factory=threading.Event)
+    hold_lock: threading.Lock = field(default_factory=threading.Lock)  # one broadcast takes the servers at a time
 
     def __post_init__(self) -> None:
         self.queue = ServerQueue(self.id, self.usable)

@@ -1,4 +1,4 @@
-"""ServerQueue: the thread-safe queue of the free servers of one service."""
+"""ServerQueue: the thread-safe, first-come-first-served queue of the free servers of one service."""
 
 from __future__ import annotations
 
@@ -18,84 +18,126 @@ __all__ = ["ServerQueue"]
 _WAKE = 1.0  # re-check the service's health at least this often while waiting
 
 
-class ServerQueue:
-    """Free servers of one service, first in first out.
+class _Waiter:
+    __slots__ = ("event", "server", "wanted")
 
-    ``get`` waits while all servers are busy; it raises ``ServiceUnavailableError`` once no
-    server can ever come back (all lost, no respawn) and ``GridTerminatedError`` once the
-    service is terminated. ``take`` removes one given server (broadcast keeps server order).
+    def __init__(self, wanted: Server | None) -> None:
+        self.event = threading.Event()
+        self.server: Server | None = None
+        self.wanted = wanted  # a given server (broadcast keeps server order), or any
+
+
+class ServerQueue:
+    """Free servers of one service, handed out first come, first served.
+
+    A server put back goes straight to the thread that has waited longest (so a thread
+    that loops acquire/release cannot starve the others). ``get`` raises
+    ``ServiceUnavailableError`` once no server can ever come back (all lost, no respawn)
+    and ``GridTerminatedError`` once the service is terminated; ``take`` removes one
+    given server.
     """
 
     def __init__(self, service_id: str, usable: Callable[[], bool]) -> None:
         self.service_id = service_id
         self._usable = usable
         self._free: deque[Server] = deque()
-        self._cond = threading.Condition()
+        self._waiters: deque[_Waiter] = deque()
+        self._lock = threading.Lock()
         self._closed = False
 
     def put(self, server: Server) -> None:
-        """Make ``server`` free (it must not be in the queue already)."""
-        with self._cond:
+        """Make ``server`` free: to the longest waiter that wants it, else into the queue."""
+        with self._lock:
             if self._closed or server in self._free:
                 return
+            for waiter in self._waiters:
+                if waiter.wanted is None or waiter.wanted is server:
+                    self._waiters.remove(waiter)
+                    waiter.server = server
+                    waiter.event.set()
+                    return
             self._free.append(server)
-            self._cond.notify()
 
     def get(self, timeout: float | None = None) -> Server:
         """Take a free server, waiting at most ``timeout`` seconds (None: while any can come)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise GridTerminatedError(f"service {self.service_id!r} was terminated")
-                if self._free:
-                    return self._free.popleft()
-                if not self._usable():
-                    raise ServiceUnavailableError(self.service_id)
-                wait = _WAKE if deadline is None else min(_WAKE, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"no free server of service {self.service_id!r} within {timeout} s")
-                self._cond.wait(wait)
+        return self._wait(None, lambda: False, timeout)
 
-    def take(self, server: Server, is_lost: Callable[[], bool], timeout: float | None = None) -> None:
-        """Wait until ``server`` itself is free and remove it (return at once if it is lost)."""
+    def take(self, server: Server, is_lost: Callable[[], bool], timeout: float | None = None) -> Server | None:
+        """Wait until ``server`` itself is free and remove it; None at once if it is lost."""
+        try:
+            return self._wait(server, is_lost, timeout)
+        except _Lost:
+            return None
+
+    def _wait(self, wanted: Server | None, is_lost: Callable[[], bool], timeout: float | None) -> Server:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise GridTerminatedError(f"service {self.service_id!r} was terminated")
-                if server in self._free:
+        waiter = _Waiter(wanted)
+        with self._lock:
+            self._check()
+            for server in self._free:
+                if (wanted is None or server is wanted) and not any(
+                    w.wanted is None or w.wanted is server for w in self._waiters
+                ):
                     self._free.remove(server)
-                    return
-                if is_lost():
-                    return
-                wait = _WAKE if deadline is None else min(_WAKE, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"server {server} not free within {timeout} s")
-                self._cond.wait(wait)
+                    return server
+            self._waiters.append(waiter)
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                waiter.event.wait(_WAKE if left is None else max(0.0, min(_WAKE, left)))
+                with self._lock:
+                    if waiter.server is not None:
+                        return waiter.server
+                    waiter.event.clear()
+                    self._check()
+                    if wanted is not None and is_lost():
+                        raise _Lost()
+                    if wanted is None and not self._usable():
+                        raise ServiceUnavailableError(self.service_id)
+                    if left is not None and left <= 0:
+                        what = "free server" if wanted is None else f"free {wanted!r}"
+                        raise TimeoutError(f"no {what} of service {self.service_id!r} within {timeout} s")
+        except BaseException:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    handed = None
+                else:
+                    handed = waiter.server
+            if handed is not None:  # it came just as we gave up: pass it on
+                self.put(handed)
+            raise
+
+    def _check(self) -> None:
+        if self._closed:
+            raise GridTerminatedError(f"service {self.service_id!r} was terminated")
 
     def discard(self, server: Server) -> None:
         """Remove ``server`` if it is free (it was lost) and wake the waiters."""
-        with self._cond:
+        with self._lock:
             if server in self._free:
                 self._free.remove(server)
-            self._cond.notify_all()
+        self.wake()
 
     def wake(self) -> None:
-        """Wake every waiter so it re-checks the service."""
-        with self._cond:
-            self._cond.notify_all()
+        """Have every waiter re-check the service now (a server was lost or respawned)."""
+        with self._lock:
+            for waiter in self._waiters:
+                waiter.event.set()
 
     def close(self) -> None:
         """Terminate: every waiter raises GridTerminatedError."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._free.clear()
-            self._cond.notify_all()
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        for waiter in waiters:
+            waiter.event.set()
 
     def qsize(self) -> int:
         """Number of free servers now."""
-        with self._cond:
+        with self._lock:
             return len(self._free)
 
     def empty(self) -> bool:
@@ -107,3 +149,7 @@ class ServerQueue:
 
     def __repr__(self) -> str:
         return f"<ServerQueue {self.service_id} free={self.qsize()}>"
+
+
+class _Lost(Exception):  # noqa: N818 - internal signal: the wanted server is lost
+    pass

@@ -11,6 +11,7 @@ import pytest
 from remote_objects import CustomError, Recorder
 
 from isdgrid import (
+    DeadlockError,
     Grid,
     GridTerminatedError,
     RemoteError,
@@ -210,9 +211,21 @@ def test_unknown_service_and_acquire_timeout(grid1: Grid) -> None:
     assert time.monotonic() - t0 < 1.0
     sid = grid1.publish(Recorder())
     proxy = grid1.acquire_service(sid)
-    with pytest.raises(TimeoutError):
-        grid1.acquire_service(sid, timeout=0.3)
+    with pytest.raises(DeadlockError):  # this thread holds the only server: refused at once
+        grid1.acquire_service(sid, timeout=30)
+    outcome: list[BaseException] = []
+    other = threading.Thread(target=lambda: _acquire_into(grid1, sid, 0.3, outcome))
+    other.start()
+    other.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)
     grid1.release_service(proxy)
+
+
+def _acquire_into(grid: Grid, sid: str, timeout: float, outcome: list[BaseException]) -> None:
+    try:
+        grid.acquire_service(sid, timeout=timeout)
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        outcome.append(exc)
 
 
 def test_result_is_a_future_with_get_timeout(grid1: Grid) -> None:

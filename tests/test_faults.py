@@ -103,10 +103,10 @@ def test_transient_drop_is_retried_once_and_never_runs_a_call_twice() -> None:
         server = proxy._isdgrid_server
         slow = proxy.slow_add(1.0, "slow")
         time.sleep(0.4)  # the batch is running remotely now
-        grid.slots[0]._cut_all()  # break the connection; the daemon lives on
+        grid.slots[0].cut_connections()  # break the connection; the daemon lives on
         assert slow.get(timeout=30) == 1
         for i in range(3):  # cut between calls too
-            grid.slots[0]._cut_all()
+            grid.slots[0].cut_connections()
             assert proxy.add(i).get(timeout=30) == i + 2
         assert proxy.history().get(timeout=30) == ["slow", 0, 1, 2]
         assert not server.lost

@@ -142,9 +142,9 @@ def test_large_call_resent_across_a_cut_connection_runs_once(warm: bool) -> None
         slow = proxy.slow_add(1.0, array)
         array[:] = 0
         time.sleep(0.4)  # the batch runs remotely now
-        grid.slots[0]._cut_all()  # every connection (Pyro5 and bulk) breaks; the daemon lives on
+        grid.slots[0].cut_connections()  # every connection (Pyro5 and bulk) breaks; the daemon lives on
         assert slow.get(timeout=60) == 1
-        grid.slots[0]._cut_all()
+        grid.slots[0].cut_connections()
         echoed = proxy.ident(original).get(timeout=60)  # and a large reply after a cut
         assert np.array_equal(echoed, original)
         seen = proxy.history().get(timeout=30)
@@ -264,7 +264,7 @@ def test_pipelined_batches_cut_mid_stream_run_once_in_order() -> None:
         for i in range(n):
             results.append(proxy.add(i))
             if i % 500 == 250:
-                grid.slots[0]._cut_all()  # breaks whatever is out: resent under the same numbers
+                grid.slots[0].cut_connections()  # breaks whatever is out: resent under the same numbers
         assert [r.get(timeout=60) for r in results] == list(range(1, n + 1))
         assert proxy.history().get(timeout=60) == list(range(n))
         assert not grid.slots[0].lost.is_set()

@@ -16,14 +16,13 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-import Pyro5.client
 import Pyro5.core
 import Pyro5.errors
 
 from .. import nameserver as ns
 from ..errors import AuthenticationError, ConfigError, LaunchError
 from ..hosts import Host
-from ..slot import make_proxy
+from ..transport import ConnectionBroken, ControlChannel, address_of
 from .base import DaemonHandle, Launcher, SlotSpec
 
 __all__ = ["AttachLauncher", "uri_address"]
@@ -178,22 +177,21 @@ class AttachLauncher(Launcher):
 
     @staticmethod
     def _info(uri: str, secret: str, timeout: float) -> dict[str, Any]:
-        proxy = make_proxy(uri, secret, timeout)
         host, _ = uri_address(uri)
         try:
-            with proxy:
-                info: dict[str, Any] = proxy.info()
-                return info
-        except Pyro5.errors.SecurityError as exc:
-            raise AuthenticationError(f"the daemon at {uri} refused the secret: {exc}") from exc
-        except Pyro5.errors.CommunicationError as exc:
-            text = str(exc)
-            if ("rejected" in text or "denied" in text) and "secret" in text:
-                raise AuthenticationError(f"the daemon at {uri} refused the secret: {text}") from exc
+            channel = ControlChannel(address_of(uri), secret, timeout, None)
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"the daemon at {uri} could not be authenticated: {exc}") from exc
+        except ConnectionBroken as exc:
             raise LaunchError(f"cannot reach the daemon at {uri}: {exc}", host=host) from exc
-        except (Pyro5.errors.PyroError, OSError) as exc:
+        try:
+            info: dict[str, Any] = channel.call("info", timeout=timeout)
+            return info
+        except ConnectionBroken as exc:
             raise LaunchError(f"cannot reach the daemon at {uri}: {exc}", host=host) from exc
+        finally:
+            channel.close()
 
-    def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
         if handles:
             log.info("leaving %d attached daemons running (they were started by hand)", len(handles))

@@ -95,8 +95,12 @@ class Launcher(abc.ABC):
         """Start every slot at once; one handle, or the error of that slot, per spec."""
 
     @abc.abstractmethod
-    def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
-        """End the daemons (bounded by ``timeout``), reap them, and remove their folders."""
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
+        """End the daemons (bounded by ``timeout``), reap them, and remove their folders.
+
+        ``retire``: the grid replaces these slots and goes on; the daemons must not clean
+        up as if the driver were gone (the temp folder may serve the other slots).
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most launchers hold nothing
         """Release what the launcher itself holds (after the last stop)."""
@@ -251,14 +255,22 @@ class ProcessLauncher(Launcher):
                 progress.ready()
         return results
 
-    def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
         procs = [h.process for h in handles if h.process is not None]
         for proc in procs:  # closing stdin is the daemon's cue to exit
+            if proc.stdin is None:
+                continue
             try:
-                if proc.stdin is not None:
-                    proc.stdin.close()
-            except OSError:
+                if retire:
+                    proc.stdin.write(b"retire\n")
+                    proc.stdin.flush()
+            except OSError:  # it is gone already
                 pass
+            finally:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
         deadline = time.monotonic() + timeout
         for proc in procs:
             if not _wait(proc, max(0.0, deadline - time.monotonic())):

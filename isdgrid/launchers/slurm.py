@@ -196,8 +196,8 @@ class SlurmLauncher(BatchLauncher):
         env["PYTHONPATH"] = self.python_path(spec)
         return env
 
-    def stop(self, handles: Sequence[DaemonHandle], timeout: float) -> None:
-        super().stop(handles, timeout)
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
+        super().stop(handles, timeout, retire=retire)
         self.cancel_leftover_steps()
 
     def close(self) -> None:

@@ -1,0 +1,502 @@
+"""The driver's connections to one daemon: authentication, framing, reading, reconnecting.
+
+Every connection first runs the mutual handshake of :mod:`isdgrid.handshake` (the daemon
+proves itself before the driver sends anything but a nonce). Then:
+
+- :class:`ControlChannel`: a Pyro5 proxy on the authenticated socket
+  (``Proxy(connected_socket=...)``) for the agent's control methods;
+- :class:`CallsChannel`: the framed calls connection (:mod:`isdgrid.wire`) that carries
+  the batches of every service on the slot, with its out-of-band buffers.
+
+Errors are classified here, once, by type: a connection that breaks is
+:class:`ConnectionBroken` (the slot reconnects; only its heartbeat and its process decide
+that it is lost), a failed proof is :class:`~isdgrid.AuthenticationError`, and an error
+raised on the host by a control method comes back as its own type.
+
+Who reads replies: a thread waiting for a result (:meth:`CallsChannel.wait_for`) takes the
+channel's *read role* and reads frames itself, so a synchronous call involves no other
+thread. Replies nobody waits for that way are read by the channel's background thread,
+woken by a kick (``done()``, callbacks, a release) or, for waits that no public hook
+reveals (``concurrent.futures.wait``), by the sweeper within :data:`GRACE` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import Pyro5.client
+import Pyro5.core
+import Pyro5.errors
+
+from . import codec, handshake, wire
+from .errors import AuthenticationError, GridError, RemoteError
+
+__all__ = [
+    "GRACE",
+    "CallsChannel",
+    "ConnectionBroken",
+    "ControlChannel",
+    "Flight",
+    "address_of",
+    "connect",
+]
+
+log = logging.getLogger(__name__)
+
+GRACE = 0.002  # a reply nobody waits for is read by the background thread about this late
+LINGER = 1.0  # the sweeper keeps ticking this long after the last flight, then sleeps
+RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+SERIALIZER = "marshal"
+MAX_FRAME = 1 << 62  # the daemon is authenticated; the grid bounds what it sends
+
+
+class ConnectionBroken(OSError):  # noqa: N818 - a state, not a user-facing error
+    """A connection to a daemon failed; the daemon itself may well be alive."""
+
+
+Address = str | tuple[str, int]
+
+
+def address_of(uri: str) -> Address:
+    """Where the daemon of a ``PYRO:isdgrid.agent@...`` URI listens: (host, port) or a Unix path."""
+    location = Pyro5.core.URI(uri)
+    if location.sockname:
+        return str(location.sockname)
+    return (str(location.host), int(location.port))
+
+
+def connect(address: Address, secret: str, channel: bytes, timeout: float, expected_id: bytes | None) -> tuple[
+    socket.socket, bytes
+]:
+    """An authenticated socket to the daemon at ``address``, and the daemon's id.
+
+    Raises :class:`ConnectionBroken` when it cannot be reached and
+    :class:`~isdgrid.AuthenticationError` when the peer fails the handshake.
+    """
+    try:
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(address, timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        raise ConnectionBroken(f"cannot connect: {exc}") from exc
+    try:
+        daemon_id = handshake.prove(sock, secret, channel, timeout, expected_id)
+    except AuthenticationError:
+        _close(sock)
+        raise
+    except OSError as exc:
+        _close(sock)
+        raise ConnectionBroken(f"handshake failed: {exc}") from exc
+    return sock, daemon_id
+
+
+class ControlChannel:
+    """One control connection: Pyro5 calls to the agent's control methods, one at a time."""
+
+    def __init__(self, address: Address, secret: str, timeout: float, expected_id: bytes | None) -> None:
+        self.sock, self.daemon_id = connect(address, secret, handshake.CHANNEL_CONTROL, timeout, expected_id)
+        try:
+            self.sock.settimeout(timeout)  # Pyro5 asks the daemon for metadata right away
+            self._proxy = Pyro5.client.Proxy("isdgrid.agent", connected_socket=self.sock)
+            self._proxy._pyroSerializer = SERIALIZER  # Pyro5's documented per-proxy setting
+        except (Pyro5.errors.PyroError, OSError) as exc:
+            _close(self.sock)
+            raise ConnectionBroken(f"control connection failed: {exc}") from exc
+        except BaseException:
+            _close(self.sock)
+            raise
+        self._lock = threading.Lock()
+
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Run a control method; a host-side error is re-raised as its own type."""
+        with self._lock:
+            self._proxy._pyroClaimOwnership()  # the channel is shared between threads under our lock
+            self._proxy._pyroTimeout = timeout
+            try:
+                ok, value = self._proxy.call(method, *args)
+            except (Pyro5.errors.CommunicationError, OSError) as exc:
+                raise ConnectionBroken(f"control call {method} failed: {exc}") from exc
+            except Pyro5.errors.PyroError as exc:  # e.g. a message over Pyro5's size limit
+                raise RemoteError(type(exc).__name__, f"control call {method} failed: {exc}") from exc
+        if ok:
+            return value
+        _, error, _ = codec.decode_reply(value)
+        raise error
+
+    def cut(self) -> None:
+        """Shut the socket down from any thread (wakes a thread blocked on it)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()
+        _close(self.sock)
+
+
+class Flight(Protocol):
+    """A batch on the calls channel, as the server made it."""
+
+    key: tuple[str, int]
+    meta: Any
+    buffers: codec.Buffers
+    sent_at: float
+
+    def land(self, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
+        """Take the reply (items and buffers) or the error that ends this batch; never raises."""
+
+
+class CallsChannel:
+    """The calls connection of one slot, shared by every service on it.
+
+    ``send`` puts a batch on the wire (or keeps it for after a reconnect); replies are
+    matched to their batch by ``(service id, number)``. A broken connection is made again
+    by the background thread while ``alive()`` says the daemon runs; every batch not yet
+    answered is then resent under its number (the agent answers a resend from its record).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        open_socket: Callable[[], socket.socket],
+        alive: Callable[[], bool],
+        on_refused: Callable[[str], None],
+    ) -> None:
+        self.label = label
+        self._open = open_socket
+        self._alive = alive
+        self._on_refused = on_refused
+        self._cond = threading.Condition()
+        self._sock: socket.socket | None = None
+        self._frames: wire.FrameReader | None = None
+        self._flights: dict[tuple[str, int], Flight] = {}
+        self._reader: int | None = None  # thread holding the read role
+        self._send_lock = threading.Lock()
+        self._broken = True
+        self._kicked = False
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._background, name=f"isdgrid-reader-{label}", daemon=True)
+
+    def start(self, sock: socket.socket) -> None:
+        """Start serving on an authenticated socket."""
+        with self._cond:
+            self._sock = sock
+            self._frames = wire.FrameReader(sock)
+            self._broken = False
+        self._thread.start()
+
+    # -- sending ---------------------------------------------------------------------------
+    def send(self, flight: Flight) -> None:
+        """Send a batch now, or keep it for the reconnect; fails it if the channel is closed."""
+        with self._cond:
+            failed = self._failed
+            if failed is None:
+                self._flights[flight.key] = flight
+                sock = None if self._broken else self._sock
+                if self._kicked:  # the background thread is reading: it must see this one too
+                    self._cond.notify_all()
+        if failed is not None:
+            flight.land(failed)
+            return
+        flight.sent_at = time.monotonic()
+        _sweeper.watch(self)
+        if sock is None:
+            self.kick()
+            return
+        try:
+            with self._send_lock:
+                wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers)
+        except OSError as exc:
+            self._break(sock, f"sending failed: {exc}")
+
+    # -- reading ---------------------------------------------------------------------------
+    def wait_for(self, done: Callable[[], bool], deadline: float | None) -> None:
+        """Read replies in the calling thread until ``done()`` or ``deadline``.
+
+        Takes the read role when it is free; otherwise waits for whoever holds it. Returns
+        at the deadline without touching the connection (a reply that is not there yet
+        stays on the wire for the next reader).
+        """
+        while not done():
+            with self._cond:
+                if done():
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                if self._reader is not None or self._broken or not self._flights or self._sock is None:
+                    if self._failed is not None:
+                        return
+                    self._cond.wait(left if left is not None and left < 1.0 else 1.0)
+                    continue
+                self._reader = threading.get_ident()
+                sock, frames = self._sock, self._frames
+            self._read_one(sock, frames, left)
+
+    def _read_one(self, sock: socket.socket, frames: Any, timeout: float | None) -> None:
+        """Read one frame (read role held) and land its batch; gives the role back."""
+        frame = None
+        try:
+            if not frames.buffered:
+                try:
+                    ready, _, _ = select.select([sock], [], [], timeout)
+                except (OSError, ValueError) as exc:  # closed under us
+                    self._break(sock, f"connection closed: {exc}")
+                    return
+                if not ready:
+                    return
+            try:
+                frame = frames.read(MAX_FRAME)
+            except BaseException as exc:
+                # Part of a frame may be read: the stream is unusable. Reconnect and resend;
+                # the agent answers resends from its record.
+                self._break(sock, f"reading a reply failed: {exc!r}")
+                if not isinstance(exc, (OSError, ValueError, EOFError)):
+                    raise
+                return
+        finally:
+            with self._cond:
+                self._reader = None
+                self._cond.notify_all()
+        self._dispatch(frame)
+
+    def _dispatch(self, frame: wire.Frame) -> None:
+        kind, meta, buffers = frame
+        key = (meta[0], meta[1])
+        with self._cond:
+            flight = self._flights.pop(key, None)
+        if flight is None:
+            log.debug("%s: reply to unknown batch %s ignored", self.label, key)
+            return
+        try:
+            if kind == wire.ERROR:
+                flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
+            else:
+                flight.land((meta[2], buffers))
+        finally:
+            with self._cond:  # threads waiting for a result of this batch look again
+                if not self._flights:  # (landing may have sent the next batch: then read on)
+                    self._kicked = False
+                self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Have the background thread read the replies in flight now."""
+        with self._cond:
+            if not self._kicked:
+                self._kicked = True
+                self._cond.notify_all()
+
+    def due(self, now: float) -> bool:
+        """True when a reply has waited longer than GRACE with nobody reading (sweeper)."""
+        if self._kicked or self._reader is not None or not self._flights:
+            return False
+        try:
+            oldest = next(iter(self._flights.values())).sent_at
+        except (StopIteration, RuntimeError):  # changed meanwhile: look next time
+            return False
+        return now - oldest >= GRACE / 2
+
+    @property
+    def idle(self) -> bool:
+        """No batch out."""
+        return not self._flights
+
+    def _background(self) -> None:
+        while True:
+            try:
+                if not self._background_step():
+                    return
+            except BaseException:  # noqa: BLE001 - this thread outlives any error
+                log.exception("%s: reader thread error", self.label)
+                time.sleep(0.05)
+
+    def _background_step(self) -> bool:
+        with self._cond:
+            while True:
+                if self._closed:
+                    return False
+                if self._broken and self._failed is None:
+                    break
+                if self._kicked and self._flights and self._reader is None and not self._broken:
+                    self._reader = threading.get_ident()
+                    sock, frames = self._sock, self._frames
+                    break
+                self._cond.wait(None if not self._flights else 1.0)
+        if self._broken:
+            self._reconnect()
+            return True
+        assert sock is not None
+        self._read_one(sock, frames, 1.0)
+        return True
+
+    # -- breaking and reconnecting ------------------------------------------------------------
+    def _break(self, sock: socket.socket, why: str) -> None:
+        with self._cond:
+            if self._sock is not sock or self._broken:
+                return
+            self._broken = True
+            self._cond.notify_all()
+        if not self._closed:
+            log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
+        _shutdown(sock)
+        _close(sock)
+
+    def _reconnect(self) -> None:
+        attempt = 0
+        while True:
+            with self._cond:
+                if self._closed or self._failed is not None:
+                    return
+            if not self._alive():
+                with self._cond:  # the heartbeat monitor declares the loss; wait for it
+                    self._cond.wait(0.2)
+                continue
+            try:
+                sock = self._open()
+            except AuthenticationError as exc:
+                self._on_refused(str(exc))
+                return
+            except (ConnectionBroken, GridError) as exc:
+                log.info("%s: reconnect failed (%s)", self.label, exc)
+                with self._cond:
+                    self._cond.wait(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+                attempt += 1
+                continue
+            with self._cond:
+                if self._closed or self._failed is not None:
+                    _close(sock)
+                    return
+                flights = list(self._flights.values())
+                self._sock = sock
+                self._frames = wire.FrameReader(sock)
+            try:
+                with self._send_lock:
+                    for flight in flights:  # in the order they were first sent
+                        wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers)
+            except OSError as exc:
+                log.info("%s: resend failed (%s)", self.label, exc)
+                _close(sock)
+                continue
+            with self._cond:
+                self._broken = False
+                self._kicked = bool(self._flights)
+                self._cond.notify_all()
+            log.info("%s: reconnected; %d batches resent", self.label, len(flights))
+            return
+
+    def cut(self) -> None:
+        """Shut the connection down (from any thread); the channel reconnects and resends."""
+        with self._cond:
+            sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
+        self.kick()
+
+    def fail(self, error: BaseException) -> None:
+        """End the channel: every batch out, and every later one, fails with ``error``."""
+        with self._cond:
+            if self._failed is None:
+                self._failed = error
+            flights = list(self._flights.values())
+            self._flights.clear()
+            sock = self._sock
+            self._broken = True
+            self._cond.notify_all()
+        if sock is not None:
+            _shutdown(sock)
+        for flight in flights:
+            flight.land(error)
+
+    def close(self, error: BaseException) -> None:
+        """Fail what is out with ``error`` and stop the background thread."""
+        with self._cond:
+            self._closed = True
+        self.fail(error)
+        with self._cond:
+            sock = self._sock
+            self._cond.notify_all()
+        if sock is not None:
+            _close(sock)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+
+class _Sweeper:
+    """One thread for every calls channel: kicks the readers of replies nobody waits for.
+
+    It ticks every GRACE while batches are out (and LINGER after), then sleeps until the
+    next batch, so a stream of calls costs it no wake-up per call.
+    """
+
+    def __init__(self) -> None:
+        self._channels: weakref.WeakSet[CallsChannel] = weakref.WeakSet()
+        self._cond = threading.Condition()
+        self._active = False
+        self._watched = False  # a batch went out since the last tick
+        self._thread: threading.Thread | None = None
+
+    def watch(self, channel: CallsChannel) -> None:
+        with self._cond:
+            self._watched = True
+            if channel not in self._channels:
+                self._channels.add(channel)
+            if not self._active:
+                self._active = True
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="isdgrid-sweeper", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+
+    def _run(self) -> None:
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                with self._cond:
+                    while not self._active:
+                        self._cond.wait()
+                time.sleep(GRACE)
+                now = time.monotonic()
+                busy = False
+                for channel in list(self._channels):
+                    if not channel.idle:
+                        busy = True
+                        if channel.due(now):
+                            channel.kick()
+                with self._cond:
+                    if busy or self._watched:
+                        quiet_since = now
+                    elif now - quiet_since > LINGER:
+                        self._active = False
+                    self._watched = False
+            except BaseException:  # noqa: BLE001 - the sweeper outlives any error
+                log.exception("sweeper error")
+                time.sleep(GRACE)
+
+
+_sweeper = _Sweeper()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()

@@ -1,0 +1,144 @@
+"""Framing of the calls channel: one message = a small marshal header and raw buffers.
+
+Used by both ends of an authenticated connection (:mod:`isdgrid.handshake` runs first).
+A frame is::
+
+    kind (1 byte) | buffer count (u32) | meta length (u64)
+    one (size u64, kind byte) per buffer
+    meta: marshal bytes (the batch or reply: service id, number, pickles)
+    the buffers, raw
+
+Out-of-band buffers of pickle protocol 5 (numpy arrays, ``PickleBuffer``) travel raw after
+the meta: they are sent from the caller's memory and received straight into uninitialised
+memory of their kind, with no copy in between. ``meta`` is only ever unmarshalled after the
+peer proved it holds the grid's secret.
+"""
+
+from __future__ import annotations
+
+import marshal
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from .codec import Buffers, receive_buffer
+
+__all__ = ["BATCH", "ERROR", "REPLY", "Frame", "FrameError", "FrameReader", "send_frame"]
+
+BATCH = b"B"  # driver -> daemon: (service id, number, [(pickle, buffer count), ...])
+REPLY = b"R"  # daemon -> driver: (service id, number, [(reply item, buffer count), ...])
+ERROR = b"E"  # daemon -> driver: (service id, number, type name, message): the batch could not run
+KINDS = (BATCH, REPLY, ERROR)
+
+_HEADER = struct.Struct("!cIQ")
+_MAX_BUFFERS = 1 << 20
+
+
+class FrameError(OSError):
+    """The peer closed the connection or broke the framing."""
+
+
+Frame = tuple[bytes, Any, Buffers]
+
+
+def frame_size(meta: bytes, buffers: Sequence[Any]) -> int:
+    """Bytes a frame of ``meta`` and ``buffers`` takes on the wire."""
+    return _HEADER.size + 9 * len(buffers) + len(meta) + sum(memoryview(b).nbytes for b in buffers)
+
+
+def send_frame(sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[Any] = ()) -> int:
+    """Send one frame (the caller serialises senders); returns its size in bytes."""
+    data = marshal.dumps(meta)
+    kinds = buffers.kinds if isinstance(buffers, Buffers) else b"b" * len(buffers)
+    head = [_HEADER.pack(kind, len(buffers), len(data))]
+    for buf, buf_kind in zip(buffers, kinds, strict=True):
+        head.append(struct.pack("!Qc", memoryview(buf).nbytes, bytes((buf_kind,))))
+    head.append(data)
+    sock.sendall(b"".join(head))
+    for buf in buffers:
+        sock.sendall(buf)
+    return frame_size(data, buffers)
+
+
+class FrameReader:
+    """Reads frames from one socket, a whole small frame per ``recv`` where it can.
+
+    Bytes read ahead stay in the reader: check :attr:`buffered` before waiting for the
+    socket to become readable. Large buffers are received straight into their memory.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._pos = 0
+
+    @property
+    def buffered(self) -> bool:
+        """True when bytes of a next frame were already read."""
+        return self._pos < len(self._buf)
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n:
+            chunk = self.sock.recv(max(self.CHUNK, n - (len(self._buf) - self._pos)))
+            if not chunk:
+                raise FrameError("connection closed by the peer")
+            if self._pos:
+                del self._buf[: self._pos]
+                self._pos = 0
+            self._buf += chunk
+        data = bytes(self._buf[self._pos: self._pos + n])
+        self._pos += n
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        return data
+
+    def _take_into(self, target: Any) -> None:
+        view = memoryview(target).cast("B")
+        have = min(len(self._buf) - self._pos, view.nbytes)
+        if have:
+            view[:have] = self._buf[self._pos: self._pos + have]
+            self._pos += have
+            if self._pos == len(self._buf):
+                self._buf.clear()
+                self._pos = 0
+        if have < view.nbytes:
+            _recv_into(self.sock, view[have:])
+
+    def read(self, max_size: int) -> Frame:
+        """Read one whole frame: ``(kind, meta, buffers)``.
+
+        Raises :class:`FrameError` when the peer closes or sends a frame larger than
+        ``max_size`` or of an unknown kind; whatever was read of the frame is then lost,
+        so the caller must drop the connection.
+        """
+        kind, count, meta_len = _HEADER.unpack(self._take(_HEADER.size))
+        if kind not in KINDS:
+            raise FrameError(f"unknown frame kind {kind!r}")
+        if count > _MAX_BUFFERS:
+            raise FrameError(f"frame with {count} buffers")
+        layout = self._take(9 * count) if count else b""
+        sizes = [struct.unpack_from("!Q", layout, 9 * i)[0] for i in range(count)]
+        if meta_len + sum(sizes) > max_size:
+            raise FrameError(f"frame of {meta_len + sum(sizes)} bytes exceeds the limit of {max_size}")
+        meta = marshal.loads(self._take(meta_len))
+        buffers = Buffers([], bytes(layout[9 * i + 8] for i in range(count)))
+        for i, size in enumerate(sizes):
+            buf = receive_buffer(size, layout[9 * i + 8])
+            self._take_into(buf)
+            buffers.append(buf)
+        return kind, meta, buffers
+
+
+def _recv_into(sock: socket.socket, target: Any) -> None:
+    view = memoryview(target).cast("B")
+    got = 0
+    size = view.nbytes
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise FrameError("connection closed by the peer")
+        got += n
