@@ -28,7 +28,6 @@ import select
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -181,7 +180,9 @@ class CallsChannel:
         self._open = open_socket
         self._alive = alive
         self._on_refused = on_refused
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # threads waiting for results
+        self._bg = threading.Condition(self._lock)  # the background thread
         self._sock: socket.socket | None = None
         self._frames: wire.FrameReader | None = None
         self._flights: dict[tuple[str, int], Flight] = {}
@@ -210,7 +211,7 @@ class CallsChannel:
                 self._flights[flight.key] = flight
                 sock = None if self._broken else self._sock
                 if self._kicked:  # the background thread is reading: it must see this one too
-                    self._cond.notify_all()
+                    self._bg.notify()
         if failed is not None:
             flight.land(failed)
             return
@@ -274,6 +275,8 @@ class CallsChannel:
             with self._cond:
                 self._reader = None
                 self._cond.notify_all()
+                if self._kicked and self._flights:
+                    self._bg.notify()
         self._dispatch(frame)
 
     def _dispatch(self, frame: wire.Frame) -> None:
@@ -300,7 +303,7 @@ class CallsChannel:
         with self._cond:
             if not self._kicked:
                 self._kicked = True
-                self._cond.notify_all()
+                self._bg.notify()
 
     def due(self, now: float) -> bool:
         """True when a reply has waited longer than GRACE with nobody reading (sweeper)."""
@@ -337,7 +340,7 @@ class CallsChannel:
                     self._reader = threading.get_ident()
                     sock, frames = self._sock, self._frames
                     break
-                self._cond.wait(None if not self._flights else 1.0)
+                self._bg.wait(None if not self._flights else 1.0)
         if self._broken:
             self._reconnect()
             return True
@@ -352,6 +355,7 @@ class CallsChannel:
                 return
             self._broken = True
             self._cond.notify_all()
+            self._bg.notify()
         if not self._closed:
             log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
         _shutdown(sock)
@@ -365,7 +369,7 @@ class CallsChannel:
                     return
             if not self._alive():
                 with self._cond:  # the heartbeat monitor declares the loss; wait for it
-                    self._cond.wait(0.2)
+                    self._bg.wait(0.2)
                 continue
             try:
                 sock = self._open()
@@ -375,7 +379,7 @@ class CallsChannel:
             except (ConnectionBroken, GridError) as exc:
                 log.info("%s: reconnect failed (%s)", self.label, exc)
                 with self._cond:
-                    self._cond.wait(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+                    self._bg.wait(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
                 attempt += 1
                 continue
             with self._cond:
@@ -418,6 +422,7 @@ class CallsChannel:
             sock = self._sock
             self._broken = True
             self._cond.notify_all()
+            self._bg.notify()
         if sock is not None:
             _shutdown(sock)
         for flight in flights:
@@ -425,12 +430,14 @@ class CallsChannel:
 
     def close(self, error: BaseException) -> None:
         """Fail what is out with ``error`` and stop the background thread."""
+        _sweeper.forget(self)
         with self._cond:
             self._closed = True
         self.fail(error)
         with self._cond:
             sock = self._sock
             self._cond.notify_all()
+            self._bg.notify()
         if sock is not None:
             _close(sock)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -445,7 +452,9 @@ class _Sweeper:
     """
 
     def __init__(self) -> None:
-        self._channels: weakref.WeakSet[CallsChannel] = weakref.WeakSet()
+        # A plain set (channels leave it when closed): a WeakSet's removal callback could
+        # run, and swallow a KeyboardInterrupt, at any point of a driver's main thread.
+        self._channels: set[CallsChannel] = set()
         self._cond = threading.Condition()
         self._active = False
         self._watched = False  # a batch went out since the last tick
@@ -463,6 +472,10 @@ class _Sweeper:
                     self._thread.start()
                 self._cond.notify()
 
+    def forget(self, channel: CallsChannel) -> None:
+        with self._cond:
+            self._channels.discard(channel)
+
     def _run(self) -> None:
         quiet_since = time.monotonic()
         while True:
@@ -473,7 +486,9 @@ class _Sweeper:
                 time.sleep(GRACE)
                 now = time.monotonic()
                 busy = False
-                for channel in list(self._channels):
+                with self._cond:
+                    channels = list(self._channels)
+                for channel in channels:
                     if not channel.idle:
                         busy = True
                         if channel.due(now):

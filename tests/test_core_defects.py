@@ -450,3 +450,25 @@ def test_stopped_daemon_is_declared_lost_within_host_timeout() -> None:
     finally:
         left = _end_by_pid({pid}, 15) if pid else []
     assert not left, f"daemon {left} outlived terminate"
+
+
+# -- threads do not grow with services x slots ---------------------------------------------
+
+
+def test_driver_threads_do_not_grow_with_services() -> None:
+    """One service or ten on four slots: the driver runs the same threads (none per server)."""
+    with Grid([Host("localhost", n_cpu=4)]) as grid:
+        first = grid.publish(Recorder())
+        assert grid.gather(grid.broadcast(first, "add", 1), timeout=30) == [1, 1, 1, 1]
+        grid.release_all()
+        before = threading.active_count()
+        sids = [grid.publish(Recorder(f"s{i}")) for i in range(9)]
+        for sid in sids:
+            proxies = [grid.acquire_service(sid, timeout=30) for _ in range(4)]
+            results = [p.add(i) for i in range(20) for p in proxies]
+            assert [r.get(timeout=30) for r in results][-4:] == [20, 20, 20, 20]
+            for p in proxies:
+                grid.release_service(p)
+        after = threading.active_count()
+        assert len(grid.status()) == 40
+        assert after - before <= 2, f"driver threads grew from {before} to {after} with 9 more services"

@@ -32,20 +32,36 @@ log = logging.getLogger(__name__)
 
 
 def uri_address(uri: str) -> tuple[str, int]:
-    """The (host, port) a daemon URI points to; ConfigError if it is not a PYRO: URI."""
+    """The (host, port) a daemon URI points to; ConfigError if it is not a PYRO: URI.
+
+    A daemon on a Unix socket (``PYRO:isdgrid.agent@./u:PATH``) is on this machine:
+    ``("localhost", 0)``.
+    """
     try:
         parsed = Pyro5.core.URI(uri)
     except (Pyro5.errors.PyroError, TypeError) as exc:
         raise ConfigError(f"not a daemon URI: {uri!r} ({exc})") from None
+    if parsed.protocol == "PYRO" and parsed.sockname:
+        return "localhost", 0
     if parsed.protocol != "PYRO" or not parsed.host:
-        raise ConfigError(f"not a daemon URI: {uri!r} (expected PYRO:isdgrid.agent@HOST:PORT)")
+        raise ConfigError(
+            f"not a daemon URI: {uri!r} (expected PYRO:isdgrid.agent@HOST:PORT or PYRO:isdgrid.agent@./u:PATH)"
+        )
     return parsed.host, int(parsed.port)
 
 
-def _answers(host: str, port: int, timeout: float) -> bool:
+def _answers(uri: str, timeout: float) -> bool:
+    """True when something accepts connections where the daemon of ``uri`` listens."""
+    address = address_of(uri)
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        if isinstance(address, str):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(address)
+        else:
+            with socket.create_connection(address, timeout=timeout):
+                pass
+        return True
     except OSError:
         return False
 
@@ -123,14 +139,14 @@ class AttachLauncher(Launcher):
         found = []
         for name, uri in entries.items():
             try:
-                host, port = uri_address(uri)
+                uri_address(uri)
             except ConfigError:
                 log.warning("skipping name server entry %s: %s is not a daemon URI", name, uri)
                 continue
-            if _answers(host, port, min(self.connect_timeout, 3.0)):
+            if _answers(uri, min(self.connect_timeout, 3.0)):
                 found.append(uri)
             else:
-                log.warning("skipping name server entry %s: nothing answers at %s:%d (stale entry?)", name, host, port)
+                log.warning("skipping name server entry %s: nothing answers at %s (stale entry?)", name, uri)
         if not found:
             raise LaunchError(
                 f"no running daemon registered as {ns.group_prefix(self.group)}* at the name server {self.nameserver}",
