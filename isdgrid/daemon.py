@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -360,8 +361,11 @@ def serve(
     uri = listener.uri
     stop = threading.Event()
     driver_gone = threading.Event()
+    retired = threading.Event()  # the grid replaced this slot: it lives on
 
     def shut(reason: str, gone: bool = True) -> None:
+        if not gone:
+            retired.set()
         if not stop.is_set():
             if gone:
                 driver_gone.set()
@@ -385,7 +389,7 @@ def serve(
             # Only once the driver is gone (stdin closed, heartbeat silence): not when a
             # daemon crashes or the grid retires it, which would pull the folder from
             # under the other slots of its host.
-            cleanup.callback(_remove_if_driver_gone, driver_gone, temp_path)
+            cleanup.callback(_remove_if_driver_gone, driver_gone, retired, temp_path, watch_stdin)
         if unix_socket:
             cleanup.callback(_unlink, unix_socket)
         if nameserver:
@@ -405,9 +409,27 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _remove_if_driver_gone(driver_gone: threading.Event, path: str) -> None:
-    if driver_gone.is_set():
+def _remove_if_driver_gone(
+    driver_gone: threading.Event, retired: threading.Event, path: str, watch_stdin: bool
+) -> None:
+    # A hung daemon that resumes may see heartbeat silence before it reads the grid's
+    # "retire" on stdin: look at what stdin holds before taking the driver for gone.
+    if driver_gone.is_set() and not retired.is_set() and not (watch_stdin and _stdin_says_retire()):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _stdin_says_retire() -> bool:
+    try:
+        fd = sys.stdin.fileno()
+        data = b""
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+        return b"retire\n" in data
+    except (OSError, ValueError):
+        return False
 
 
 def _unlink(path: str) -> None:

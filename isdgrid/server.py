@@ -346,14 +346,12 @@ def _settle(outcomes: list[tuple[Result, bool, Any]]) -> None:
     """
     for i, (result, ok, value) in enumerate(outcomes):
         try:
-            if concurrent.futures.Future.done(result):
-                continue
             if ok:
                 result.set_result(value)
             else:
                 result.set_exception(value)
         except concurrent.futures.InvalidStateError:
-            pass  # cancelled meanwhile
+            pass  # cancelled, or failed already (a lost slot)
         except BaseException:
             _settle(outcomes[i + 1:])
             raise

@@ -34,9 +34,10 @@ from typing import Any, Protocol
 import Pyro5.client
 import Pyro5.core
 import Pyro5.errors
+from Pyro5 import config as pyro_config
 
 from . import codec, handshake, wire
-from .errors import AuthenticationError, GridError, RemoteError
+from .errors import AuthenticationError, GridError, PayloadTooLargeError, RemoteError
 
 __all__ = [
     "GRACE",
@@ -54,6 +55,7 @@ GRACE = 0.002  # a reply nobody waits for is read by the background thread about
 LINGER = 1.0  # the sweeper keeps ticking this long after the last flight, then sleeps
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 SERIALIZER = "marshal"
+CONTROL_HEADROOM = 64 * 1024  # room for Pyro5's header and the other arguments of a control call
 MAX_FRAME = 1 << 62  # the daemon is authenticated; the grid bounds what it sends
 
 
@@ -123,7 +125,19 @@ class ControlChannel:
         self._lock = threading.Lock()
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """Run a control method; a host-side error is re-raised as its own type."""
+        """Run a control method; a host-side error is re-raised as its own type.
+
+        A message over Pyro5's size limit is refused before anything is sent
+        (:class:`~isdgrid.PayloadTooLargeError`): the connection stays good.
+        """
+        size = sum(len(a) for a in args if isinstance(a, (bytes, bytearray)))
+        limit = pyro_config.MAX_MESSAGE_SIZE - CONTROL_HEADROOM
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"{method}: {size} bytes is more than a control message may carry ({limit} bytes, "
+                "Pyro5's MAX_MESSAGE_SIZE); copy fewer files at once, or make the object smaller",
+                size=size, limit=limit,
+            )
         with self._lock:
             self._proxy._pyroClaimOwnership()  # the channel is shared between threads under our lock
             self._proxy._pyroTimeout = timeout
@@ -131,7 +145,7 @@ class ControlChannel:
                 ok, value = self._proxy.call(method, *args)
             except (Pyro5.errors.CommunicationError, OSError) as exc:
                 raise ConnectionBroken(f"control call {method} failed: {exc}") from exc
-            except Pyro5.errors.PyroError as exc:  # e.g. a message over Pyro5's size limit
+            except Pyro5.errors.PyroError as exc:  # e.g. an object Pyro5 cannot serialise
                 raise RemoteError(type(exc).__name__, f"control call {method} failed: {exc}") from exc
         if ok:
             return value

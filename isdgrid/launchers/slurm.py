@@ -197,8 +197,9 @@ class SlurmLauncher(BatchLauncher):
         return env
 
     def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
+        # No scancel of leftover steps here: it names every step of the grid, and this may
+        # end just some of them (a respawn, hosts dropped below min_hosts); close() does it.
         super().stop(handles, timeout, retire=retire)
-        self.cancel_leftover_steps()
 
     def close(self) -> None:
         self.cancel_leftover_steps()
