@@ -31,7 +31,6 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ from .announce import announcement
 from .codec import Buffers
 from .errors import GridError
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
+from .ticker import Ticker
 
 __all__ = ["Listener", "main", "serve"]
 
@@ -132,7 +132,11 @@ class Listener:
                 with self._lock:
                     self._unauthenticated.pop(conn, None)
             if channel == handshake.CHANNEL_CALLS:
-                _CallsChannel(self.agent, conn).serve()
+                calls = _CallsChannel(self.agent, conn)
+                try:
+                    calls.serve()
+                finally:
+                    _watchdog.forget(calls)
             else:
                 _serve_control(self.agent, conn, self._stop)
         except BaseException:  # noqa: BLE001 - one connection's end never ends the daemon
@@ -245,59 +249,15 @@ class _CallsChannel:
         return send
 
 
-class _Watchdog:
-    """Starts a new reader for a calls connection whose batch runs longer than TAKEOVER.
-
-    It ticks only while batches run (and a second after), so a stream of short calls
-    costs it no wake-up per call.
-    """
-
-    def __init__(self) -> None:
-        self._channels: weakref.WeakSet[_CallsChannel] = weakref.WeakSet()
-        self._cond = threading.Condition()
-        self._active = False
-        self._watched = False
-        self._thread: threading.Thread | None = None
-
-    def watch(self, channel: _CallsChannel) -> None:
-        with self._cond:
-            self._watched = True
-            if channel not in self._channels:
-                self._channels.add(channel)
-            if not self._active:
-                self._active = True
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="takeover-watchdog", daemon=True)
-                    self._thread.start()
-                self._cond.notify()
-
-    def _run(self) -> None:
-        quiet_since = time.monotonic()
-        while True:
-            try:
-                with self._cond:
-                    while not self._active:
-                        self._cond.wait()
-                time.sleep(TAKEOVER / 2)
-                now = time.monotonic()
-                busy = False
-                for channel in list(self._channels):
-                    if channel.free_since is not None:
-                        busy = True
-                    if channel.take_over_due(now):
-                        threading.Thread(target=channel.read_loop, name="conn-reader", daemon=True).start()
-                with self._cond:
-                    if busy or self._watched:
-                        quiet_since = now
-                    elif now - quiet_since > 1.0:
-                        self._active = False
-                    self._watched = False
-            except BaseException:  # noqa: BLE001 - the watchdog outlives any error
-                log.exception("takeover watchdog error")
-                time.sleep(TAKEOVER)
+def _take_over(channel: _CallsChannel, now: float) -> bool:
+    """The watchdog's look at one connection: start a reader when a batch runs long."""
+    if channel.take_over_due(now):
+        threading.Thread(target=channel.read_loop, name="conn-reader", daemon=True).start()
+    return channel.free_since is not None
 
 
-_watchdog = _Watchdog()
+# Starts a new reader for a calls connection whose batch runs longer than TAKEOVER.
+_watchdog: Ticker[_CallsChannel] = Ticker("takeover-watchdog", TAKEOVER / 2, _take_over)
 
 
 def _serve_control(agent: Agent, sock: socket.socket, stop: threading.Event) -> None:

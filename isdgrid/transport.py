@@ -38,6 +38,7 @@ from Pyro5 import config as pyro_config
 
 from . import codec, handshake, wire
 from .errors import AuthenticationError, GridError, PayloadTooLargeError, RemoteError
+from .ticker import Ticker
 
 __all__ = [
     "GRACE",
@@ -458,67 +459,15 @@ class CallsChannel:
             self._thread.join(timeout=5.0)
 
 
-class _Sweeper:
-    """One thread for every calls channel: kicks the readers of replies nobody waits for.
-
-    It ticks every GRACE while batches are out (and LINGER after), then sleeps until the
-    next batch, so a stream of calls costs it no wake-up per call.
-    """
-
-    def __init__(self) -> None:
-        # A plain set (channels leave it when closed): a WeakSet's removal callback could
-        # run, and swallow a KeyboardInterrupt, at any point of a driver's main thread.
-        self._channels: set[CallsChannel] = set()
-        self._cond = threading.Condition()
-        self._active = False
-        self._watched = False  # a batch went out since the last tick
-        self._thread: threading.Thread | None = None
-
-    def watch(self, channel: CallsChannel) -> None:
-        with self._cond:
-            self._watched = True
-            if channel not in self._channels:
-                self._channels.add(channel)
-            if not self._active:
-                self._active = True
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._run, name="isdgrid-sweeper", daemon=True)
-                    self._thread.start()
-                self._cond.notify()
-
-    def forget(self, channel: CallsChannel) -> None:
-        with self._cond:
-            self._channels.discard(channel)
-
-    def _run(self) -> None:
-        quiet_since = time.monotonic()
-        while True:
-            try:
-                with self._cond:
-                    while not self._active:
-                        self._cond.wait()
-                time.sleep(GRACE)
-                now = time.monotonic()
-                busy = False
-                with self._cond:
-                    channels = list(self._channels)
-                for channel in channels:
-                    if not channel.idle:
-                        busy = True
-                        if channel.due(now):
-                            channel.kick()
-                with self._cond:
-                    if busy or self._watched:
-                        quiet_since = now
-                    elif now - quiet_since > LINGER:
-                        self._active = False
-                    self._watched = False
-            except BaseException:  # noqa: BLE001 - the sweeper outlives any error
-                log.exception("sweeper error")
-                time.sleep(GRACE)
+def _sweep(channel: CallsChannel, now: float) -> bool:
+    """The sweeper's look at one channel: kick its reader when a reply waits unread."""
+    if channel.due(now):
+        channel.kick()
+    return not channel.idle
 
 
-_sweeper = _Sweeper()
+# One thread for every calls channel: kicks the readers of replies nobody waits for.
+_sweeper: Ticker[CallsChannel] = Ticker("isdgrid-sweeper", GRACE, _sweep, linger=LINGER)
 
 
 def _shutdown(sock: socket.socket) -> None:

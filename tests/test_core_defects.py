@@ -21,6 +21,7 @@ import cloudpickle
 import psutil
 import pytest
 import remote_defects
+from conftest import wait_until
 from remote_defects import UsesHelper, Worker
 from remote_objects import Recorder
 
@@ -33,15 +34,6 @@ MB = 1 << 20
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 def _daemon_pid(grid: Grid, index: int) -> int:
     process = grid.slots[index].handle.process
     assert process is not None
@@ -83,7 +75,7 @@ def _resume(pid: int) -> None:
 
 def _end_by_pid(pids: set[int], timeout: float) -> list[int]:
     """Wait (bounded) for ``pids`` to end; SIGKILL the ones left and return them."""
-    _wait_until(lambda: not any(_alive(p) for p in pids), timeout)
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout)
     left = [p for p in pids if _alive(p)]
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
@@ -171,7 +163,7 @@ def test_eight_threads_on_four_servers_each_get_a_fair_share() -> None:
         assert not problems, problems[:5]
         assert min(counts) >= 20, f"a thread starved: acquisitions per thread {counts}"
         assert min(counts) * 4 >= max(counts), f"unfair queue: acquisitions per thread {counts}"
-        assert _wait_until(lambda: grid.queues[sid].qsize() == 4, 10)
+        assert wait_until(lambda: grid.queues[sid].qsize() == 4, 10)
 
 
 # -- defect 12: collective calls and acquire by a thread that holds servers -------------------
@@ -223,7 +215,7 @@ def test_waits_on_servers_the_caller_holds_raise_deadlock_error_and_timeouts_are
             assert isinstance(exc, isdgrid.DeadlockError), f"acquire_service gave {exc!r}"
             for proxy in (p1, p2):
                 on(holder, grid.release_service, proxy).result(timeout=10)
-            assert _wait_until(lambda: grid.queues[sid].qsize() == 2, 10)
+            assert wait_until(lambda: grid.queues[sid].qsize() == 2, 10)
 
             # broadcast(timeout=1) while ANOTHER thread holds a server: TimeoutError, other calls go on
             p_other = on(other, grid.acquire_service, sid, 10).result(timeout=15)
@@ -245,13 +237,13 @@ def test_waits_on_servers_the_caller_holds_raise_deadlock_error_and_timeouts_are
             assert isinstance(exc, TimeoutError), f"broadcast(timeout=1) gave {exc!r}"
             assert 0.8 <= elapsed < 5.0, f"broadcast(timeout=1) gave up after {elapsed:.2f} s"
             on(other, grid.release_service, p_other).result(timeout=10)
-            assert _wait_until(lambda: grid.queues[sid].qsize() == 2, 10), "the timed-out broadcast kept servers"
+            assert wait_until(lambda: grid.queues[sid].qsize() == 2, 10), "the timed-out broadcast kept servers"
 
             # and the service works as before
             pids = on(holder, lambda: grid.gather(grid.broadcast(sid, "pid", timeout=10), timeout=30)).result(40)
             assert len(set(pids)) == 2
             grid.release_all()
-            assert _wait_until(lambda: grid.queues[sid].qsize() == 2, 10)
+            assert wait_until(lambda: grid.queues[sid].qsize() == 2, 10)
         finally:
             # Unblock a defective core (a thread waiting on what the holder holds), so terminate can run.
             for proxy in held:
@@ -329,7 +321,7 @@ def test_remote_oserrors_and_copy_files_errors_are_not_host_loss(tmp_path: Path)
         assert grid.slots[0] is slot
         assert not any(row.lost for row in grid.status())
         grid.release_service(proxy)
-        assert _wait_until(lambda: grid.queues[sid].qsize() == 1, 10)
+        assert wait_until(lambda: grid.queues[sid].qsize() == 1, 10)
 
 
 def test_call_over_the_message_limit_fails_alone() -> None:
@@ -356,7 +348,7 @@ def test_call_over_the_message_limit_fails_alone() -> None:
         growth = daemon.memory_info().rss - rss_before
         assert growth < 20 * MB, f"daemon RSS grew by {growth / MB:.1f} MB over five refused 2 MB calls"
         grid.release_service(proxy)
-        assert _wait_until(lambda: grid.queues[sid].qsize() == 1, 10)
+        assert wait_until(lambda: grid.queues[sid].qsize() == 1, 10)
 
 
 # -- defect 8: respawn while the old process is still alive ----------------------------------
@@ -379,13 +371,13 @@ def test_respawn_with_the_old_daemon_still_alive_keeps_copied_files(tmp_path: Pa
             old_pid = _daemon_pid(grid, 0)
             os.kill(old_pid, signal.SIGSTOP)
             try:
-                assert _wait_until(lambda: _stopped(old_pid), 10), "the daemon did not stop"
+                assert wait_until(lambda: _stopped(old_pid), 10), "the daemon did not stop"
                 assert victim.lost.wait(30), "a stopped daemon was not declared lost within 30 s"
-                _wait_until(lambda: grid.respawn_count >= 1, 2.0)  # respawned while the old one is stopped, maybe
+                wait_until(lambda: grid.respawn_count >= 1, 2.0)  # respawned while the old one is stopped, maybe
             finally:
                 _resume(old_pid)  # the old daemon lives on, now running again
-            assert _wait_until(lambda: grid.respawn_count == 1, 60), "the lost slot was not respawned"
-            assert _wait_until(lambda: not _alive(old_pid), 30), "the old daemon did not end"
+            assert wait_until(lambda: grid.respawn_count == 1, 60), "the lost slot was not respawned"
+            assert wait_until(lambda: not _alive(old_pid), 30), "the old daemon did not end"
             pids |= {s.handle.process.pid for s in grid.slots if s.handle.process is not None}
             for slot in grid.slots:
                 temp = slot.control("info")["temp_path"]
@@ -419,7 +411,7 @@ def test_reply_raising_systemexit_or_keyboardinterrupt_when_unpickled_fails_that
             assert done, f"{result!r} never settled"
             assert isinstance(result.exception(), RemoteError), repr(result.exception())
         grid.release_service(proxy)
-        assert _wait_until(lambda: grid.queues[sid].qsize() == 1, 10), "the server did not come back to its queue"
+        assert wait_until(lambda: grid.queues[sid].qsize() == 1, 10), "the server did not come back to its queue"
         again = grid.acquire_service(sid, timeout=10)
         assert again.add(1).get(timeout=30) == calls + 2
         grid.release_service(again)
@@ -437,7 +429,7 @@ def test_stopped_daemon_is_declared_lost_within_host_timeout() -> None:
             pid = _daemon_pid(grid, 0)
             os.kill(pid, signal.SIGSTOP)
             try:
-                assert _wait_until(lambda: _stopped(pid), 10), "the daemon did not stop within 10 s"
+                assert wait_until(lambda: _stopped(pid), 10), "the daemon did not stop within 10 s"
                 result = proxy.add(2)  # sent to a daemon known to be stopped
                 t0 = time.monotonic()
                 with pytest.raises(HostLostError):

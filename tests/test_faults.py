@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+from conftest import wait_until
 from remote_objects import Recorder
 
 from isdgrid import Grid, Host, HostLostError, ServiceUnavailableError
@@ -24,15 +25,6 @@ def _daemon_pid(grid: Grid, index: int) -> int:
     process = grid.slots[index].handle.process
     assert process is not None
     return process.pid
-
-
-def _wait_until(predicate, timeout: float, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def test_kill_during_calls_fails_every_pending_result_and_others_keep_serving() -> None:
@@ -101,7 +93,7 @@ def test_respawn_brings_a_killed_slot_back() -> None:
         sid = grid.publish(Recorder("orig"))
         old_pid = _daemon_pid(grid, 0)
         os.kill(old_pid, signal.SIGKILL)
-        assert _wait_until(lambda: grid.respawn_count == 1, 60)
+        assert wait_until(lambda: grid.respawn_count == 1, 60)
         pids = grid.gather(grid.broadcast(sid, "pid"), timeout=60)
         assert old_pid not in pids and len(set(pids)) == 2
         assert grid.gather(grid.broadcast(sid, "tag"), timeout=30) == ["orig", "orig"]
@@ -164,8 +156,8 @@ def test_soak_calls_while_slots_are_killed_with_respawn() -> None:
         assert counts["calls"] == counts["ok"] + counts["lost"]
         assert counts["ok"] > 1000
         assert kills >= 5
-        assert _wait_until(lambda: grid.respawn_count == kills, 60)
-        assert _wait_until(lambda: grid.queues[sid].qsize() == 4, 30)
+        assert wait_until(lambda: grid.respawn_count == kills, 60)
+        assert wait_until(lambda: grid.queues[sid].qsize() == 4, 30)
         assert len(set(grid.gather(grid.broadcast(sid, "pid"), timeout=60))) == 4
         grid.release_all()
 
@@ -203,7 +195,7 @@ def test_daemons_exit_after_kill_minus_nine_of_the_driver() -> None:
         driver.wait(timeout=30)
         if driver.stdout is not None:
             driver.stdout.close()
-    assert _wait_until(lambda: not any(_alive(p) for p in pids), 15.0), "daemons outlived their driver"
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 15.0), "daemons outlived their driver"
 
 
 def _alive(pid: int) -> bool:
@@ -233,7 +225,7 @@ def test_daemons_exit_when_heartbeats_stop_although_stdin_stays_open() -> None:
         assert line.startswith("PIDS"), line
         pids = [int(p) for p in line.split()[1:]]
         os.kill(driver.pid, signal.SIGSTOP)  # alive, pipes open, but silent
-        assert _wait_until(lambda: not any(_alive(p) for p in pids), 20.0), "daemons did not notice the silence"
+        assert wait_until(lambda: not any(_alive(p) for p in pids), 20.0), "daemons did not notice the silence"
     finally:
         driver.kill()
         driver.wait(timeout=30)
