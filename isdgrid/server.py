@@ -55,7 +55,7 @@ class _Call:
 class _Batch:
     """A batch on the wire (the transport's ``Flight``)."""
 
-    __slots__ = ("server", "key", "meta", "buffers", "sent_at", "calls", "gen")
+    __slots__ = ("server", "key", "meta", "buffers", "sent_at", "calls", "gen", "landed")
 
     def __init__(self, server: Server, seq: int, calls: list[_Call], max_reply: int) -> None:
         self.server = server
@@ -68,6 +68,7 @@ class _Batch:
             buffers.extend(call.buffers)
         self.buffers = buffers
         self.sent_at = 0.0
+        self.landed = False  # a batch lands once (a reply, or the error that ends it)
 
     def land(self, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
         self.server._land(self, outcome)
@@ -90,7 +91,10 @@ class Server:
         self._lock = threading.Lock()  # the inbox, counters, state
         self._send_lock = threading.Lock()  # the right to take calls from the inbox and send them
         self._inbox: deque[_Call] = deque()
-        self._pending = 0  # calls submitted and not settled
+        # The Results of calls submitted and not yet settled. A set, not a count: adding or
+        # removing one twice, or not at all when a KeyboardInterrupt cuts a call short in
+        # the main thread, can never leave the server waiting for a call that is gone.
+        self._open: set[Result] = set()
         self._flights = 0
         self._seq = 0
         self._gen = 0  # the slot's generation: batches of a replaced slot no longer count
@@ -118,7 +122,7 @@ class Server:
     @property
     def pending(self) -> int:
         """Calls submitted and not yet answered."""
-        return self._pending
+        return len(self._open)
 
     @property
     def mean_call_time(self) -> float:
@@ -146,15 +150,15 @@ class Server:
                 self._check_open()
                 if buffers:
                     call.buffers = buffers.captured()
-                self._pending += 1
                 self._inbox.append(call)
+                self._open.add(result)
                 return
         if self._send_lock.acquire(blocking=False):
             try:
                 with self._lock:
                     self._check_open()
-                    self._pending += 1
                     self._inbox.append(call)
+                    self._open.add(result)
                 self._pump_held()
                 if buffers and call in self._inbox:
                     call.buffers = buffers.captured()  # it waits: the caller may change the originals
@@ -166,8 +170,8 @@ class Server:
             call.buffers = buffers.captured()
         with self._lock:
             self._check_open()
-            self._pending += 1
             self._inbox.append(call)
+            self._open.add(result)
         self._pump()
 
     def submit_release(self) -> None:
@@ -176,7 +180,7 @@ class Server:
             self.state = ServerState.RELEASING
             self.holder = None
             self._releasing = True
-            free = self._pending == 0
+            free = not self._open
         if free:
             self._released()
         else:
@@ -212,7 +216,7 @@ class Server:
                 self._closed = error
             queued = list(self._inbox)
             self._inbox.clear()
-            self._pending -= len(queued)
+            self._open.difference_update(c.result for c in queued)
         _settle([(c.result, False, error) for c in queued])
 
     def fail_queued(self, error: BaseException) -> None:
@@ -220,9 +224,9 @@ class Server:
         with self._lock:
             queued = list(self._inbox)
             self._inbox.clear()
-            self._pending -= len(queued)
+            self._open.difference_update(c.result for c in queued)
             self._flights = 0
-            release = self._releasing and self._pending == 0
+            release = self._releasing and not self._open
         _settle([(c.result, False, error) for c in queued])
         if release:
             self._released()
@@ -230,7 +234,7 @@ class Server:
     def join(self, timeout: float) -> None:
         """Wait (bounded) until no call of this server is pending."""
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
+        while self._open and time.monotonic() < deadline:
             time.sleep(0.01)
 
     # -- internals -----------------------------------------------------------------------
@@ -275,7 +279,7 @@ class Server:
             live = [c for c in calls if c.result.set_running_or_notify_cancel()]
             if len(live) < len(calls):
                 with self._lock:
-                    self._pending -= len(calls) - len(live)
+                    self._open.difference_update(c.result for c in calls if c.result.cancelled())
                 self._maybe_released()
             if not live:
                 continue
@@ -287,14 +291,22 @@ class Server:
 
     def _maybe_released(self) -> None:
         with self._lock:
-            release = self._releasing and self._pending == 0
+            release = self._releasing and not self._open
         if release:
             self._released()
 
     def _land(self, batch: _Batch, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
-        """Settle the calls of a batch from its reply (or error); never raises."""
+        """Settle the calls of a batch from its reply (or error), once.
+
+        Raises only what interrupts it (KeyboardInterrupt), after every call has its outcome.
+        """
+        owner = False  # this thread lands the batch (set with no call in between: no interrupt can split it)
         outcomes: list[tuple[Result, bool, Any]] = []
         try:
+            with self._lock:
+                if batch.landed:
+                    return
+                batch.landed = owner = True
             if isinstance(outcome, BaseException):
                 outcomes = [(c.result, False, outcome) for c in batch.calls]
             else:
@@ -303,18 +315,25 @@ class Server:
             error = RemoteError(type(exc).__name__, f"reading the reply failed: {exc!r}")
             done = {id(r) for r, _, _ in outcomes}
             outcomes += [(c.result, False, error) for c in batch.calls if id(c.result) not in done]
+            if not isinstance(exc, Exception):
+                raise  # (after the finally) a Ctrl-C is the user's, once every call has its outcome
         finally:
+            if owner:
+                self._finish(batch, outcomes)
+
+    def _finish(self, batch: _Batch, outcomes: list[tuple[Result, bool, Any]]) -> None:
+        """Count a landed batch out, release or pump, settle its results."""
+        try:
             with self._lock:
                 if batch.gen == self._gen:
                     self._flights = max(0, self._flights - 1)
-                self._pending -= len(batch.calls)
-                release = self._releasing and self._pending == 0
+                self._open.difference_update(c.result for c in batch.calls)
+                release = self._releasing and not self._open
             if release:
                 self._released()
-            try:
-                self._pump()
-            finally:
-                _settle(outcomes or [(c.result, False, RemoteError("Error", "no reply")) for c in batch.calls])
+            self._pump()
+        finally:
+            _settle(outcomes or [(c.result, False, RemoteError("Error", "no reply")) for c in batch.calls])
 
     def _decode(self, batch: _Batch, items: list[Any], buffers: codec.Buffers) -> list[tuple[Result, bool, Any]]:
         outcomes = []

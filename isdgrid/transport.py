@@ -287,18 +287,29 @@ class CallsChannel:
                     raise
                 return
         finally:
-            with self._cond:
-                self._reader = None
-                self._cond.notify_all()
-                if self._kicked and self._flights:
-                    self._bg.notify()
-        self._dispatch(frame)
+            try:
+                with self._cond:
+                    self._reader = None
+                    self._cond.notify_all()
+                    if self._kicked and self._flights:
+                        self._bg.notify()
+            except BaseException:
+                if frame is not None:  # interrupted with a reply in hand: have it resent
+                    self._break(sock, "interrupted while taking a reply")
+                raise
+        try:
+            self._dispatch(frame)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt) before its batch landed: the batch is still
+            # listed, so the reconnect resends it and the agent answers from its record.
+            self._break(sock, "interrupted while taking a reply")
+            raise
 
     def _dispatch(self, frame: wire.Frame) -> None:
         kind, meta, buffers = frame
         key = (meta[0], meta[1])
         with self._cond:
-            flight = self._flights.pop(key, None)
+            flight = self._flights.get(key)
         if flight is None:
             log.debug("%s: reply to unknown batch %s ignored", self.label, key)
             return
@@ -309,6 +320,8 @@ class CallsChannel:
                 flight.land((meta[2], buffers))
         finally:
             with self._cond:  # threads waiting for a result of this batch look again
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
                 if not self._flights:  # (landing may have sent the next batch: then read on)
                     self._kicked = False
                 self._cond.notify_all()
