@@ -263,7 +263,8 @@ class CallsChannel:
                     continue
                 self._reader = threading.get_ident()
                 sock, frames = self._sock, self._frames
-            self._read_one(sock, frames, left)
+            # In slices: a reply that another thread lands meanwhile is noticed within one.
+            self._read_one(sock, frames, 1.0 if left is None else min(left, 1.0))
 
     def _read_one(self, sock: socket.socket, frames: Any, timeout: float | None) -> None:
         """Read one frame (read role held) and land its batch; gives the role back."""
@@ -309,7 +310,7 @@ class CallsChannel:
         kind, meta, buffers = frame
         key = (meta[0], meta[1])
         with self._cond:
-            flight = self._flights.get(key)
+            flight = self._flights.pop(key, None)  # listed batches are exactly those awaiting a reply
         if flight is None:
             log.debug("%s: reply to unknown batch %s ignored", self.label, key)
             return
@@ -318,10 +319,14 @@ class CallsChannel:
                 flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
             else:
                 flight.land((meta[2], buffers))
+        except BaseException:
+            # Interrupted before it landed: list it again, so that the reconnect resends it
+            # (a batch lands once: a second reply to a landed batch is ignored).
+            with self._cond:
+                self._flights.setdefault(key, flight)
+            raise
         finally:
             with self._cond:  # threads waiting for a result of this batch look again
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
                 if not self._flights:  # (landing may have sent the next batch: then read on)
                     self._kicked = False
                 self._cond.notify_all()

@@ -80,9 +80,17 @@ class FrameReader:
         """True when bytes of a next frame were already read."""
         return self._pos < len(self._buf)
 
-    def _take(self, n: int) -> bytes:
+    def _take(self, n: int) -> bytes | bytearray:
+        have = len(self._buf) - self._pos
+        if n - have > self.CHUNK:  # large: straight into its own memory, no growing buffer
+            out = bytearray(n)
+            out[:have] = self._buf[self._pos:]
+            self._buf.clear()
+            self._pos = 0
+            _recv_into(self.sock, memoryview(out)[have:])
+            return out
         while len(self._buf) - self._pos < n:
-            chunk = self.sock.recv(max(self.CHUNK, n - (len(self._buf) - self._pos)))
+            chunk = self.sock.recv(self.CHUNK)
             if not chunk:
                 raise FrameError("connection closed by the peer")
             if self._pos:

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+from conftest import wait_until
 
 from isdgrid import AuthenticationError, Grid, Host, codec, handshake, wire
 from isdgrid.transport import ConnectionBroken, ControlChannel, address_of
@@ -186,6 +188,7 @@ def test_control_call_timeout_is_honoured(grid1_files: Grid) -> None:
     pid = slot.handle.process.pid  # type: ignore[union-attr]
     os.kill(pid, signal.SIGSTOP)
     try:
+        assert wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10)
         t0 = time.monotonic()
         with pytest.raises(ConnectionBroken):
             channel.call("ping", timeout=1.0)
