@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
     A thread that waits through ``result``/``get``/``exception`` reads the reply from the
     connection itself when nobody else is reading (no thread switch for a synchronous
     call); the other ways of waiting have the slot's reader thread read it.
+
+    In a coroutine, ``await result`` gives the value (``asyncio.gather`` takes Results too).
     """
 
     def __init__(self, server: Server | None = None, kind: str = "", name: str = "") -> None:
@@ -86,7 +89,20 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         try:
             return self.result(timeout)
         except concurrent.futures.TimeoutError:
+            if concurrent.futures.Future.done(self):
+                raise  # the remote method's own TimeoutError, with its remote traceback
             raise TimeoutError(f"{self.description} not finished within {timeout} s") from None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await result`` in a coroutine: the value, without blocking the event loop.
+
+        As ``await asyncio.wrap_future(result)``, in the running loop: the remote exception
+        is raised as :meth:`get` raises it; cancelling the awaiting task cancels the call
+        while it is still queued in the driver.
+        """
+        import asyncio
+
+        return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:
         return f"<Result {self.description} {super().__repr__()}>"

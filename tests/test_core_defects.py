@@ -482,3 +482,21 @@ def test_control_message_over_pyro5s_limit_fails_at_once_and_the_slot_stays(
         monkeypatch.undo()
         assert not grid.slots[0].lost.is_set()
         assert grid.copy_files(str(tmp_path), ["big.bin"]) == 1
+
+
+def test_a_remote_timeout_error_is_not_mistaken_for_get_timing_out() -> None:
+    """get(timeout) relabels only its own wait; the remote method's TimeoutError stays itself."""
+    with Grid([Host("localhost", n_cpu=1)]) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+
+        def raise_timeout() -> None:  # nested: shipped by value
+            raise TimeoutError("remote deadline")
+
+        raised = proxy.apply(raise_timeout)
+        with pytest.raises(TimeoutError, match="remote deadline") as info:
+            raised.get(timeout=30)
+        assert "not finished within" not in str(info.value)
+        assert getattr(info.value, "remote_traceback", "")
+        grid.release_service(proxy)
+
