@@ -41,6 +41,7 @@ _LAZY = {
     "Launcher": "launchers",
     "RemoteMethod": "proxy",
     "ServiceProxy": "proxy",
+    "read_attribute": "proxy",
     "Result": "result",
     "ServerQueue": "servicequeue",
 }
@@ -65,7 +66,7 @@ if _TYPE_CHECKING:
     from .grid import Grid, GridState, ServerStatus
     from .hosts import Host, create_host_list, load_hosts
     from .launchers import Launcher
-    from .proxy import RemoteMethod, ServiceProxy
+    from .proxy import RemoteMethod, ServiceProxy, read_attribute
     from .result import Result
     from .servicequeue import ServerQueue
 
@@ -112,4 +113,5 @@ __all__ = [
     "__version__",
     "create_host_list",
     "load_hosts",
+    "read_attribute",
 ]

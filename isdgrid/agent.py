@@ -90,6 +90,7 @@ class Agent:
             "python": sys.version.split()[0],
             "executable": sys.executable,
             "temp_path": self.temp_path,
+            "sys_path": list(sys.path),  # where it imports from (publish errors show it)
             "label": self.label,
             "services": services,
             "started": self.started,

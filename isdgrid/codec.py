@@ -247,22 +247,68 @@ def encode_value(
 
 
 def encode_error(exc: BaseException, seconds: float, tb: str | None = None) -> ReplyItem:
-    """Reply item for an operation that raised ``exc``."""
+    """Reply item for an operation that raised ``exc``.
+
+    An exception of a class from outside the builtins (without a ``__reduce__`` of its
+    own) is pickled by its state (see :class:`_ByState`), so it comes back as itself
+    whatever its ``__init__`` expects.
+    """
     if tb is None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
-        exc_bytes = dumps(_without_traceback(exc))
+        exc = _without_traceback(exc)
+        exc_bytes = dumps(_ByState(exc) if _rebuild_by_state(type(exc)) else exc)
     except Exception:  # noqa: BLE001 - the exception's own type may not be picklable
         exc_bytes = b""
     return (False, exc_bytes, type_name, _safe_str(exc), tb, seconds)
+
+
+def _rebuild_by_state(cls: type) -> bool:
+    """True for an exception class of a user's module that pickles in the default way.
+
+    The default (``BaseException.__reduce__``) re-creates an exception by calling its class
+    with ``args``, which fails for a class whose ``__init__`` takes other arguments than it
+    passes on (``KwErr(code, detail)`` calling ``super().__init__(f"code={code}")``).
+    A class with a ``__reduce__`` of its own knows how to travel and keeps it.
+    """
+    if cls.__module__ == "builtins":
+        return False
+    return cls.__reduce_ex__ is BaseException.__reduce_ex__ and cls.__reduce__ is BaseException.__reduce__
+
+
+class _ByState:
+    """Pickles an exception as its class, ``args`` and ``__dict__``, never calling ``__init__``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        exc = self.exc
+        return _rebuild_exception, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
+
+
+def _rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """The exception ``_ByState`` pickled: made by ``__new__``, then given its args and attributes."""
+    try:
+        exc = cls.__new__(cls, *args)
+    except TypeError:  # a __new__ of its own that wants other arguments: the builtin one
+        base = next(k for k in cls.__mro__ if k.__module__ == "builtins")
+        exc = base.__new__(cls)  # type: ignore[call-overload]
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 def decode_reply(item: ReplyItem, buffers: Sequence[Any] | None = None) -> tuple[bool, Any, float]:
     """``(ok, value_or_exception, seconds)`` from a reply item (and its out-of-band buffers).
 
     A remote exception is re-created as itself with a :class:`RemoteTraceback` as its
-    cause; when its type cannot be unpickled here it becomes a :class:`RemoteError`.
+    cause; when its type cannot be unpickled here it becomes a :class:`RemoteError`, and
+    so does a remote ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``): raised in the driver, it would end it.
     """
     if item[0]:
         return True, loads(item[1], buffers), float(item[2])
@@ -273,7 +319,7 @@ def decode_reply(item: ReplyItem, buffers: Sequence[Any] | None = None) -> tuple
             exc = loads(exc_bytes)
         except Exception:  # noqa: BLE001 - the type may not exist in the driver
             exc = None
-    if not isinstance(exc, BaseException):
+    if not isinstance(exc, Exception):
         exc = RemoteError(type_name, message, tb)
     else:
         exc.__cause__ = RemoteTraceback(tb)

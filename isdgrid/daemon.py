@@ -2,7 +2,11 @@
 
 Started by a launcher as ``python -u -m isdgrid.daemon --secret-stdin --watch-stdin ...``
 or by hand with ``isdgrid daemon``. It prints one line ``ISDGRID-URI <uri>`` on stdout
-once it serves, then logs to stderr.
+once it serves, then logs to stderr. With ``--tag-output`` (every launcher gives it) what
+is written to its stdout and stderr after that line (by the published objects, C code or
+child processes) reaches the launcher line by line, marked stdout or stderr
+(:mod:`isdgrid.announce`); its own log lines stay unmarked. ``--path DIR`` (the driver
+script's folder) goes on ``sys.path`` in place of the folder the daemon started in.
 
 Every connection first passes the mutual challenge-response of :mod:`isdgrid.handshake`
 (one deadline, at most ``MAX_UNAUTHENTICATED`` at once; nothing is deserialised before it
@@ -42,6 +46,7 @@ from .announce import announcement
 from .codec import Buffers
 from .errors import GridError
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
+from .output import TaggedOutput
 from .ticker import Ticker
 
 __all__ = ["Listener", "main", "serve"]
@@ -300,6 +305,7 @@ def serve(
     on_ready: Any = None,
     nameserver: str | None = None,
     group: str = DEFAULT_GROUP,
+    tag_output: bool = False,
 ) -> None:
     """Run a grid daemon until it is shut down or its driver is gone.
 
@@ -360,6 +366,8 @@ def serve(
             on_ready(str(uri))
         sys.stdout.write(announcement(str(uri)) + "\n")
         sys.stdout.flush()
+        if tag_output:
+            cleanup.enter_context(TaggedOutput())
         log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
         while not stop.wait(1.0):
             pass
@@ -422,6 +430,20 @@ def _watch_heartbeat(agent: Agent, timeout: float, stop: threading.Event, shut: 
             return
 
 
+def set_import_paths(paths: Sequence[str]) -> None:
+    """Put ``paths`` first on ``sys.path``, in place of the folder ``python -m`` put there.
+
+    The daemon then imports what the driver script imports from its own folder, whichever
+    folder the daemon was started in (the temp folder goes in front of them in serve()).
+    """
+    start = os.getcwd()
+    if sys.path and sys.path[0] == start:
+        del sys.path[0]
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
 def _read_secret(args: argparse.Namespace) -> str:
     if args.secret_stdin:
         line = sys.stdin.readline().strip()
@@ -456,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nameserver", help="register the URI at this Pyro5 name server (HOST:PORT)")
     parser.add_argument("--group", default=DEFAULT_GROUP, help="name server group (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--tag-output", action="store_true",
+                        help="once serving, mark each line written to stdout/stderr for the grid's launcher")
+    parser.add_argument("--path", action="append", metavar="DIR",
+                        help="put DIR on sys.path, in place of the folder the daemon starts in (repeatable)")
     return parser
 
 
@@ -467,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     secret = _read_secret(args)
+    if args.path:
+        set_import_paths(args.path)
     if args.nameserver:
         try:
             check_group(args.group)
@@ -489,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             uri_file=args.uri_file,
             nameserver=args.nameserver,
             group=args.group,
+            tag_output=args.tag_output,
         )
     except KeyboardInterrupt:
         log.info("interrupted; exiting")

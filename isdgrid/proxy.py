@@ -14,7 +14,7 @@ from .result import Result
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["RemoteMethod", "ServiceProxy"]
+__all__ = ["RemoteMethod", "ServiceProxy", "read_attribute"]
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,13 @@ class ServiceProxy:
 
     ``proxy.method(*args, **kw)`` queues a call and returns a :class:`Result` at once;
     calls run remotely in the order they were made. Reading ``proxy.attr`` of a plain
-    (non-callable) attribute also returns a :class:`Result`; ``proxy.attr = v`` sets it
-    remotely. Both keep call order. Arguments are pickled when the call is made, so
-    later changes to them in the driver do not reach the call.
+    (non-callable) attribute returns its **value**, as the original grid's proxy did: it
+    waits for the proxy's earlier calls, at most the grid's ``attribute_timeout`` seconds
+    (then :class:`TimeoutError`); :func:`read_attribute` reads it without waiting, as a
+    :class:`Result`. ``proxy.attr = v`` sets it remotely. All keep call order. A name the
+    published object does not have is an :class:`AttributeError` at once (see
+    :meth:`isdgrid.service.Service.check_name`). Arguments are pickled when the call is
+    made, so later changes to them in the driver do not reach the call.
     """
 
     __slots__ = ("_isdgrid_server", "_isdgrid_released", "_isdgrid_lock", "_isdgrid_methods", "__weakref__")
@@ -43,17 +47,33 @@ class ServiceProxy:
             return method
         if name.startswith("__") or name.startswith("_isdgrid_"):
             raise AttributeError(name)
-        server: Server = self._isdgrid_server
-        if name in server.service.methods:
+        service = self._isdgrid_server.service
+        if name in service.methods:
             method = self._isdgrid_methods[name] = RemoteMethod(self, name)
             return method
-        return self._isdgrid_submit(codec.GETATTR, name, (), None)
+        service.check_name(name)
+        return self._isdgrid_read(name, service.attribute_timeout)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("__") or name.startswith("_isdgrid_"):
             raise AttributeError(f"cannot set {name!r} on a service proxy")
         result = self._isdgrid_submit(codec.SETATTR, name, (value,), None)
         result.add_done_callback(_log_failed_setattr)
+        self._isdgrid_server.service.attributes.add(name)  # readable from now on
+
+    def _isdgrid_read(self, name: str, timeout: float | None) -> Any:
+        """The value of the remote attribute ``name``, after the proxy's earlier calls."""
+        result = self._isdgrid_submit(codec.GETATTR, name, (), None)
+        try:
+            return result.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if concurrent.futures.Future.done(result):
+                raise  # the remote attribute itself raised TimeoutError
+            raise TimeoutError(
+                f"reading {result.description} took more than {timeout} s: it waits for the proxy's earlier "
+                f"calls (Grid(attribute_timeout=...) sets the limit; isdgrid.read_attribute(proxy, {name!r}) "
+                "returns a Result at once)"
+            ) from None
 
     def __repr__(self) -> str:
         server = self._isdgrid_server
@@ -108,6 +128,23 @@ class RemoteMethod:
 
     def __repr__(self) -> str:
         return f"<RemoteMethod {self._name} of {self._proxy!r}>"
+
+
+def read_attribute(proxy: ServiceProxy, name: str) -> Result:
+    """Read the remote attribute ``name`` without waiting: a :class:`Result` of its value.
+
+    The read keeps call order (it runs after the proxy's earlier calls), as ``proxy.name``
+    does; ``proxy.name`` waits for the value, this returns at once. Raises
+    :class:`AttributeError` at once for a name the published object does not have, and
+    :class:`TypeError` for a method of its class (call it instead).
+    """
+    if not isinstance(proxy, ServiceProxy):
+        raise TypeError(f"read_attribute needs a proxy from acquire_service, got {type(proxy).__name__}")
+    service = proxy._isdgrid_server.service
+    if name in service.methods and name not in service.attributes:
+        raise TypeError(f"{name!r} is a method of {service.class_name}: call it (proxy.{name}(...)) for a Result")
+    service.check_name(name)
+    return proxy._isdgrid_submit(codec.GETATTR, name, (), None)
 
 
 def _log_failed_setattr(result: concurrent.futures.Future[Any]) -> None:

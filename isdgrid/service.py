@@ -1,17 +1,38 @@
-"""Service: a published object, the servers that hold its copies, and their queue."""
+"""Service: a published object, the servers that hold its copies, and their queue.
+
+A service also knows the names its published object answers (recorded at publish), so a
+proxy can refuse a misspelt name at once instead of sending it:
+
+- ``methods``: the callables of the class, and callable instance attributes;
+- ``attributes``: what a proxy may read as a value: the class's other names (properties,
+  class attributes) and the instance attributes the object had when it was published
+  (plus those set later through a proxy).
+
+A class that defines ``__getattr__`` or ``__getattribute__`` answers names dynamically:
+its names are not checked (``dynamic``), nor those of a service published with
+``check_names=False``.
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .servicequeue import ServerQueue
 
 if TYPE_CHECKING:
     from .server import Server
+    from .slot import Slot
 
-__all__ = ["Service", "public_methods"]
+__all__ = ["Service", "instance_names", "load_failure_hint", "missing_module_hint", "public_methods"]
+
+_LISTED = 40  # names an error message lists at most, of each kind
 
 
 def public_methods(cls: type) -> frozenset[str]:
@@ -21,14 +42,49 @@ def public_methods(cls: type) -> frozenset[str]:
     )
 
 
+def instance_names(instance: Any) -> tuple[frozenset[str], frozenset[str], bool]:
+    """``(methods, attributes, dynamic)`` of ``instance``, as the module docstring defines them."""
+    cls = type(instance)
+    methods = set(public_methods(cls))
+    attributes = {name for name in dir(cls) if not name.startswith("__") and name not in methods}
+    for name, value in _instance_attributes(instance):
+        if not name.startswith("__"):
+            attributes.add(name)
+            if callable(value):  # a function kept on the instance: proxy.name(...) calls it remotely
+                methods.add(name)
+    dynamic = any(
+        "__getattr__" in vars(k) or "__getattribute__" in vars(k) for k in cls.__mro__ if k is not object
+    )
+    return frozenset(methods), frozenset(attributes), dynamic
+
+
+def _instance_attributes(instance: Any) -> Iterable[tuple[str, Any]]:
+    """The instance's own attributes: its ``__dict__`` and the ``__slots__`` it has filled."""
+    yield from getattr(instance, "__dict__", {}).items()
+    for klass in type(instance).__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in [slots] if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__"):
+                try:
+                    yield name, getattr(instance, name)
+                except AttributeError:  # an empty slot
+                    continue
+
+
 @dataclass
 class Service:
-    """One published object: its id, methods, pickled copy and servers."""
+    """One published object: its id, names, pickled copy and servers.
+
+    ``attribute_timeout`` bounds how long reading ``proxy.attr`` waits (None: no bound).
+    """
 
     id: str
     class_name: str
     methods: frozenset[str]
     payload: bytes
+    attributes: set[str] = field(default_factory=set)
+    dynamic: bool = True  # names are not checked
+    attribute_timeout: float | None = 60.0
     servers: list[Server] = field(default_factory=list)
     queue: ServerQueue = field(init=False)
     respawning: int = 0
@@ -38,6 +94,107 @@ class Service:
     def __post_init__(self) -> None:
         self.queue = ServerQueue(self.id, self.usable)
 
+    @classmethod
+    def of(
+        cls,
+        service_id: str,
+        instance: Any,
+        payload: bytes,
+        *,
+        check_names: bool = True,
+        attribute_timeout: float | None = 60.0,
+    ) -> Service:
+        """The service of a published ``instance``, its names recorded now."""
+        methods, attributes, dynamic = instance_names(instance)
+        return cls(
+            service_id,
+            type(instance).__qualname__,
+            methods,
+            payload,
+            attributes=set(attributes),
+            dynamic=dynamic or not check_names,
+            attribute_timeout=attribute_timeout,
+        )
+
     def usable(self) -> bool:
         """True while some server is up or being respawned."""
         return self.respawning > 0 or any(not s.lost for s in self.servers)
+
+    def check_name(self, name: str) -> None:
+        """Raise :class:`AttributeError` (naming it, listing the methods) for a name the object lacks."""
+        if self.dynamic or name in self.methods or name in self.attributes:
+            return
+        raise AttributeError(self.unknown_name(name), name=name)
+
+    def unknown_name(self, name: str) -> str:
+        """The message for a name the published object does not have."""
+        known = sorted(self.methods | self.attributes)
+        close = difflib.get_close_matches(name, known, n=1)
+        text = f"{self.class_name!r} object (service {self.id}) has no attribute {name!r}"
+        if close:
+            text += f"; did you mean {close[0]!r}?"
+        text += f"\n  methods: {_listing(self.methods)}"
+        text += f"\n  attributes: {_listing(self.attributes)}"
+        text += (
+            "\n  (the proxy knows the attributes the object had when it was published; for one that a "
+            "method sets later, give it a value in __init__, or publish(instance, check_names=False))"
+        )
+        return text
+
+
+def _listing(names: Iterable[str]) -> str:
+    public = sorted(n for n in names if not n.startswith("_"))
+    if not public:
+        return "none"
+    more = len(public) - _LISTED
+    return ", ".join(public[:_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
+
+
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+_INSTALLED = re.compile(r"[/\\](site|dist)-packages([/\\]|$)|[/\\]lib[/\\]python\d[^/\\]*([/\\]lib-dynload)?$|\.zip$")
+
+
+def load_failure_hint(traceback_text: str, slot: Slot) -> str:
+    """How to fix a published object's failure to load on ``slot``, when its traceback tells.
+
+    For a module the host cannot import: the ways to make it importable, and where the
+    daemon looks for modules (it is asked, when it still answers). Otherwise ''.
+    """
+    found = _MISSING_MODULE.findall(traceback_text)
+    if not found:
+        return ""
+    try:
+        info = slot.control("info")
+    except Exception:  # noqa: BLE001 - the hint does without the daemon's facts
+        info = {}
+    return missing_module_hint(found[-1], slot.host.name, info if isinstance(info, dict) else {})
+
+
+def missing_module_hint(module: str, host: str, info: dict[str, Any]) -> str:
+    """The advice for ``No module named <module>`` on ``host`` (``info``: the daemon's ``info()``)."""
+    top = module.split(".")[0]
+    paths = [p for p in info.get("sys_path", []) if p and not _INSTALLED.search(p)]
+    if not paths and info.get("temp_path"):
+        paths = [info["temp_path"]]
+    where = ", ".join(paths) if paths else "its temp path"
+    install = (
+        f"install it on every host for the daemons' Python, or put it in a folder they import from; "
+        f"the daemon on {host} imports from {where} (and its installed packages)"
+    )
+    local = sys.modules.get(top)
+    origin = getattr(local, "__file__", None)
+    if origin and _INSTALLED.search(os.path.dirname(os.path.dirname(origin))):
+        return f"How to fix it: {top!r} is an installed package in the driver; {install}"
+    copy = f"grid.copy_files(<the folder holding {top}.py>, [{top + '.py'!r}])"
+    if origin:
+        if getattr(local, "__path__", None) is not None:  # a package: its folder, every .py in it
+            copy = f"grid.copy_files({os.path.dirname(os.path.dirname(origin))!r}, [{top + '/*.py'!r}])"
+        else:
+            copy = f"grid.copy_files({os.path.dirname(origin)!r}, [{os.path.basename(origin)!r}])"
+    return (
+        f"How to fix it: the daemons cannot import {module!r}. Make it importable there, any one of:\n"
+        f"  - copy it to every host's temp path before publish: {copy}\n"
+        f"  - ship it by value with the instance: in the driver, import cloudpickle, {top}; "
+        f"cloudpickle.register_pickle_by_value({top})\n"
+        f"  - {install}"
+    )
