@@ -40,14 +40,12 @@ class HostCheck:
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line saying why a host failed: the error's first line and the host's last words."""
+    """One line saying why a host failed: the error's first line (for a :class:`LaunchError`,
+    what went wrong and the host's last words), without the host's name."""
     text = str(exc).strip().splitlines()
     first = text[0] if text else type(exc).__name__
     if isinstance(exc, LaunchError) and exc.host is not None:
         first = first.removeprefix(f"host {exc.host!r}: ")
-    if isinstance(exc, LaunchError) and exc.output.strip():
-        last = [line.strip() for line in exc.output.strip().splitlines() if line.strip()][-1]
-        first = f"{first}: {last}"
     return first
 
 

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+from typing import IO
 
 import click
 
 from . import __version__
-from .errors import GridError
+from .errors import ConfigError, GridError
 from .examples.replica_exchange import SCHEMES
 
 __all__ = ["cli", "main"]
+
+#: Launchers the commands can start daemons with (``attach`` is ``Grid.attach`` in a driver).
+LAUNCHERS = ("local", "ssh", "slurm", "sge")
+
+
+def _check_launcher(ctx: click.Context, param: click.Parameter, name: str) -> str:
+    """Build (and drop) the launcher now, so one that cannot work here fails before anything starts."""
+    from .launchers import make_launcher
+
+    try:
+        make_launcher(name).close()
+    except ConfigError as exc:  # slurm or sge outside a job, for example
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return name
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +94,14 @@ def daemon(
     "--steps", type=click.IntRange(1), default=200, show_default=True, help="Metropolis steps per replica and round."
 )
 @click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts file (TOML): one replica per slot of its hosts.")
-@click.option("--launcher", default="local", show_default=True, help="How daemons start (local, ssh, ...).")
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="local",
+    show_default=True,
+    callback=_check_launcher,
+    help="How the daemons start.",
+)
 @click.option(
     "--scheme", type=click.Choice(SCHEMES), default="gromacs", show_default=True, help="How swap pairs are picked."
 )
@@ -89,7 +109,7 @@ def daemon(
 @click.option(
     "--tmax", type=click.FloatRange(1.0), default=6.0, show_default=True, help="Highest temperature (lowest 1)."
 )
-@click.option("--log", "log_path", metavar="FILE", help="Replica-per-temperature log [default: in the temp folder].")
+@click.option("--log", "log_path", metavar="FILE", help="Write the replica-per-temperature log to FILE.")
 def demo(
     slots: int | None,
     rounds: int,
@@ -106,26 +126,41 @@ def demo(
     from .grid import Grid
     from .hosts import Host, load_hosts
 
+    # Every option is checked before a daemon starts (click checked the types and the launcher).
     if hosts_file is not None and slots is not None:
         raise click.UsageError("give --slots or --hosts, not both")
     hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or 4)]
-    if log_path is None:
-        log_path = os.path.join(tempfile.gettempdir(), f"isdgrid-demo-{os.getpid()}-replicanums.txt")
-    n_slots = sum(h.n_cpu for h in hosts)
-    click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
-    started = time.perf_counter()
-    with Grid(hosts, launcher) as grid, open(log_path, "w", encoding="utf-8") as log_file:
-        startup = time.perf_counter() - started
-        with click.progressbar(length=rounds, label="replica exchange", file=sys.stderr) as bar:
-            report = run_demo(
-                grid, rounds=rounds, steps=steps, scheme=scheme, seed=seed, t_max=tmax,
-                log=log_file, progress=bar.update, startup_time=startup,
-            )
+    log_file = _open_for_writing(log_path, "--log") if log_path is not None else None
+    try:
+        n_slots = sum(h.n_cpu for h in hosts)
+        click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
+        started = time.perf_counter()
+        with Grid(hosts, launcher) as grid:
+            startup = time.perf_counter() - started
+            with click.progressbar(length=rounds, label="replica exchange", file=sys.stderr) as bar:
+                report = run_demo(
+                    grid, rounds=rounds, steps=steps, scheme=scheme, seed=seed, t_max=tmax,
+                    log=log_file, progress=bar.update, startup_time=startup,
+                )
+    finally:
+        if log_file is not None:
+            log_file.close()
     for line in format_report(report):
         click.echo(line)
-    click.echo(f"replica log (replica at each temperature, per round): {log_path}")
+    if log_path is not None:
+        click.echo(f"replica log (replica at each temperature, per round): {log_path}")
     if report.check is not None and report.check.verdict == "FAIL":
         raise click.ClickException("the sampled distribution does not match the Boltzmann distribution")
+
+
+def _open_for_writing(path: str, option: str) -> IO[str]:
+    """Open an output file named by ``option`` now, before anything starts; a bad path is a usage error."""
+    try:
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot write {path!r}: {exc.strerror or exc}", ctx=click.get_current_context(), param_hint=f"'{option}'"
+        ) from None
 
 
 @cli.command()
@@ -134,7 +169,7 @@ def demo(
     "--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between refreshes."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document per refresh).")
-@click.option("--run-dir", metavar="DIR", default=None, help="Folder of status files [default: see docs/api.md].")
+@click.option("--run-dir", metavar="DIR", default=None, help="Folder of status files [default: see docs/cli.md].")
 @click.option("--count", type=click.IntRange(0), default=0, hidden=True, help="Refreshes with --watch (0: no limit).")
 def status(watch: bool, interval: float, as_json: bool, run_dir: str | None, count: int) -> None:
     """Show the hosts, slots and services of the grids running now."""
@@ -166,7 +201,14 @@ def status(watch: bool, interval: float, as_json: bool, run_dir: str | None, cou
 
 @cli.command()
 @click.argument("hosts_file", metavar="HOSTS_FILE")
-@click.option("--launcher", default="local", show_default=True, help="How daemons start on the hosts.")
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="local",
+    show_default=True,
+    callback=_check_launcher,
+    help="How the daemons start on the hosts.",
+)
 @click.option(
     "--timeout", type=click.FloatRange(1.0), default=30.0, show_default=True, help="Seconds a host may take to start."
 )
@@ -175,10 +217,8 @@ def check(hosts_file: str, launcher: str, timeout: float, pings: int) -> None:
     """Start, ping and stop one daemon on each host of HOSTS_FILE."""
     from .checkhosts import check_hosts
     from .hosts import load_hosts
-    from .launchers import make_launcher
 
     hosts = load_hosts(hosts_file)
-    make_launcher(launcher).close()  # an unknown launcher is one error, not one per host
     results = check_hosts(hosts, launcher, start_timeout=timeout, pings=pings)
     for result in results:
         click.echo(result.line(), err=not result.ok)

@@ -67,7 +67,8 @@ class PublishError(GridError):
     """An object could not be published.
 
     Raised when the instance cannot be pickled in the driver (``host`` is None) or fails
-    to load on a host; ``remote_traceback`` then holds the traceback printed there.
+    to load on a host; ``remote_traceback`` then holds the traceback printed there, and
+    ``hint`` how to fix it (for a module the host cannot import: how to make it importable).
     """
 
     def __init__(
@@ -77,20 +78,27 @@ class PublishError(GridError):
         host: str | None = None,
         slot: int | None = None,
         remote_traceback: str = "",
+        hint: str = "",
     ) -> None:
         self.host = host
         self.slot = slot
         self.remote_traceback = remote_traceback
+        self.hint = hint
         text = message
         if host is not None:
             text = f"{message} (host {host!r}, slot {slot})"
         if remote_traceback:
             text = f"{text}\n--- remote traceback ---\n{remote_traceback.rstrip()}"
+        if hint:
+            text = f"{text}\n{hint}"
         super().__init__(text)
 
 
 class RemoteError(GridError):
     """A remote method raised an exception whose type cannot be re-raised in the driver.
+
+    Also a remote ``SystemExit``, ``KeyboardInterrupt`` or other ``BaseException`` that is
+    not an ``Exception``: raised as itself, it would end the driver.
 
     ``type_name`` is the remote exception's qualified type name, ``remote_traceback``
     the traceback as formatted on the host.
@@ -158,7 +166,9 @@ class GridTerminatedError(GridError):
 class LaunchError(GridError):
     """A host's daemon could not be started.
 
-    Carries the ``host``, the ``command`` that was run and its ``output``.
+    Carries the ``host``, the ``command`` that was run and its ``output``. ``str()`` is one
+    line: the host, what went wrong and the last line the host printed; :meth:`details`
+    adds the command and the end of the output (the grid logs that at DEBUG).
     """
 
     def __init__(
@@ -170,17 +180,35 @@ class LaunchError(GridError):
         output: str = "",
     ) -> None:
         self.host = host
+        self.message = message
         self.command = list(command or [])
         self.output = output
         text = message if host is None else f"host {host!r}: {message}"
-        if command:
-            import shlex
-
-            text += f"\n  command: {shlex.join(command)}"
-        if output.strip():
-            tail = "\n".join(output.strip().splitlines()[-20:])
-            text += "\n  output:\n    " + tail.replace("\n", "\n    ")
+        last = _last_line(output)
+        if last and last not in message and message not in last:
+            text += f": {last}"
         super().__init__(text)
+
+    def details(self, lines: int = 20) -> str:
+        """The one-line message, the command (shell-quoted) and the last ``lines`` lines of output."""
+        import shlex
+
+        text = str(self)
+        if self.command:
+            text += f"\n  command: {shlex.join(self.command)}"
+        if self.output.strip():
+            tail = "\n".join(self.output.strip().splitlines()[-lines:])
+            text += "\n  output:\n    " + tail.replace("\n", "\n    ")
+        return text
+
+
+def _last_line(output: str, limit: int = 300) -> str:
+    """The last non-blank line of ``output``, cut to ``limit`` characters."""
+    for line in reversed(output.splitlines()):
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return ""
 
 
 class ConfigError(GridError, ValueError):

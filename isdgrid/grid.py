@@ -8,6 +8,7 @@ import contextlib
 import enum
 import logging
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -34,7 +35,7 @@ from .launchers import DaemonHandle, Launcher, make_launcher
 from .proxy import ServiceProxy
 from .result import Result
 from .server import Server, ServerState
-from .service import Service, public_methods
+from .service import Service, load_failure_hint
 from .slot import Slot
 from .statusfile import StatusFileWriter
 
@@ -74,7 +75,7 @@ class ServerStatus:
 class Grid:
     """A set of daemons on ``hosts`` and the services published on them.
 
-    ``launcher`` is ``"local"`` (default), ``"slurm"``, ``"sge"`` or a
+    ``launcher`` is ``"local"`` (default), ``"ssh"``, ``"slurm"``, ``"sge"`` or a
     :class:`~isdgrid.launchers.Launcher`; with ``hosts=None`` the launcher supplies them
     (the nodes of a SLURM or SGE allocation).
     Daemons are watched with a heartbeat every ``heartbeat_interval`` seconds; a daemon
@@ -88,9 +89,21 @@ class Grid:
     ``max_message_size`` (bytes, default 2 GiB) bounds one call and one reply: a call over it
     raises :class:`PayloadTooLargeError` at once, a reply over it fails that call alone.
 
+    ``attribute_timeout`` (seconds, default 60; None: no limit) bounds how long reading
+    ``proxy.attr`` waits for its value (it runs after the proxy's earlier calls).
+
+    What the published objects print shows on the driver's stdout and stderr, each line
+    prefixed ``[host/slot]``; ``forward_output=False`` sends it to the ``isdgrid.remote``
+    logger instead. ``log_dir`` also keeps it in one file per slot.
+
     ``status_file`` (default True) keeps a JSON status file for ``isdgrid status`` in the
     run folder (see :mod:`isdgrid.statusfile`); a string is the file's path, False turns
     it off.
+
+    A host whose Python minor version differs from the driver's is refused with a
+    :class:`LaunchError` naming both versions: classes that travel by value (those of the
+    driver's ``__main__``) cannot load there. ``allow_python_mismatch=True`` only logs a
+    warning, for drivers that publish nothing by value.
     """
 
     def __init__(
@@ -110,20 +123,31 @@ class Grid:
         respawn: bool = False,
         max_respawns: int = 10,
         log_dir: str | None = None,
+        forward_output: bool = True,
         secret: str | None = None,
         launcher_options: Mapping[str, Any] | None = None,
         status_file: bool | str = True,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        attribute_timeout: float | None = 60.0,
+        allow_python_mismatch: bool = False,
     ) -> None:
         if heartbeat_interval <= 0 or host_timeout <= heartbeat_interval:
             raise ConfigError("need 0 < heartbeat_interval < host_timeout")
         if max_message_size < 1024:
             raise ConfigError(f"max_message_size must be at least 1024 bytes, not {max_message_size}")
         self.max_message_size = int(max_message_size)
+        if attribute_timeout is not None and not attribute_timeout > 0:
+            raise ConfigError(f"attribute_timeout must be positive seconds or None, not {attribute_timeout}")
+        self.attribute_timeout = attribute_timeout
         if isinstance(launcher, Launcher):
             self._launcher = launcher
         else:
-            options = {"log_dir": log_dir, "heartbeat_timeout": daemon_timeout, **(launcher_options or {})}
+            options = {
+                "log_dir": log_dir,
+                "forward_output": forward_output,
+                "heartbeat_timeout": daemon_timeout,
+                **(launcher_options or {}),
+            }
             self._launcher = make_launcher(launcher, **options)
         self._launcher.shared_temp_path = shared_temp_path
         hosts = self._launcher.default_hosts() if hosts is None else list(hosts)
@@ -146,6 +170,7 @@ class Grid:
         self._host_timeout = host_timeout
         self._respawn = respawn
         self._max_respawns = max_respawns
+        self._allow_python_mismatch = allow_python_mismatch
         self.respawn_count = 0
         self._services: dict[str, Service] = {}
         self._held: dict[str, list[ServiceProxy]] = {}
@@ -200,14 +225,25 @@ class Grid:
         outcomes = self._launcher.start(specs, self._secret, self._start_timeout)
         handles = [o for o in outcomes if isinstance(o, DaemonHandle)]
         failures = [o for o in outcomes if isinstance(o, LaunchError)]
-        for handle in handles:
-            self._add_slot(handle)
+        try:
+            for handle in handles:
+                self._add_slot(handle)
+        except BaseException:  # Ctrl-C included: daemons that are no slot yet are ended here
+            added = {id(slot.handle) for slot in self._slots}
+            self._launcher.stop([h for h in handles if id(h) not in added], self._stop_timeout)
+            raise
+        failures += self._check_python_versions()
         if failures:
             failed_hosts = {f.host for f in failures}
             good_hosts = [h for h in self.hosts if h.name not in failed_hosts]
-            for failure in failures:
-                log.error("%s", failure)
-            if min_hosts is None or len(good_hosts) < min_hosts:
+            fatal = min_hosts is None or len(good_hosts) < min_hosts
+            said: set[str | None] = set()
+            for failure in failures:  # one line per host; the one raised is said once, by the raise
+                log.debug("%s", failure.details())
+                if failure.host not in said and not (fatal and failure.host == failures[0].host):
+                    log.error("%s", failure)
+                said.add(failure.host)
+            if fatal:
                 raise failures[0]
             log.warning("going on with %d of %d hosts (min_hosts=%d)", len(good_hosts), len(self.hosts), min_hosts)
             dropped = [s for s in self._slots if s.host.name in failed_hosts]
@@ -231,15 +267,55 @@ class Grid:
         except (GridError, OSError) as exc:
             slot.close()
             raise LaunchError(f"cannot connect to the daemon at {handle.uri}: {exc}", host=handle.host.name) from exc
+        except BaseException:
+            slot.close()
+            raise
         self._slots.append(slot)
         slot.start_monitor()
         return slot
 
+    def _check_python_versions(self) -> list[LaunchError]:
+        """Ask one daemon per host for its Python; a host whose minor version differs is a failure.
+
+        Classes pickled by value (cloudpickle: those of the driver's ``__main__``) hold code
+        objects, which load only under the Python minor version that made them. With
+        ``allow_python_mismatch`` a mismatch is only a warning.
+        """
+        first: dict[str, Slot] = {}
+        for slot in self._slots:
+            first.setdefault(slot.host.name, slot)
+        mine = ".".join(map(str, sys.version_info[:3]))
+        minor = ".".join(map(str, sys.version_info[:2]))
+        failures = []
+        for name, info in zip(first, self._fan_out(list(first.values()), "info"), strict=True):
+            if isinstance(info, BaseException):
+                failures.append(LaunchError(f"cannot ask the daemon for its Python version: {info}", host=name))
+                continue
+            theirs = str(info.get("python", "?"))
+            if theirs.split(".")[:2] == minor.split("."):
+                continue
+            problem = (
+                f"its Python is {theirs} ({info.get('executable', '?')}), the driver's is {mine}: "
+                "classes that travel by value (those of the driver's __main__) cannot load there"
+            )
+            if self._allow_python_mismatch:
+                log.warning("host %r: %s (allowed: allow_python_mismatch=True)", name, problem)
+            else:
+                failures.append(LaunchError(
+                    f"{problem}; give it Python {minor} (Host(python=...)), or pass "
+                    "Grid(allow_python_mismatch=True) if the driver publishes only classes the host can import",
+                    host=name,
+                ))
+        return failures
+
     # -- publishing ----------------------------------------------------------------------
-    def publish(self, instance: Any) -> str:
+    def publish(self, instance: Any, *, check_names: bool = True) -> str:
         """Ship a copy of ``instance`` to every slot; returns the new service id.
 
-        Classes defined in the driver's ``__main__`` travel by value. Raises
+        Classes defined in the driver's ``__main__`` travel by value. The names the
+        instance has now (methods, attributes) are recorded: a proxy refuses any other
+        at once with :class:`AttributeError`, unless ``check_names`` is False or the class
+        defines ``__getattr__``. Raises
         :class:`PublishError` if the instance cannot be pickled or fails to load on a host
         (naming the host and carrying its traceback); then nothing stays published.
         """
@@ -263,12 +339,14 @@ class Grid:
             err = PublishError(
                 f"{cls.__qualname__} failed to load on {len(failures)} of {len(slots)} slots"
                 if text else f"{cls.__qualname__} could not be published: {out}",
-                host=slot.host.name, slot=slot.index, remote_traceback=text,
+                host=slot.host.name, slot=slot.index, remote_traceback=text, hint=load_failure_hint(text, slot),
             )
             if isinstance(out, BaseException):
                 raise err from out
             raise err
-        service = Service(service_id, cls.__qualname__, public_methods(cls), payload)
+        service = Service.of(
+            service_id, instance, payload, check_names=check_names, attribute_timeout=self.attribute_timeout
+        )
         with self._lock:
             self._check_running()
             service.servers = [
@@ -383,6 +461,7 @@ class Grid:
         not passed on (give a remote ``timeout`` argument through :meth:`scatter`'s ``kwlist``).
         Raises :class:`DeadlockError` at once when the calling thread holds a server of it.
         """
+        self._service(service_id).check_name(name)
         return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id, timeout)]
 
     def scatter(
@@ -399,6 +478,7 @@ class Grid:
         included) is passed as the one argument. ``timeout`` as for :meth:`broadcast`.
         """
         service = self._service(service_id)
+        service.check_name(name)
         n = len(service.servers)
         if len(arglist) != n:
             raise ValueError(f"scatter: {len(arglist)} argument items for {n} servers of {service_id!r}")

@@ -65,7 +65,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, run_dir: Path) -> None:
     assert "  0-1 " in out  # the acceptance table has the one pair
     assert "replica round trips" in out and "calls made: 22 on 2 servers" in out  # 1 + 5 + 5 per server
     assert "time per round:" in out and "grid overhead per round:" in out
-    assert "Boltzmann check: skipped" in out  # 5 rounds give too few samples to judge
+    assert "Boltzmann check at T=1: INCONCLUSIVE" in out  # 5 rounds give too few samples to judge
     rows = [line.split() for line in log.read_text().splitlines() if not line.startswith("#")]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
     assert all(sorted(r[1:]) == ["1", "2"] for r in rows)
@@ -241,8 +241,8 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path: Path, run_dir: Path
         (["check"], 2, "isdgrid check: error: Missing argument 'HOSTS_FILE'"),
         (
             ["check", "hosts.toml", "--launcher", "carrier-pigeon"],
-            1,
-            "isdgrid: error: unknown launcher 'carrier-pigeon'",
+            2,
+            "isdgrid check: error: Invalid value for '--launcher': 'carrier-pigeon' is not one of",
         ),
         (["frobnicate"], 2, "isdgrid: error: No such command 'frobnicate'"),
     ],

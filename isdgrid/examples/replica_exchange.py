@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 SCHEMES = ("gromacs", "evenodd", "random")
+CHECK_BLOCKS = 10  # blocks of the Boltzmann check, which needs at least as many samples
 
 
 @dataclass(frozen=True)
@@ -375,9 +376,9 @@ def run_demo(
         grid.terminate(rex.service_id)
     outcome = None
     samples = result.lowest_samples()
-    if check and len(samples) >= 100:
+    if check and len(samples) >= CHECK_BLOCKS:
         exact: ExactMarginal = exact_marginal(rex.model.energy, result.temperatures[0])
-        outcome = check_boltzmann(samples, exact)
+        outcome = check_boltzmann(samples, exact, blocks=CHECK_BLOCKS, round_trips=result.round_trips)
     launcher = getattr(getattr(grid, "_launcher", None), "name", "?")
     return DemoReport(result, outcome, status, n, len(grid.hosts), launcher, startup_time, time.perf_counter() - start)
 
@@ -411,7 +412,10 @@ def format_report(report: DemoReport) -> list[str]:
     if report.check is not None:
         lines.append(f"Boltzmann check at T={temps[0]:g}: {report.check.summary()}")
     else:
-        lines.append("Boltzmann check: skipped (fewer than 100 samples at the lowest temperature)")
+        lines.append(
+            f"Boltzmann check: skipped (fewer than {CHECK_BLOCKS} samples at the lowest temperature: "
+            "run more rounds or steps)"
+        )
     return lines
 
 

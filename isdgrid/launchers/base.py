@@ -3,32 +3,53 @@
 A launcher turns :class:`~isdgrid.hosts.Host` slots into running daemons and ends them.
 Process-based launchers (local, ssh, slurm, sge) only differ in the command line that
 starts one slot; :class:`ProcessLauncher` does the rest: starting every slot at once,
-handing the secret over stdin, waiting (bounded) for the ``ISDGRID-URI`` line, forwarding
-the daemon's output to ``logging`` and a per-slot log file, and a bounded, escalating stop.
+handing the secret over stdin, waiting (bounded) for the ``ISDGRID-URI`` line, showing
+what the published objects print on the driver's stdout and stderr (prefixed ``[host/slot]``),
+sending the daemon's own log lines to ``logging``, keeping a per-slot log file, and a
+bounded, escalating stop.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
-from ..announce import parse_announcement
+from ..announce import parse_announcement, split_output
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
-__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec"]
+__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec", "driver_folder"]
 
 log = logging.getLogger("isdgrid.launcher")
 remote_log = logging.getLogger("isdgrid.remote")
+
+# One line at a time on the driver's terminal, whichever slot it comes from.
+_console_lock = threading.Lock()
+
+
+def driver_folder() -> str:
+    """The folder the daemons put on ``sys.path``: where the driver's Python looks first.
+
+    ``python drv/driver.py``: the script's folder (symlinks resolved, as Python does);
+    ``python -m pkg.mod``, ``python -c``, an interactive session or a notebook: the
+    current folder.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str) and path and getattr(main, "__spec__", None) is None:
+        return os.path.dirname(os.path.realpath(path))
+    return os.getcwd()
 
 
 @dataclass(frozen=True)
@@ -107,34 +128,42 @@ class Launcher(abc.ABC):
 
 
 class SlotOutput(threading.Thread):
-    """Reads one daemon's output: first the URI line, then lines forwarded to logging."""
+    """Reads one daemon's output: first the URI line, then every line until the end.
 
-    def __init__(self, spec: SlotSpec, stream: IO[bytes], log_dir: str | None) -> None:
+    Lines the daemon marked as its objects' stdout or stderr go, prefixed ``[host/slot]``,
+    to the driver's ``sys.stdout`` or ``sys.stderr`` (``forward=True``) or else to the
+    ``isdgrid.remote`` logger; unmarked lines (the daemon's own log, ssh's messages) go to
+    that logger. Every line also goes to the slot's log file under ``log_dir``, made
+    readable by the user only. The thread reads on whatever happens to a line, so the
+    daemon never waits on a full pipe for long.
+    """
+
+    def __init__(self, spec: SlotSpec, stream: IO[bytes], log_dir: str | None, forward: bool = True) -> None:
         super().__init__(name=f"isdgrid-output-{spec.label}", daemon=True)
         self.spec = spec
+        self.forward = forward
         self._stream = stream
         self._uri: queue.Queue[str | None] = queue.Queue(maxsize=1)
         self.early_lines: list[str] = []
         self._log_file: IO[str] | None = None
         if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            name = f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_")
-            self._log_file = open(os.path.join(log_dir, name), "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._log_file = _open_log(log_dir, f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_"))
 
     def run(self) -> None:
         seen_uri = False
         try:
             for raw in iter(self._stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 uri = None if seen_uri else parse_announcement(line)
                 if uri is not None:
                     seen_uri = True
                     self._uri.put(uri)
                     continue
+                kind, text = split_output(line)
                 if not seen_uri:
-                    self.early_lines.append(line)
+                    self.early_lines.append(text)
                     del self.early_lines[:-200]
-                self._forward(line)
+                self._forward(kind, text)
         except (OSError, ValueError):
             pass
         finally:
@@ -143,10 +172,15 @@ class SlotOutput(threading.Thread):
             if self._log_file is not None:
                 self._log_file.close()
 
-    def _forward(self, line: str) -> None:
+    def _forward(self, kind: str | None, text: str) -> None:
         if self._log_file is not None:
-            self._log_file.write(line + "\n")
-        remote_log.info("[%s] %s", self.spec.label, line)
+            try:
+                self._log_file.write(text + "\n")
+            except (OSError, ValueError):  # a full disk must not stop the reading
+                pass
+        if kind is not None and self.forward and _echo(kind, f"[{self.spec.label}] {text}\n"):
+            return
+        remote_log.info("[%s] %s", self.spec.label, text)
 
     def wait_uri(self, timeout: float) -> str | None:
         """The URI the daemon printed; None if it ended first or ``timeout`` passed."""
@@ -154,6 +188,51 @@ class SlotOutput(threading.Thread):
             return self._uri.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+def _open_log(log_dir: str, name: str) -> IO[str]:
+    """Open (append) a slot's log file, mode 0600; a folder made here is mode 0700."""
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(log_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a file left by an older run may be readable by others
+    except OSError:
+        pass
+    return open(fd, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by run()
+
+
+def _fileno(stream: IO[str]) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):
+        return None
+
+
+def _echo(kind: str, text: str) -> bool:
+    """Write one whole line to the driver's stdout or stderr; False if that failed.
+
+    To the process's own stream (``sys.__stdout__``) the line goes past its buffer, in one
+    write to the file descriptor: a line the driver is in the middle of printing (``print``
+    writes its arguments one by one into that buffer) is never cut in two. A stream put in
+    its place (pytest's capture, a notebook, ``redirect_stdout``) gets ``write`` and ``flush``.
+    """
+    stream: IO[str] | None = sys.stdout if kind == "stdout" else sys.stderr
+    original: IO[str] | None = sys.__stdout__ if kind == "stdout" else sys.__stderr__
+    if stream is None:  # pythonw, or closed on purpose
+        return False
+    fd = _fileno(stream) if stream is original else None
+    try:
+        with _console_lock:
+            if fd is None:
+                stream.write(text)
+                stream.flush()
+                return True
+            data = text.encode(getattr(stream, "encoding", None) or "utf-8", "replace")
+            while data:
+                data = data[os.write(fd, data):]
+    except (OSError, ValueError):  # closed, a broken pipe, a character the stream cannot take
+        return False
+    return True
 
 
 class Progress:
@@ -180,9 +259,11 @@ class Progress:
 class ProcessLauncher(Launcher):
     """A launcher whose slots are child processes of the driver (local, ssh, srun, qrsh)."""
 
-    def __init__(self, *, log_dir: str | None = None, stop_timeout: float = 5.0) -> None:
+    def __init__(self, *, log_dir: str | None = None, stop_timeout: float = 5.0, forward_output: bool = True) -> None:
         self.log_dir = log_dir
         self.stop_timeout = stop_timeout
+        #: Show what the published objects print on the driver's stdout/stderr (else: logging).
+        self.forward_output = forward_output
 
     @abc.abstractmethod
     def command(self, spec: SlotSpec) -> list[str]:
@@ -192,6 +273,10 @@ class ProcessLauncher(Launcher):
         """Environment for the child process; None inherits the driver's."""
         return None
 
+    def import_paths(self, spec: SlotSpec) -> list[str]:
+        """Folders the daemon of ``spec`` puts on ``sys.path`` (``--path``): the driver's folder."""
+        return [driver_folder()]
+
     def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
         progress = Progress(len(specs))
         return self.start_processes(specs, secret, time.monotonic() + timeout, progress)
@@ -199,19 +284,52 @@ class ProcessLauncher(Launcher):
     def start_processes(
         self, specs: Sequence[SlotSpec], secret: str, deadline: float, progress: Progress | None = None
     ) -> list[DaemonHandle | LaunchError]:
-        """Start ``specs`` at once and wait (until ``deadline``) for each daemon's address."""
+        """Start ``specs`` at once and wait (until ``deadline``) for each daemon's address.
+
+        If anything interrupts it (Ctrl-C included), every process it started is ended
+        before the exception goes on: the caller never got their handles.
+        """
+        launched: list[subprocess.Popen[bytes]] = []
+        try:
+            return self._start_processes(specs, secret, deadline, progress, launched)
+        except BaseException:
+            for proc in launched:  # all at once first, then each waited for (and killed if need be)
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            for proc in launched:
+                self._kill(proc)
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        try:
+                            pipe.close()
+                        except OSError:
+                            pass
+            raise
+
+    def _start_processes(
+        self,
+        specs: Sequence[SlotSpec],
+        secret: str,
+        deadline: float,
+        progress: Progress | None,
+        launched: list[subprocess.Popen[bytes]],
+    ) -> list[DaemonHandle | LaunchError]:
         pending: list[tuple[SlotSpec, list[str], subprocess.Popen[bytes] | None, SlotOutput | LaunchError]] = []
         for spec in specs:
             cmd = self.command(spec)
             try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    env=self.environment(spec),
-                    start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
-                )
+                with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        env=self.environment(spec),
+                        start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
+                    )
+                    launched.append(proc)
             except OSError as exc:
                 error = LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
                 pending.append((spec, cmd, None, error))
@@ -222,7 +340,7 @@ class ProcessLauncher(Launcher):
                 proc.stdin.flush()
             except OSError:
                 pass  # it died at once; its output says why
-            reader = SlotOutput(spec, proc.stdout, self.log_dir)
+            reader = SlotOutput(spec, proc.stdout, self.log_dir, self.forward_output)
             reader.start()
             pending.append((spec, cmd, proc, reader))
         timeout = max(0.0, deadline - time.monotonic())
@@ -299,6 +417,30 @@ class ProcessLauncher(Launcher):
                 break
         if proc.poll() is None:
             log.error("daemon pid %d survived SIGKILL", proc.pid)
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back while a child process is created, then deliver it.
+
+    Interrupted inside ``subprocess.Popen``, the driver would lose the child's handle while
+    the child runs on; held for those milliseconds, the interrupt comes right after. Only
+    the main thread can set a handler, and only it gets ``KeyboardInterrupt``.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    held: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:

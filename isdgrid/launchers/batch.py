@@ -3,7 +3,8 @@
 Inside an allocation the driver starts one daemon per slot on the allocated nodes with
 the scheduler's own remote-start tool (``srun``, ``qrsh -inherit``). The nodes are
 assumed to see the driver's Python and its ``isdgrid`` at the same paths (a shared file
-system or the same installation), as is usual on a cluster.
+system or the same installation), as is usual on a cluster; the driver script's folder
+is put on the daemons' ``sys.path`` at the same path.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class BatchLauncher(ProcessLauncher):
         bind: str | None = None,
         temp_root: str | None = None,
         environ: Mapping[str, str] | None = None,
+        forward_output: bool = True,
     ) -> None:
-        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout)
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output)
         self.environ = dict(os.environ if environ is None else environ)
         self.job_id = job_id
         self.tag = uuid.uuid4().hex[:8]
@@ -71,7 +73,10 @@ class BatchLauncher(ProcessLauncher):
     def daemon_command(self, spec: SlotSpec) -> list[str]:
         """The daemon's own argument list on the node, host setup (nice, init_cmd) applied."""
         python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
-        args = daemon_args(spec, python, bind=self.bind_address(spec), heartbeat_timeout=self.heartbeat_timeout)
+        args = daemon_args(
+            spec, python, bind=self.bind_address(spec), heartbeat_timeout=self.heartbeat_timeout,
+            paths=self.import_paths(spec),
+        )
         return wrap_host_setup(spec.host, args)
 
     def python_path(self, spec: SlotSpec) -> str:

@@ -29,15 +29,22 @@ def daemon_args(
     *,
     bind: str = "127.0.0.1",
     heartbeat_timeout: float = 0.0,
+    paths: Sequence[str] = (),
 ) -> list[str]:
-    """The ``python -m isdgrid.daemon`` argument list for one grid-started slot."""
+    """The ``python -m isdgrid.daemon`` argument list for one grid-started slot.
+
+    ``paths`` go on the daemon's ``sys.path`` (``--path``, after its temp folder) in place
+    of the folder the daemon starts in; ``--tag-output`` marks what its objects print.
+    """
     args = [
         python, "-u", "-m", "isdgrid.daemon",
         "--host", bind, "--port", "0",
-        "--secret-stdin", "--watch-stdin",
+        "--secret-stdin", "--watch-stdin", "--tag-output",
         "--temp-path", spec.temp_path,
         "--label", spec.label,
     ]
+    for path in paths:
+        args += ["--path", path]
     if heartbeat_timeout > 0:
         args += ["--heartbeat-timeout", f"{heartbeat_timeout:g}"]
     if spec.remove_temp:
@@ -59,37 +66,46 @@ class LocalLauncher(ProcessLauncher):
 
     A host whose ``python`` is the default ``python3`` runs the driver's own interpreter
     (``sys.executable``), so a virtual environment carries over; the driver's ``isdgrid``
-    is put on the daemon's ``PYTHONPATH``.
+    is put on the daemon's ``PYTHONPATH``, the driver script's folder on its ``sys.path``.
     """
 
     name = "local"
 
     def __init__(
-        self, *, log_dir: str | None = None, heartbeat_timeout: float = 0.0, stop_timeout: float = 5.0
+        self,
+        *,
+        log_dir: str | None = None,
+        heartbeat_timeout: float = 0.0,
+        stop_timeout: float = 5.0,
+        forward_output: bool = True,
     ) -> None:
-        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout)
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output)
         self.heartbeat_timeout = heartbeat_timeout
         self._made_dirs: list[str] = []
 
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
         specs = []
         for host in hosts:
+            # A folder made here is recorded at once: close() removes it however the start ends
+            # (an error, Ctrl-C); the daemons are ended before that (see ProcessLauncher.start).
             made = host.temp_path is None
             if made:
                 path = tempfile.mkdtemp(prefix=f"isdgrid-{host.name}-")
+                self._made_dirs.append(path)
             else:
                 path = os.path.abspath(os.path.expanduser(str(host.temp_path)))
                 made = not os.path.isdir(path)
                 os.makedirs(path, exist_ok=True)
-            if made:
-                self._made_dirs.append(path)
+                if made:
+                    self._made_dirs.append(path)
             # Slot 0 removes a folder the grid made even if the driver dies without terminate().
             specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
         return specs
 
     def command(self, spec: SlotSpec) -> list[str]:
         python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
-        return wrap_host_setup(spec.host, daemon_args(spec, python, heartbeat_timeout=self.heartbeat_timeout))
+        args = daemon_args(spec, python, heartbeat_timeout=self.heartbeat_timeout, paths=self.import_paths(spec))
+        return wrap_host_setup(spec.host, args)
 
     def environment(self, spec: SlotSpec) -> dict[str, str]:
         env = dict(os.environ)

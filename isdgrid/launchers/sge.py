@@ -99,6 +99,7 @@ class SgeLauncher(BatchLauncher):
         export_env: bool = True,
         qrsh_args: Sequence[str] = (),
         environ: Mapping[str, str] | None = None,
+        forward_output: bool = True,
     ) -> None:
         super().__init__(
             job_id="",
@@ -108,6 +109,7 @@ class SgeLauncher(BatchLauncher):
             bind=bind,
             temp_root=temp_root,
             environ=environ,
+            forward_output=forward_output,
         )
         job_id = self.environ.get("JOB_ID")
         if not job_id:

@@ -151,6 +151,7 @@ class SlurmLauncher(BatchLauncher):
         overlap: bool | None = None,
         srun_args: Sequence[str] = (),
         environ: Mapping[str, str] | None = None,
+        forward_output: bool = True,
     ) -> None:
         super().__init__(
             job_id="",
@@ -160,6 +161,7 @@ class SlurmLauncher(BatchLauncher):
             bind=bind,
             temp_root=temp_root,
             environ=environ,
+            forward_output=forward_output,
         )
         job_id = self.environ.get("SLURM_JOB_ID") or self.environ.get("SLURM_JOBID")
         if not job_id:

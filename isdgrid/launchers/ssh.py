@@ -7,7 +7,8 @@ and cloudpickle at the driver's versions. What is missing is shipped from the dr
 installed copies (pure Python) as one tar over a second session into the temp folder
 ("zero-install"). Then each slot is one ssh session running the daemon, which reads the
 grid's secret from the session's stdin and exits when that stdin closes, so a dead ssh
-session or driver never leaves a daemon behind.
+session or driver never leaves a daemon behind. The driver script's folder is put on the
+daemon's ``sys.path`` as a path on the host: it is there only on a shared file system.
 
 All command lines are built by the pure functions below; the part run by the remote
 shell is a single string made with :func:`shlex.join` of ``sh -c SCRIPT`` and its
@@ -206,10 +207,14 @@ def slot_command(
     lib_dir: str | None = None,
     unix_socket: str | None = None,
     heartbeat_timeout: float = 0.0,
+    paths: Sequence[str] = (),
 ) -> list[str]:
-    """Remote argv that runs one slot's daemon in its temp folder (init, nice, python)."""
+    """Remote argv that runs one slot's daemon in its temp folder (init, nice, python).
+
+    ``paths`` (folders on the host) go on the daemon's ``sys.path``, after its temp folder.
+    """
     host = spec.host
-    args = daemon_args(spec, host.python, bind=bind, heartbeat_timeout=heartbeat_timeout)
+    args = daemon_args(spec, host.python, bind=bind, heartbeat_timeout=heartbeat_timeout, paths=paths)
     if lib_dir:
         at = args.index("-m")
         args[at:at + 2] = ["-c", BOOT_CODE, lib_dir]
@@ -333,8 +338,9 @@ class SshLauncher(ProcessLauncher):
         ship: str = "auto",
         max_starts_per_host: int = 8,
         ssh: str = "ssh",
+        forward_output: bool = True,
     ) -> None:
-        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout)
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output)
         if ship not in ("auto", "always", "never"):
             raise ConfigError(f"ssh launcher: ship must be 'auto', 'always' or 'never', got {ship!r}")
         if max_starts_per_host < 1:
@@ -387,6 +393,7 @@ class SshLauncher(ProcessLauncher):
             lib_dir=setup.lib_dir,
             unix_socket=tunnel[1] if tunnel else None,
             heartbeat_timeout=self.heartbeat_timeout,
+            paths=self.import_paths(spec),
         )
         return self._ssh(spec.host, remote, tunnel)
 
