@@ -13,8 +13,8 @@ Large contiguous buffers (numpy arrays, ``PickleBuffer``) can be taken out of ba
 buffers travel raw after the frame's header (:mod:`isdgrid.wire`), never copied into it.
 
 Each call and each reply item is pickled on its own: one unpicklable argument or result
-fails that call alone, never its batch. Pyro5 carries the resulting bytes with the
-``marshal`` serializer, which passes ``bytes`` through without re-encoding them.
+fails that call alone, never its batch. The frames of the calls connection carry the
+resulting bytes in a ``marshal`` header, which passes ``bytes`` through as they are.
 
 Wire formats (all marshal-able; see :mod:`isdgrid.wire` for the frames around them):
 

@@ -267,8 +267,13 @@ class CallsChannel:
             self._read_one(sock, frames, 1.0 if left is None else min(left, 1.0))
 
     def _read_one(self, sock: socket.socket, frames: Any, timeout: float | None) -> None:
-        """Read one frame (read role held) and land its batch; gives the role back."""
+        """Read one frame (read role held) and land its batch; gives the role back.
+
+        The batch leaves the list under the same lock that gives the role back: a thread
+        that takes the role next never waits on the wire for a reply already read.
+        """
         frame = None
+        flight: Flight | None = None
         try:
             if not frames.buffered:
                 try:
@@ -290,30 +295,35 @@ class CallsChannel:
         finally:
             try:
                 with self._cond:
+                    if frame is not None:  # listed batches are exactly those awaiting a reply
+                        flight = self._flights.pop((frame[1][0], frame[1][1]), None)
                     self._reader = None
                     self._cond.notify_all()
                     if self._kicked and self._flights:
                         self._bg.notify()
             except BaseException:
                 if frame is not None:  # interrupted with a reply in hand: have it resent
+                    if flight is not None:
+                        with self._cond:
+                            self._flights.setdefault(flight.key, flight)
                     self._break(sock, "interrupted while taking a reply")
                 raise
+        if frame is None:
+            return
+        if flight is None:
+            log.debug("%s: reply to unknown batch %s ignored", self.label, frame[1][:2])
+            return
         try:
-            self._dispatch(frame)
+            self._dispatch(frame, flight)
         except BaseException:
-            # Interrupted (KeyboardInterrupt) before its batch landed: the batch is still
-            # listed, so the reconnect resends it and the agent answers from its record.
+            # Interrupted (KeyboardInterrupt) before its batch landed: it was listed again,
+            # so the reconnect resends it and the agent answers from its record.
             self._break(sock, "interrupted while taking a reply")
             raise
 
-    def _dispatch(self, frame: wire.Frame) -> None:
+    def _dispatch(self, frame: wire.Frame, flight: Flight) -> None:
         kind, meta, buffers = frame
-        key = (meta[0], meta[1])
-        with self._cond:
-            flight = self._flights.pop(key, None)  # listed batches are exactly those awaiting a reply
-        if flight is None:
-            log.debug("%s: reply to unknown batch %s ignored", self.label, key)
-            return
+        key = flight.key
         try:
             if kind == wire.ERROR:
                 flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))

@@ -10,6 +10,16 @@ over blocks within a run). It prints a table and the target ratios, and writes a
     PYTHONPATH=. python scripts/bench.py              # full run (a few minutes)
     PYTHONPATH=. python scripts/bench.py --quick      # smaller counts (about a minute)
 
+Before and after a change: run it on the old tree with ``--json before.json`` (it uses only
+the grid's public API, so it runs on older versions too), then on the new one with
+``--before before.json``, back to back so that the load is alike::
+
+    PYTHONPATH=/path/to/old python scripts/bench.py --json /tmp/before.json --plot ''
+    PYTHONPATH=. python scripts/bench.py --before /tmp/before.json --json /tmp/after.json
+
+``--load /tmp/after.json --before /tmp/before.json`` prints the tables and draws the plot of
+saved runs again without measuring anything.
+
 Not a test: it asserts nothing; it reports. Needs numpy, psutil and (for the plot)
 matplotlib: ``pip install 'isdgrid[bench]'``.
 """
@@ -17,7 +27,10 @@ matplotlib: ``pip install 'isdgrid[bench]'``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import faulthandler
 import gc
+import json
 import multiprocessing
 import os
 import platform
@@ -26,8 +39,8 @@ import statistics
 import struct
 import subprocess
 import sys
-import threading
 import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,16 +50,21 @@ import psutil
 import Pyro5
 import Pyro5.client
 
+import isdgrid
 from isdgrid import Grid, Host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+MB = 1 << 20
+RSS_FLAT = 1.0  # MB: the most the driver's or a daemon's RSS may grow over the memory run to count as flat
 
+# Both peers end when their stdin closes, so that they never outlive the benchmark.
 RAW_PYRO = r"""
-import sys, Pyro5.server
+import os, sys, threading, Pyro5.server
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 class Bench:
     @Pyro5.server.expose
-    def f(self):
+    def noop(self):
         return None
     @Pyro5.server.expose
     def echo(self, data):
@@ -57,7 +75,8 @@ daemon.requestLoop()
 """
 
 RAW_ECHO = r"""
-import socket, struct, sys
+import os, socket, struct, sys, threading
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(1)
@@ -85,14 +104,20 @@ while True:
 class Bench:
     """The object the grid publishes (defined in the driver: it travels by value)."""
 
-    def f(self) -> None:
+    def noop(self) -> None:
         return None
 
     def echo(self, data: Any) -> Any:
         return data
 
+    def pid(self) -> int:
+        return os.getpid()
 
-def _noop() -> None:
+    def nap(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def _noop(*_: Any) -> None:
     return None
 
 
@@ -101,18 +126,56 @@ def _echo(data: Any) -> Any:
 
 
 # -- measuring ---------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], Any]], block: int, rounds: int, warmup: int = 20) -> dict[str, float]:
-    """Seconds per call of each function: the median over ``rounds`` blocks, taken in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+def _cpu(procs: Sequence[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` (every thread of each) so far."""
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class Timed:
+    """One thing to time: ``fn`` makes ``calls`` calls; ``remote`` are the processes serving them."""
+
+    fn: Callable[[], Any]
+    calls: int = 1
+    remote: Sequence[psutil.Process] = ()
+
+
+def interleaved(
+    fns: dict[str, Timed], block: int, rounds: int, warmup: int = 20, cpu: dict[str, tuple[float, float]] | None = None
+) -> dict[str, float]:
+    """Seconds per call of each function: the median over ``rounds`` blocks, taken in turn.
+
+    A block is about ``block`` calls of each (a function that makes ``calls`` calls itself
+    runs ``block // calls`` times, at least once). With ``cpu``, the CPU seconds per call
+    of the driver (every thread, ``time.process_time``) and of the remote processes
+    (``psutil`` CPU times, user + system, every thread) over all blocks are put there.
+    """
+    for b in fns.values():
+        for _ in range(max(1, warmup // b.calls)):
+            b.fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    used = {name: [0.0, 0.0, 0] for name in fns}
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, b in fns.items():
+            reps = max(1, block // b.calls)
+            c0, r0 = time.process_time(), _cpu(b.remote)
             t0 = time.perf_counter()
-            for _ in range(block):
-                fn()
-            times[name].append((time.perf_counter() - t0) / block)
+            for _ in range(reps):
+                b.fn()
+            times[name].append((time.perf_counter() - t0) / (reps * b.calls))
+            used[name][0] += time.process_time() - c0
+            used[name][1] += _cpu(b.remote) - r0
+            used[name][2] += reps * b.calls
+    if cpu is not None:
+        for name, (driver, remote, calls) in used.items():
+            cpu[name] = (driver / calls, remote / calls)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -125,6 +188,13 @@ class Results:
     def add(self, name: str, value: float) -> None:
         self.values.setdefault(name, []).append(value)
 
+    def add_all(self, values: dict[str, float], cpu: dict[str, tuple[float, float]] | None = None) -> None:
+        for name, value in values.items():
+            self.add(name, value)
+        for name, (driver, remote) in (cpu or {}).items():
+            self.add(f"cpu_driver_{name}", driver)
+            self.add(f"cpu_remote_{name}", remote)
+
     def get(self, name: str) -> float:
         return statistics.median(self.values[name]) if name in self.values else float("nan")
 
@@ -133,11 +203,16 @@ class RawPeers:
     """The raw Pyro5 daemon and the raw socket echo server, as subprocesses."""
 
     def __init__(self) -> None:
-        self.pyro = subprocess.Popen([sys.executable, "-c", RAW_PYRO], stdout=subprocess.PIPE, text=True)
-        self.echo = subprocess.Popen([sys.executable, "-c", RAW_ECHO], stdout=subprocess.PIPE, text=True)
+        self.pyro = subprocess.Popen(
+            [sys.executable, "-c", RAW_PYRO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.echo = subprocess.Popen(
+            [sys.executable, "-c", RAW_ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.pyro.stdout is not None and self.echo.stdout is not None
         uri = self.pyro.stdout.readline().strip()
         port = int(self.echo.stdout.readline())
+        self.pyro_process = psutil.Process(self.pyro.pid)
         self.marshal = self._proxy(uri, "marshal")
         self.serpent = self._proxy(uri, "serpent")
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -176,146 +251,168 @@ class RawPeers:
             proc.wait(timeout=10)
 
 
+def _daemon_of(grid: Grid, pid: int) -> psutil.Process:
+    """The daemon process with this pid (checked against the grid's slots)."""
+    pids = {s.handle.process.pid for s in grid.slots if s.handle.process is not None}
+    if pid not in pids:
+        raise RuntimeError(f"pid {pid} is not one of the grid's daemons {sorted(pids)}")
+    return psutil.Process(pid)
+
+
 # -- the sections ------------------------------------------------------------------------------
 def bench_calls(res: Results, peers: RawPeers, grid: Grid, quick: bool) -> None:
     sid = grid.publish(Bench())
     proxy = grid.acquire_service(sid)
+    daemon = [_daemon_of(grid, proxy.pid().get())]
+    raw = [peers.pyro_process]
     block, rounds = (100, 8) if quick else (200, 15)
+    pipe = 500 if quick else 1000
+
+    def pipelined() -> None:
+        for result in [proxy.noop() for _ in range(pipe)]:
+            result.get()
+
+    cpu: dict[str, tuple[float, float]] = {}
     times = interleaved(
         {
-            "raw_serpent": peers.serpent.f,
-            "raw_marshal": peers.marshal.f,
-            "grid_sync": lambda: proxy.f().get(),
+            "raw_serpent": Timed(peers.serpent.noop, remote=raw),
+            "raw_marshal": Timed(peers.marshal.noop, remote=raw),
+            "grid_sync": Timed(lambda: proxy.noop().get(), remote=daemon),
+            "pipelined": Timed(pipelined, calls=pipe, remote=daemon),
         },
         block,
         rounds,
+        cpu=cpu,
     )
-    for name, value in times.items():
-        res.add(name, value)
-    n = 2000 if quick else 10000
-    proxy.f().get()
-    t0 = time.perf_counter()
-    pending = [proxy.f() for _ in range(n)]
-    for result in pending:
-        result.get()
-    res.add("pipelined", (time.perf_counter() - t0) / n)
+    res.add_all(times, cpu)
     grid.release_service(proxy)
     grid.terminate(sid)
+
+    # What the stdlib Future costs per call (a Result is one): made, run, settled, read.
+    def future() -> None:
+        f: concurrent.futures.Future[None] = concurrent.futures.Future()
+        f.set_running_or_notify_cancel()
+        f.set_result(None)
+        f.result()
+
+    n = 20_000
+    res.add("future_cost", statistics.median(timeit.repeat(future, number=n, repeat=7)) / n)
 
 
 def bench_payloads(res: Results, peers: RawPeers, grid: Grid, quick: bool) -> None:
     sid = grid.publish(Bench())
     proxy = grid.acquire_service(sid)
-    for size in (1 << 10, 1 << 20, 8 << 20):
+    for size in (1 << 10, MB, 8 * MB):
         array = np.random.default_rng(1).random(size // 8)
         data = array.tobytes()
         back = proxy.echo(array).get()
         assert np.array_equal(back, array)
-        block = {1 << 10: 100, 1 << 20: 10, 8 << 20: 3}[size]
+        block = {1 << 10: 100, MB: 10, 8 * MB: 3}[size]
         rounds = 5 if quick else 9
         times = interleaved(
             {
-                f"echo_grid_{size}": lambda: proxy.echo(array).get(),  # noqa: B023
-                f"echo_socket_{size}": lambda: peers.socket_echo(data),  # noqa: B023
-                f"echo_pyro_marshal_{size}": lambda: peers.marshal.echo(data),  # noqa: B023
+                f"echo_grid_{size}": Timed(lambda: proxy.echo(array).get()),  # noqa: B023
+                f"echo_socket_{size}": Timed(lambda: peers.socket_echo(data)),  # noqa: B023
+                f"echo_pyro_marshal_{size}": Timed(lambda: peers.marshal.echo(data)),  # noqa: B023
             },
             block,
             rounds,
             warmup=2,
         )
-        for name, value in times.items():
-            res.add(name, value)
+        res.add_all(times)
     grid.release_service(proxy)
     grid.terminate(sid)
 
 
 def bench_fanout_and_start(res: Results, quick: bool) -> None:
-    for n in (1, 2, 4, 8):
-        t0 = time.perf_counter()
-        grid = Grid([Host("localhost", n_cpu=n)], status_file=False)
-        t1 = time.perf_counter()
-        try:
-            sid = grid.publish(Bench())
-            t2 = time.perf_counter()
-            res.add(f"start_{n}", t1 - t0)
-            res.add(f"start_publish_{n}", t2 - t0)
-            one = grid.publish(Bench())
-            proxy = grid.acquire_service(one)
-            block, rounds = (30, 6) if quick else (50, 12)
-            times = interleaved(
-                {
-                    f"bcast_{n}": lambda: grid.gather(grid.broadcast(sid, "f")),  # noqa: B023
-                    f"bcast_ref_{n}": lambda: proxy.f().get(),  # noqa: B023
-                },
-                block,
-                rounds,
-            )
-            for name, value in times.items():
-                res.add(name, value)
-            grid.release_service(proxy)
-            grid.release_all(sid)
-        finally:
-            grid.terminate()
+    me = psutil.Process()
+    others = {p.pid for p in me.children()}
+    # The peer of the 4-server broadcast: 4 worker processes, started once, one no-op each.
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_noop, range(4))
+        workers = [p for p in me.children() if p.pid not in others]
+        for n in (1, 2, 4, 8):
+            t0 = time.perf_counter()
+            grid = Grid([Host("localhost", n_cpu=n)], status_file=False)
+            t1 = time.perf_counter()
+            try:
+                sid = grid.publish(Bench())
+                t2 = time.perf_counter()
+                res.add(f"start_{n}", t1 - t0)
+                res.add(f"start_publish_{n}", t2 - t0)
+                one = grid.publish(Bench())
+                proxy = grid.acquire_service(one)
+                daemons = [psutil.Process(s.handle.process.pid) for s in grid.slots if s.handle.process is not None]
+                block, rounds = (30, 6) if quick else (50, 12)
+                fns = {
+                    f"bcast_{n}": Timed(lambda: grid.gather(grid.broadcast(sid, "noop")), remote=daemons),  # noqa: B023
+                    f"bcast_ref_{n}": Timed(lambda: proxy.noop().get(), remote=daemons),  # noqa: B023
+                }
+                if n == 4:
+                    fns["pool4_map"] = Timed(lambda: pool.map(_noop, range(4)), remote=workers)
+                cpu: dict[str, tuple[float, float]] = {}
+                res.add_all(interleaved(fns, block, rounds, cpu=cpu), cpu if n == 4 else None)
+                grid.release_service(proxy)
+                grid.release_all(sid)
+            finally:
+                grid.terminate()
 
 
 def bench_pool(res: Results, quick: bool) -> None:
-    array = np.random.default_rng(2).random((8 << 20) // 8)
+    array = np.random.default_rng(2).random((8 * MB) // 8)
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        times = interleaved({"pool_noop": lambda: pool.apply(_noop)}, 100 if quick else 200, 5 if quick else 9)
+        times = interleaved({"pool_noop": Timed(lambda: pool.apply(_noop))}, 100 if quick else 200, 5 if quick else 9)
         res.add("pool_noop", times["pool_noop"])
-        times = interleaved({"pool_echo": lambda: pool.apply(_echo, (array,))}, 3, 5 if quick else 9, warmup=2)
+        times = interleaved({"pool_echo": Timed(lambda: pool.apply(_echo, (array,)))}, 3, 5 if quick else 9, warmup=2)
         res.add("pool_echo_8M", times["pool_echo"])
-
-
-def _cpu(procs: Sequence[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def bench_idle_and_memory(res: Results, quick: bool) -> None:
     with Grid([Host("localhost", n_cpu=2)], status_file=False) as grid:
         sid = grid.publish(Bench())
         proxy = grid.acquire_service(sid)
-        proxy.f().get()
         me = psutil.Process()
+        daemon = _daemon_of(grid, proxy.pid().get())
         daemons = [psutil.Process(s.handle.process.pid) for s in grid.slots if s.handle.process is not None]
         window = 2.0 if quick else 5.0
-        time.sleep(0.5)
+        time.sleep(2.0)  # past any linger after the last call (idle means idle)
         before_driver, before_daemons = _cpu([me]), _cpu(daemons)
         time.sleep(window)
         res.add("idle_cpu_driver", (_cpu([me]) - before_driver) / window)
         res.add("idle_cpu_daemons", (_cpu(daemons) - before_daemons) / window / len(daemons))
-        server = proxy._isdgrid_server
-        daemon = psutil.Process(server.slot.handle.process.pid)
         calls = 20_000 if quick else 100_000
         chunk = 1000
         for _ in range(5):  # warm up: allocator pools, caches
             for r in [proxy.echo(i) for i in range(chunk)]:
                 r.get()
+        # ... and one call longer than the new daemon's takeover delay (5 ms): the first such
+        # batch leaves the connection's first thread parked for the connection's life and a
+        # new reader thread reads on. That happens once, not per call; the run measures growth.
+        proxy.nap(0.05).get()
         gc.collect()
         rss = (me.memory_info().rss, daemon.memory_info().rss)
-        threads = (threading.active_count(), daemon.num_threads())
+        threads = (me.num_threads(), daemon.num_threads())
+        peak = list(threads)
         done = 0
-        while done < calls:
+        while done < calls:  # half pipelined, half synchronous
             for r in [proxy.echo(i) for i in range(chunk // 2)]:
                 r.get()
             for i in range(chunk // 2):
                 proxy.echo(i).get()
             done += chunk
+            peak = [max(peak[0], me.num_threads()), max(peak[1], daemon.num_threads())]
         gc.collect()
         res.add("calls_for_memory", calls)
         res.add("rss_driver_growth", me.memory_info().rss - rss[0])
         res.add("rss_daemon_growth", daemon.memory_info().rss - rss[1])
         res.add("rss_driver", me.memory_info().rss)
         res.add("rss_daemon", daemon.memory_info().rss)
-        res.add("threads_driver_growth", threading.active_count() - threads[0])
+        res.add("threads_driver_growth", me.num_threads() - threads[0])
         res.add("threads_daemon_growth", daemon.num_threads() - threads[1])
+        res.add("threads_driver_peak", peak[0] - threads[0])
+        res.add("threads_daemon_peak", peak[1] - threads[1])
+        res.add("threads_driver", me.num_threads())
+        res.add("threads_daemon", daemon.num_threads())
         grid.release_service(proxy)
 
 
@@ -324,16 +421,78 @@ def _us(x: float) -> str:
     return f"{x * 1e6:,.0f} us"
 
 
+def _us1(x: float) -> str:
+    return f"{x * 1e6:,.1f} us"
+
+
 def _ms(x: float) -> str:
     return f"{x * 1e3:,.2f} ms"
 
 
-def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) -> str:
+Getter = Callable[[str], float]
+
+
+def _targets(g: Getter) -> list[tuple[str, float, str, bool]]:
+    """Issue 10's targets: (what, measured, shown, met)."""
+    calls = g("calls_for_memory")
+    sync = g("grid_sync") / g("raw_marshal")
+    rate = g("raw_marshal") / g("pipelined")
+    bcast = g("bcast_4") / g("pool4_map")
+    echo = g(f"echo_grid_{8 * MB}") / g(f"echo_socket_{8 * MB}")
+    threads = max(
+        g("threads_driver_growth"), g("threads_daemon_growth"), g("threads_driver_peak"), g("threads_daemon_peak")
+    )
+    rss = max(g("rss_driver_growth"), g("rss_daemon_growth")) / 1e6
+    return [
+        ("sync no-op call <= 1.3x raw Pyro5 sync call (marshal)", sync, f"{sync:.2f}x", sync <= 1.3),
+        ("pipelined calls on one proxy >= 10x the raw Pyro5 sync call rate", rate, f"{rate:.1f}x", rate >= 10),
+        (
+            "broadcast+gather over 4 servers <= 1.25x multiprocessing.Pool(4).map of 4 items",
+            bcast,
+            f"{bcast:.2f}x",
+            bcast <= 1.25,
+        ),
+        ("8 MB numpy echo <= 1.5x raw socket echo", echo, f"{echo:.2f}x", echo <= 1.5),
+        (
+            f"threads flat over {calls:,.0f} calls (none added, driver and daemon)",
+            threads,
+            f"{g('threads_driver_growth'):+.0f} / {g('threads_daemon_growth'):+.0f}",
+            threads <= 0,
+        ),
+        (
+            f"RSS flat over {calls:,.0f} calls (growth <= {RSS_FLAT:g} MB, driver and daemon)",
+            rss,
+            f"{g('rss_driver_growth') / 1e6:+.1f} / {g('rss_daemon_growth') / 1e6:+.1f} MB",
+            rss <= RSS_FLAT,
+        ),
+    ]
+
+
+def run_facts(args: argparse.Namespace, load: tuple[float, float]) -> dict[str, Any]:
+    """What a run's figures depend on besides the code: kept with them in the JSON."""
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pyro5": Pyro5.__version__,
+        "numpy": np.__version__,
+        "isdgrid": os.path.dirname(isdgrid.__file__),
+        "isdgrid_version": isdgrid.__version__,
+        "load": list(load),
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def report(res: Results, facts: dict[str, Any]) -> str:
     g = res.get
+    bcast_cpu = g("cpu_driver_bcast_4") + g("cpu_remote_bcast_4")
+    pool_cpu = g("cpu_driver_pool4_map") + g("cpu_remote_pool4_map")
     lines = [
-        f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, Pyro5 {Pyro5.__version__}, "
-        f"numpy {np.__version__}; load average {load[0]:.2f} at start, {load[1]:.2f} at end; "
-        f"median of {args.repeat} run(s){' (--quick)' if args.quick else ''}.",
+        f"Machine: {facts['cores']} cores, Python {facts['python']}, Pyro5 {facts['pyro5']}, "
+        f"numpy {facts['numpy']}; isdgrid {facts['isdgrid_version']} from {facts['isdgrid']}; "
+        f"{facts['date']}, load average {facts['load'][0]:.2f} at start, {facts['load'][1]:.2f} at end; "
+        f"median of {facts['repeat']} run(s){' (--quick)' if facts['quick'] else ''}.",
         "",
         "| measurement | isdgrid | peer | ratio |",
         "| --- | ---: | ---: | ---: |",
@@ -341,9 +500,16 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
         f"{g('grid_sync') / g('raw_marshal'):.2f}x |",
         f"| sync no-op call vs raw Pyro5 (serpent) | {_us(g('grid_sync'))} | {_us(g('raw_serpent'))} | "
         f"{g('grid_sync') / g('raw_serpent'):.2f}x |",
-        f"| pipelined calls on one proxy (per call) | {_us(g('pipelined'))} ({1 / g('pipelined'):,.0f}/s) | "
+        f"| driver CPU per sync no-op call vs raw Pyro5 (marshal) | {_us(g('cpu_driver_grid_sync'))} | "
+        f"{_us(g('cpu_driver_raw_marshal'))} | {g('cpu_driver_grid_sync') / g('cpu_driver_raw_marshal'):.2f}x |",
+        f"| server CPU per sync no-op call: daemon vs raw Pyro5 daemon | {_us(g('cpu_remote_grid_sync'))} | "
+        f"{_us(g('cpu_remote_raw_marshal'))} | {g('cpu_remote_grid_sync') / g('cpu_remote_raw_marshal'):.2f}x |",
+        f"| pipelined calls on one proxy (per call) | {_us1(g('pipelined'))} ({1 / g('pipelined'):,.0f}/s) | "
         f"{_us(g('raw_marshal'))} ({1 / g('raw_marshal'):,.0f}/s raw sync) | "
         f"{g('raw_marshal') / g('pipelined'):.1f}x the rate |",
+        f"| CPU per pipelined call, driver / daemon | {_us1(g('cpu_driver_pipelined'))} / "
+        f"{_us1(g('cpu_remote_pipelined'))} | | |",
+        f"| stdlib Future() + set_running_or_notify_cancel + set_result + result | {_us1(g('future_cost'))} | | |",
         f"| sync no-op call vs multiprocessing.Pool.apply | {_us(g('grid_sync'))} | {_us(g('pool_noop'))} | "
         f"{g('grid_sync') / g('pool_noop'):.2f}x |",
     ]
@@ -352,7 +518,15 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
             f"| broadcast+gather over {n} servers vs one call (same grid) | {_us(g(f'bcast_{n}'))} | "
             f"{_us(g(f'bcast_ref_{n}'))} | {g(f'bcast_{n}') / g(f'bcast_ref_{n}'):.2f}x |"
         )
-    for size, label in ((1 << 10, "1 KB"), (1 << 20, "1 MB"), (8 << 20, "8 MB")):
+    lines += [
+        f"| broadcast+gather over 4 servers vs multiprocessing.Pool(4).map of 4 no-ops | {_us(g('bcast_4'))} | "
+        f"{_us(g('pool4_map'))} | {g('bcast_4') / g('pool4_map'):.2f}x |",
+        f"| CPU per 4-server broadcast+gather vs Pool(4).map, driver + servers | "
+        f"{_us(g('cpu_driver_bcast_4'))} + {_us(g('cpu_remote_bcast_4'))} | "
+        f"{_us(g('cpu_driver_pool4_map'))} + {_us(g('cpu_remote_pool4_map'))} | "
+        f"{bcast_cpu / pool_cpu:.2f}x |",
+    ]
+    for size, label in ((1 << 10, "1 KB"), (MB, "1 MB"), (8 * MB, "8 MB")):
         lines.append(
             f"| {label} numpy echo vs raw socket echo | {_ms(g(f'echo_grid_{size}'))} | "
             f"{_ms(g(f'echo_socket_{size}'))} | {g(f'echo_grid_{size}') / g(f'echo_socket_{size}'):.2f}x |"
@@ -362,8 +536,8 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
             f"{_ms(g(f'echo_pyro_marshal_{size}'))} | {g(f'echo_grid_{size}') / g(f'echo_pyro_marshal_{size}'):.2f}x |"
         )
     lines.append(
-        f"| 8 MB numpy echo vs multiprocessing.Pool.apply | {_ms(g(f'echo_grid_{8 << 20}'))} | "
-        f"{_ms(g('pool_echo_8M'))} | {g(f'echo_grid_{8 << 20}') / g('pool_echo_8M'):.2f}x |"
+        f"| 8 MB numpy echo vs multiprocessing.Pool.apply | {_ms(g(f'echo_grid_{8 * MB}'))} | "
+        f"{_ms(g('pool_echo_8M'))} | {g(f'echo_grid_{8 * MB}') / g('pool_echo_8M'):.2f}x |"
     )
     for n in (1, 2, 4, 8):
         lines.append(
@@ -377,25 +551,95 @@ def report(res: Results, args: argparse.Namespace, load: tuple[float, float]) ->
         f"{g('rss_driver_growth') / 1e6:+.1f} MB / {g('rss_daemon_growth') / 1e6:+.1f} MB "
         f"(of {g('rss_driver') / 1e6:.0f} / {g('rss_daemon') / 1e6:.0f} MB) | | |",
         f"| threads added over those calls, driver / daemon | {g('threads_driver_growth'):+.0f} / "
-        f"{g('threads_daemon_growth'):+.0f} | | |",
+        f"{g('threads_daemon_growth'):+.0f} (of {g('threads_driver'):.0f} / {g('threads_daemon'):.0f}; "
+        f"at most {g('threads_driver_peak'):+.0f} / {g('threads_daemon_peak'):+.0f} on the way) | | |",
         "",
-        "| target | measured | met |",
+        "| target (issue 10) | measured | met |",
         "| --- | ---: | :---: |",
     ]
-    targets = [
-        ("grid sync call <= 1.2x raw Pyro5 sync call (marshal)", g("grid_sync") / g("raw_marshal"), 1.2, "x"),
-        ("pipelined calls >= 8x the raw sync call rate", g("raw_marshal") / g("pipelined"), -8.0, "x"),
-        ("broadcast+gather over 4 servers <= 2x one grid call", g("bcast_4") / g("bcast_ref_4"), 2.0, "x"),
-        ("8 MB numpy echo <= 2x raw socket echo", g(f"echo_grid_{8 << 20}") / g(f"echo_socket_{8 << 20}"), 2.0, "x"),
-        ("8-slot local start + publish <= 1 s", g("start_publish_8"), 1.0, " s"),
-    ]
-    for text, value, bound, unit in targets:
-        met = value >= -bound if bound < 0 else value <= bound
-        lines.append(f"| {text} | {value:.2f}{unit} | {'yes' if met else 'NO'} |")
+    for text, value, shown, met in _targets(g):
+        if value == value:  # not nan: the section ran
+            lines.append(f"| {text} | {shown} | {'yes' if met else 'NO'} |")
     return "\n".join(line for line in lines if "nan" not in line)  # sections not run
 
 
-def plot(res: Results, path: str) -> None:
+# Rows of the before/after table: (what, the figure shown, from a run's getter).
+def _fmt(key: str, fmt: Callable[[float], str]) -> Callable[[Getter], str]:
+    return lambda g: fmt(g(key))
+
+
+def _ratio(num: str, den: str, digits: int = 2) -> Callable[[Getter], str]:
+    return lambda g: f"{g(num) / g(den):.{digits}f}x"
+
+
+def _percent(x: float) -> str:
+    return f"{x * 100:.2f} %"
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:+.1f} MB"
+
+
+_COMPARED: list[tuple[str, Callable[[Getter], str]]] = [
+    ("sync no-op call", _fmt("grid_sync", _us)),
+    ("raw Pyro5 sync no-op call (marshal), the peer", _fmt("raw_marshal", _us)),
+    ("sync call / raw Pyro5 (marshal)", _ratio("grid_sync", "raw_marshal")),
+    ("driver CPU per sync call", _fmt("cpu_driver_grid_sync", _us)),
+    ("daemon CPU per sync call", _fmt("cpu_remote_grid_sync", _us)),
+    ("pipelined call (per call)", _fmt("pipelined", _us1)),
+    ("pipelined rate / raw Pyro5 sync rate", _ratio("raw_marshal", "pipelined", 1)),
+    ("driver CPU per pipelined call", _fmt("cpu_driver_pipelined", _us1)),
+    ("broadcast+gather, 1 server", _fmt("bcast_1", _us)),
+    ("broadcast+gather, 2 servers", _fmt("bcast_2", _us)),
+    ("broadcast+gather, 4 servers", _fmt("bcast_4", _us)),
+    ("broadcast+gather, 8 servers", _fmt("bcast_8", _us)),
+    ("multiprocessing.Pool(4).map of 4 no-ops, the peer", _fmt("pool4_map", _us)),
+    ("broadcast+gather 4 / Pool(4).map", _ratio("bcast_4", "pool4_map")),
+    ("CPU per 4-server broadcast+gather, driver", _fmt("cpu_driver_bcast_4", _us)),
+    ("CPU per 4-server broadcast+gather, 4 daemons", _fmt("cpu_remote_bcast_4", _us)),
+    ("1 KB numpy echo", _fmt(f"echo_grid_{1 << 10}", _ms)),
+    ("1 MB numpy echo", _fmt(f"echo_grid_{MB}", _ms)),
+    ("8 MB numpy echo", _fmt(f"echo_grid_{8 * MB}", _ms)),
+    ("8 MB raw socket echo, the peer", _fmt(f"echo_socket_{8 * MB}", _ms)),
+    ("8 MB echo / raw socket", _ratio(f"echo_grid_{8 * MB}", f"echo_socket_{8 * MB}")),
+    ("start 1 slot + publish", _fmt("start_publish_1", _ms)),
+    ("start 4 slots + publish", _fmt("start_publish_4", _ms)),
+    ("start 8 slots + publish", _fmt("start_publish_8", _ms)),
+    ("idle CPU, driver", _fmt("idle_cpu_driver", _percent)),
+    ("idle CPU, each daemon", _fmt("idle_cpu_daemons", _percent)),
+    ("RSS growth over the memory run, driver", _fmt("rss_driver_growth", _mb)),
+    ("RSS growth over the memory run, daemon", _fmt("rss_daemon_growth", _mb)),
+    (
+        "threads added over the memory run, driver / daemon",
+        lambda g: f"{g('threads_driver_growth'):+.0f} / {g('threads_daemon_growth'):+.0f}",
+    ),
+]
+
+
+def compare(before: dict[str, Any], after: Results) -> str:
+    """The before/after table: the same rows from an earlier run's JSON and this run."""
+    old = Results({k: list(v) for k, v in before["values"].items()})
+    facts = before["facts"]
+    lines = [
+        f"Before: isdgrid from {facts['isdgrid']}, {facts['date']}, load average {facts['load'][0]:.2f} at start, "
+        f"{facts['load'][1]:.2f} at end, median of {facts['repeat']} run(s). After: this run.",
+        "",
+        "| measurement | before | after |",
+        "| --- | ---: | ---: |",
+    ]
+    for label, shown in _COMPARED:
+        lines.append(f"| {label} | {shown(old.get)} | {shown(after.get)} |")
+    lines += ["", "| target (issue 10) | before | after |", "| --- | ---: | ---: |"]
+    for (text, _, shown_old, met_old), (_, _, shown_new, met_new) in zip(
+        _targets(old.get), _targets(after.get), strict=True
+    ):
+        old_cell = f"{shown_old} ({'met' if met_old else 'missed'})"
+        new_cell = f"{shown_new} ({'met' if met_new else 'missed'})"
+        lines.append(f"| {text} | {old_cell} | {new_cell} |")
+    return "\n".join(line for line in lines if "nan" not in line)
+
+
+def plot(res: Results, path: str, before: Results | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -405,27 +649,80 @@ def plot(res: Results, path: str) -> None:
     servers = [1, 2, 4, 8]
     left.plot(servers, [res.get(f"bcast_{n}") * 1e6 for n in servers], "o-", label="broadcast + gather")
     left.plot(servers, [res.get(f"bcast_ref_{n}") * 1e6 for n in servers], "s--", label="one sync call (same grid)")
+    left.plot([4], [res.get("pool4_map") * 1e6], "D", color="tab:red", label="multiprocessing.Pool(4).map, 4 no-ops")
     left.axhline(res.get("raw_marshal") * 1e6, color="gray", ls=":", label="raw Pyro5 sync call (marshal)")
+    if before is not None:
+        left.plot(
+            servers,
+            [before.get(f"bcast_{n}") * 1e6 for n in servers],
+            "o-",
+            color="lightgray",
+            label="broadcast + gather, before",
+            zorder=0,
+        )
     left.set_xlabel("servers (local slots)")
     left.set_ylabel("latency (us)")
     left.set_xticks(servers)
     left.set_title("Fan-out")
-    left.legend()
-    sizes = [1 << 10, 1 << 20, 8 << 20]
+    left.legend(fontsize="small")
+    sizes = [1 << 10, MB, 8 * MB]
     for key, label, style in (
         ("echo_grid", "isdgrid numpy echo", "o-"),
         ("echo_socket", "raw socket echo", "s--"),
         ("echo_pyro_marshal", "raw Pyro5 (marshal) bytes echo", "^:"),
     ):
         right.loglog(sizes, [res.get(f"{key}_{s}") * 1e3 for s in sizes], style, label=label)
+    if before is not None:
+        right.loglog(
+            sizes,
+            [before.get(f"echo_grid_{s}") * 1e3 for s in sizes],
+            "o-",
+            color="lightgray",
+            label="isdgrid numpy echo, before",
+            zorder=0,
+        )
     right.set_xlabel("payload (bytes)")
     right.set_ylabel("round trip (ms)")
     right.set_title("Payload echo")
-    right.legend()
+    right.legend(fontsize="small")
     runs = len(res.values.get("grid_sync", [0]))
     fig.suptitle(f"isdgrid benchmark on {os.cpu_count()} cores (median of {runs} runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def measure(res: Results, args: argparse.Namespace, sections: set[str]) -> None:
+    """Run the chosen sections ``args.repeat`` times into ``res``."""
+    peers = RawPeers()
+
+    def section(name: str) -> None:
+        print(f"  {name}", file=sys.stderr, flush=True)
+        if args.hang_timeout > 0:  # a benchmark that hangs says where, instead of waiting forever
+            faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
+
+    try:
+        for run in range(args.repeat):
+            print(f"run {run + 1}/{args.repeat} ...", file=sys.stderr, flush=True)
+            if sections & {"calls", "payloads"}:
+                with Grid([Host("localhost", n_cpu=1)], status_file=False) as grid:
+                    if "calls" in sections:
+                        section("calls")
+                        bench_calls(res, peers, grid, args.quick)
+                    if "payloads" in sections:
+                        section("payloads")
+                        bench_payloads(res, peers, grid, args.quick)
+            if "fanout" in sections:
+                section("fanout")
+                bench_fanout_and_start(res, args.quick)
+            if "pool" in sections:
+                section("pool")
+                bench_pool(res, args.quick)
+            if "idle" in sections and run == 0:
+                section("idle")
+                bench_idle_and_memory(res, args.quick)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        peers.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,31 +732,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_plot = os.path.join(REPO, "docs", "performance.png")
     parser.add_argument("--plot", default=default_plot, help="PNG to write ('' for none)")
     parser.add_argument("--only", default="", help="comma-separated sections: calls,payloads,fanout,pool,idle")
+    parser.add_argument("--json", default="", help="also write every figure of this run to this JSON file")
+    parser.add_argument("--before", default="", help="JSON of an earlier run (--json): print a before/after table")
+    parser.add_argument("--load", default="", help="report (and plot) a run saved with --json instead of running one")
+    parser.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=300.0,
+        help="a section that takes longer than this many seconds is taken as hung: every thread's "
+        "stack is printed and the run ends with an error (0: wait forever; default %(default)s)",
+    )
     args = parser.parse_args(argv)
     sections = set(args.only.split(",")) if args.only else {"calls", "payloads", "fanout", "pool", "idle"}
-    load_start = os.getloadavg()[0]
-    res = Results()
-    peers = RawPeers()
-    try:
-        for run in range(args.repeat):
-            print(f"run {run + 1}/{args.repeat} ...", file=sys.stderr, flush=True)
-            if sections & {"calls", "payloads"}:
-                with Grid([Host("localhost", n_cpu=1)], status_file=False) as grid:
-                    if "calls" in sections:
-                        bench_calls(res, peers, grid, args.quick)
-                    if "payloads" in sections:
-                        bench_payloads(res, peers, grid, args.quick)
-            if "fanout" in sections:
-                bench_fanout_and_start(res, args.quick)
-            if "pool" in sections:
-                bench_pool(res, args.quick)
-            if "idle" in sections and run == 0:
-                bench_idle_and_memory(res, args.quick)
-    finally:
-        peers.close()
-    print(report(res, args, (load_start, os.getloadavg()[0])))
+    before = None
+    if args.before:
+        with open(args.before) as fh:
+            before = json.load(fh)
+    if args.load:
+        with open(args.load) as fh:
+            saved = json.load(fh)
+        res, facts = Results(saved["values"]), saved["facts"]
+    else:
+        res = Results()
+        load_start = os.getloadavg()[0]
+        measure(res, args, sections)
+        facts = run_facts(args, (load_start, os.getloadavg()[0]))
+    print(report(res, facts))
+    if before is not None:
+        print()
+        print(compare(before, res))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"facts": facts, "values": res.values}, fh, indent=1)
     if args.plot:
-        plot(res, args.plot)
+        plot(res, args.plot, None if before is None else Results(before["values"]))
         print(f"\nplot: {args.plot}")
     return 0
 

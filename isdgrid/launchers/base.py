@@ -273,6 +273,10 @@ class ProcessLauncher(Launcher):
         """Environment for the child process; None inherits the driver's."""
         return None
 
+    def workdir(self, spec: SlotSpec) -> str | None:
+        """Folder the child process starts in; None: the driver's current folder."""
+        return None
+
     def import_paths(self, spec: SlotSpec) -> list[str]:
         """Folders the daemon of ``spec`` puts on ``sys.path`` (``--path``): the driver's folder."""
         return [driver_folder()]
@@ -327,6 +331,7 @@ class ProcessLauncher(Launcher):
                         stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT,
                         env=self.environment(spec),
+                        cwd=self.workdir(spec),
                         start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
                     )
                     launched.append(proc)

@@ -107,6 +107,11 @@ class LocalLauncher(ProcessLauncher):
         args = daemon_args(spec, python, heartbeat_timeout=self.heartbeat_timeout, paths=self.import_paths(spec))
         return wrap_host_setup(spec.host, args)
 
+    def workdir(self, spec: SlotSpec) -> str:
+        # ``python -m`` puts the folder it starts in first on sys.path, before PYTHONPATH:
+        # started in the driver's folder, a daemon would import an ``isdgrid/`` found there.
+        return spec.temp_path
+
     def environment(self, spec: SlotSpec) -> dict[str, str]:
         env = dict(os.environ)
         paths = [package_root(), spec.temp_path]
