@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
 import click
 
@@ -87,6 +87,18 @@ def daemon(
     daemon_main(argv)
 
 
+def _launcher_option(help_text: str) -> Any:
+    """The ``--launcher`` option, checked before anything starts."""
+    return click.option(
+        "--launcher",
+        type=click.Choice(LAUNCHERS),
+        default="local",
+        show_default=True,
+        callback=_check_launcher,
+        help=help_text,
+    )
+
+
 @cli.command()
 @click.option("--slots", type=click.IntRange(1, 256), help="Local slots, one replica each [default: 4].")
 @click.option("--rounds", type=click.IntRange(1), default=200, show_default=True, help="Exchange rounds.")
@@ -94,14 +106,7 @@ def daemon(
     "--steps", type=click.IntRange(1), default=200, show_default=True, help="Metropolis steps per replica and round."
 )
 @click.option("--hosts", "hosts_file", metavar="FILE", help="Hosts file (TOML): one replica per slot of its hosts.")
-@click.option(
-    "--launcher",
-    type=click.Choice(LAUNCHERS),
-    default="local",
-    show_default=True,
-    callback=_check_launcher,
-    help="How the daemons start.",
-)
+@_launcher_option("How the daemons start.")
 @click.option(
     "--scheme", type=click.Choice(SCHEMES), default="gromacs", show_default=True, help="How swap pairs are picked."
 )
@@ -201,14 +206,7 @@ def status(watch: bool, interval: float, as_json: bool, run_dir: str | None, cou
 
 @cli.command()
 @click.argument("hosts_file", metavar="HOSTS_FILE")
-@click.option(
-    "--launcher",
-    type=click.Choice(LAUNCHERS),
-    default="local",
-    show_default=True,
-    callback=_check_launcher,
-    help="How the daemons start on the hosts.",
-)
+@_launcher_option("How the daemons start on the hosts.")
 @click.option(
     "--timeout", type=click.FloatRange(1.0), default=30.0, show_default=True, help="Seconds a host may take to start."
 )

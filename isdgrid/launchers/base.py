@@ -304,12 +304,7 @@ class ProcessLauncher(Launcher):
                     pass
             for proc in launched:
                 self._kill(proc)
-                for pipe in (proc.stdin, proc.stdout):
-                    if pipe is not None:
-                        try:
-                            pipe.close()
-                        except OSError:
-                            pass
+                _close_pipes(proc)
             raise
 
     def _start_processes(
@@ -363,12 +358,7 @@ class ProcessLauncher(Launcher):
                     reason = f"daemon exited with code {proc.returncode} before serving"
                 self._kill(proc)
                 output.join(timeout=2.0)
-                for pipe in (proc.stdin, proc.stdout):
-                    if pipe is not None:
-                        try:
-                            pipe.close()
-                        except OSError:
-                            pass
+                _close_pipes(proc)
                 results.append(
                     LaunchError(reason, host=spec.host.name, command=cmd, output="\n".join(output.early_lines))
                 )
@@ -446,6 +436,15 @@ def _sigint_held() -> Iterator[None]:
             previous(signal.SIGINT, held[0])
         elif held and previous == signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
