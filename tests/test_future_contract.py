@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import gc
 import logging
 import os
 import queue
@@ -672,12 +673,26 @@ def default_sigint() -> Iterator[None]:
 
 
 def test_keyboard_interrupt_during_get_leaves_the_call_and_server_intact(svc: Service) -> None:
+    # An interrupt that lands in a weakref callback of the garbage collector (threading keeps
+    # its threads in a WeakSet) is swallowed by Python itself: keep every interrupter alive
+    # and the collector off while interrupts fly, so each one reaches the code under test.
+    keep: list[Interrupter] = []
+    gc.collect()
+    gc.disable()
+    try:
+        _interrupt_gets_and_streams(svc, keep)
+    finally:
+        gc.enable()
+
+
+def _interrupt_gets_and_streams(svc: Service, keep: list[Interrupter]) -> None:
     with default_sigint():
         a = svc.acquire()
         caught = 0
         for rep in range(20):
             r = a.sleep(0.4)
             interrupter = Interrupter(0.1)
+            keep.append(interrupter)
             try:
                 interrupter.start()
                 r.get(timeout=T)
@@ -692,6 +707,7 @@ def test_keyboard_interrupt_during_get_leaves_the_call_and_server_intact(svc: Se
         rng = random.Random(10)
         for rep in range(20):
             interrupter = Interrupter(rng.uniform(0.0, 0.03))
+            keep.append(interrupter)
             made: list[tuple[Any, Result]] = []
             current: Any = None
             interrupted_at: Any = None
