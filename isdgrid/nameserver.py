@@ -19,6 +19,7 @@ import Pyro5.core
 import Pyro5.errors
 
 from .errors import ConfigError, LaunchError
+from .transport import set_call_timeout
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -90,7 +91,7 @@ def locate(location: str, timeout: float = 10.0) -> Pyro5.client.Proxy:
     host, port = parse_location(location)
     try:
         ns = Pyro5.core.locate_ns(host, port, broadcast=False)
-        ns._pyroTimeout = timeout
+        set_call_timeout(ns, timeout)
         ns.ping()
     except (Pyro5.errors.PyroError, OSError) as exc:
         raise LaunchError(f"no Pyro5 name server at {host}:{port}: {exc}", host=host) from exc

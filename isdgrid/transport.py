@@ -108,6 +108,35 @@ def connect(address: Address, secret: str, channel: bytes, timeout: float, expec
     return sock, daemon_id
 
 
+# -- Pyro5 proxy settings --------------------------------------------------------------------
+# The only underscored Pyro5 names isdgrid uses, all here. They are Pyro5's per-proxy API
+# (underscored so as not to clash with remote method names; Pyro5 has no other way to set
+# these on one proxy rather than for the whole process through Pyro5.config), and each
+# is pinned by a test of tests/test_transport.py:
+# - _pyroSerializer: marshal passes bytes (pickles, tar archives) as they are; serpent would
+#   turn them into base64 dicts (test_control_channel_carries_bytes_as_bytes_marshal);
+# - _pyroTimeout: a bound on one call (test_control_call_timeout_is_honoured);
+# - _pyroClaimOwnership: a Pyro5 proxy refuses calls from a thread other than its owner;
+#   a slot's one control connection serves several threads (the grid's fan-out pool,
+#   the caller), one call at a time under our lock, so each call claims it first
+#   (test_control_channel_is_shared_between_threads).
+
+
+def use_marshal(proxy: Pyro5.client.Proxy) -> None:
+    """Have ``proxy`` send its calls with the marshal serializer."""
+    proxy._pyroSerializer = SERIALIZER
+
+
+def set_call_timeout(proxy: Pyro5.client.Proxy, timeout: float | None) -> None:
+    """Bound each call of ``proxy`` to ``timeout`` seconds (None: no bound)."""
+    proxy._pyroTimeout = timeout
+
+
+def claim(proxy: Pyro5.client.Proxy) -> None:
+    """Make the calling thread the owner of ``proxy`` (the caller serialises its use)."""
+    proxy._pyroClaimOwnership()
+
+
 class ControlChannel:
     """One control connection: Pyro5 calls to the agent's control methods, one at a time."""
 
@@ -116,7 +145,7 @@ class ControlChannel:
         try:
             self.sock.settimeout(timeout)  # Pyro5 asks the daemon for metadata right away
             self._proxy = Pyro5.client.Proxy("isdgrid.agent", connected_socket=self.sock)
-            self._proxy._pyroSerializer = SERIALIZER  # Pyro5's documented per-proxy setting
+            use_marshal(self._proxy)
         except (Pyro5.errors.PyroError, OSError) as exc:
             _close(self.sock)
             raise ConnectionBroken(f"control connection failed: {exc}") from exc
@@ -140,8 +169,8 @@ class ControlChannel:
                 size=size, limit=limit,
             )
         with self._lock:
-            self._proxy._pyroClaimOwnership()  # the channel is shared between threads under our lock
-            self._proxy._pyroTimeout = timeout
+            claim(self._proxy)  # the channel is shared between threads, one call at a time
+            set_call_timeout(self._proxy, timeout)
             try:
                 ok, value = self._proxy.call(method, *args)
             except (Pyro5.errors.CommunicationError, OSError) as exc:
