@@ -30,12 +30,13 @@ from .errors import (
     UnknownServiceError,
 )
 from .files import DEFAULT_EXCLUDE, pack_files, select_files
+from .hints import load_failure_hint
 from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .proxy import ServiceProxy
 from .result import Result
 from .server import Server, ServerState
-from .service import Service, load_failure_hint
+from .service import Service
 from .slot import Slot
 from .statusfile import StatusFileWriter
 
@@ -438,7 +439,6 @@ class Grid:
                         server.holder = me
             except BaseException:
                 for server in taken:
-                    server.state = ServerState.ACQUIRED
                     server.submit_release()
                 raise
             held = [ServiceProxy(server) for server in service.servers]  # a lost one's calls fail at once
@@ -511,7 +511,9 @@ class Grid:
                 step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
                 with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                     result.exception(step)
-                _raise_lost(results)
+                if not concurrent.futures.Future.done(result):
+                    _raise_lost(results)  # a slice passed: has another host been lost meanwhile?
+        _raise_lost(results)
         for result in results:
             if not result.cancelled() and result.exception() is not None:
                 raise result.exception()  # type: ignore[misc]

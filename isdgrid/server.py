@@ -180,11 +180,11 @@ class Server:
             self.state = ServerState.RELEASING
             self.holder = None
             self._releasing = True
-            free = not self._open
-        if free:
-            self._released()
-        else:
+            pending = bool(self._open)
+        if pending:
             self.kick()
+        else:
+            self._release_if_done()
 
     def wait_for(self, result: Result, deadline: float | None) -> None:
         """Read replies in the calling thread until ``result`` is settled or ``deadline``."""
@@ -206,7 +206,7 @@ class Server:
         if free:
             self.service.queue.put(self)
         else:
-            self._maybe_released()
+            self._release_if_done()
 
     def close(self, error: BaseException | None = None) -> None:
         """Fail every call not yet answered; the server takes no more."""
@@ -226,10 +226,8 @@ class Server:
             self._inbox.clear()
             self._open.difference_update(c.result for c in queued)
             self._flights = 0
-            release = self._releasing and not self._open
         _settle([(c.result, False, error) for c in queued])
-        if release:
-            self._released()
+        self._release_if_done()
 
     def join(self, timeout: float) -> None:
         """Wait (bounded) until no call of this server is pending."""
@@ -242,9 +240,10 @@ class Server:
         if self._closed is not None:
             raise GridTerminatedError(f"service {self.service.id!r} was terminated") from self._closed
 
-    def _released(self) -> None:
+    def _release_if_done(self) -> None:
+        """Back to the queue, if a release waits and no call made before it is open."""
         with self._lock:
-            if not self._releasing:
+            if not self._releasing or self._open:
                 return
             self._releasing = False
             self.state = ServerState.FREE
@@ -280,7 +279,7 @@ class Server:
             if len(live) < len(calls):
                 with self._lock:
                     self._open.difference_update(c.result for c in calls if c.result.cancelled())
-                self._maybe_released()
+                self._release_if_done()
             if not live:
                 continue
             with self._lock:
@@ -288,12 +287,6 @@ class Server:
                 self._flights += 1
                 batch = _Batch(self, self._seq, live, self.max_message_size)
             self.slot.calls.send(batch)
-
-    def _maybe_released(self) -> None:
-        with self._lock:
-            release = self._releasing and not self._open
-        if release:
-            self._released()
 
     def _land(self, batch: _Batch, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
         """Settle the calls of a batch from its reply (or error), once.
@@ -328,9 +321,7 @@ class Server:
                 if batch.gen == self._gen:
                     self._flights = max(0, self._flights - 1)
                 self._open.difference_update(c.result for c in batch.calls)
-                release = self._releasing and not self._open
-            if release:
-                self._released()
+            self._release_if_done()
             self._pump()
         finally:
             _settle(outcomes or [(c.result, False, RemoteError("Error", "no reply")) for c in batch.calls])
