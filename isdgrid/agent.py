@@ -135,7 +135,7 @@ class Agent:
         service = self._services.get(service_id)  # a dict read is atomic
         if service is None:
             err = LookupError(f"service {service_id!r} is not published on {self.label}")
-            send([(codec.encode_error(err, 0.0, ""), codec.Buffers()) for _ in ops])
+            send(_failed(err, ops))
             return None
         with service.queue_lock:
             service.pending.append((seq, ops, max_reply, send))
@@ -176,7 +176,7 @@ class Agent:
                 return record
             if seq <= service.last_seq:
                 err = LookupError(f"stale batch {seq} (last was {service.last_seq})")
-                return [(codec.encode_error(err, 0.0, ""), codec.Buffers()) for _ in ops]
+                return _failed(err, ops)
             reply: Reply = [self._apply(service.obj, data, buffers, max_reply) for data, buffers in ops]
             service.replies[seq] = reply
             for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
@@ -233,6 +233,12 @@ class Agent:
         count = sum(1 for m in members if m.isfile())
         log.info("%s: received %d files into %s", self.label, count, self.temp_path)
         return count
+
+
+def _failed(error: BaseException, ops: list[Op]) -> Reply:
+    """The reply of a batch none of whose operations could run."""
+    item = codec.encode_error(error, 0.0, "")
+    return [(item, codec.Buffers()) for _ in ops]
 
 
 @Pyro5.server.expose
