@@ -19,6 +19,7 @@ from typing import Any as _Any
 # never loads the driver's side (grid, launchers, click), and starts faster.
 _LAZY = {
     "AuthenticationError": "errors",
+    "CheckpointError": "errors",
     "ConfigError": "errors",
     "DeadlockError": "errors",
     "PayloadTooLargeError": "errors",
@@ -44,11 +45,13 @@ _LAZY = {
     "read_attribute": "proxy",
     "Result": "result",
     "ServerQueue": "servicequeue",
+    "Snapshot": "snapshot",
 }
 
 if _TYPE_CHECKING:
     from .errors import (
         AuthenticationError,
+        CheckpointError,
         ConfigError,
         DeadlockError,
         GridError,
@@ -69,6 +72,7 @@ if _TYPE_CHECKING:
     from .proxy import RemoteMethod, ServiceProxy, read_attribute
     from .result import Result
     from .servicequeue import ServerQueue
+    from .snapshot import Snapshot
 
 
 def __getattr__(name: str) -> _Any:
@@ -88,6 +92,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "CheckpointError",
     "ConfigError",
     "DeadlockError",
     "Grid",
@@ -109,6 +114,7 @@ __all__ = [
     "ServiceProxy",
     "ServiceReleasedError",
     "ServiceUnavailableError",
+    "Snapshot",
     "UnknownServiceError",
     "__version__",
     "create_host_list",

@@ -177,7 +177,7 @@ class Agent:
             if seq <= service.last_seq:
                 err = LookupError(f"stale batch {seq} (last was {service.last_seq})")
                 return _failed(err, ops)
-            reply: Reply = [self._apply(service.obj, data, buffers, max_reply) for data, buffers in ops]
+            reply: Reply = [self._apply(service, data, buffers, max_reply) for data, buffers in ops]
             service.replies[seq] = reply
             for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
                 del service.replies[old]  # the driver has read it: it sent this batch after
@@ -185,7 +185,10 @@ class Agent:
             self.touch()
             return reply
 
-    def _apply(self, obj: Any, data: bytes, buffers: codec.Buffers, max_reply: int) -> tuple[Any, codec.Buffers]:
+    def _apply(
+        self, service: _Service, data: bytes, buffers: codec.Buffers, max_reply: int
+    ) -> tuple[Any, codec.Buffers]:
+        obj = service.obj  # read per operation: a restore replaces it for the operations after it
         start = time.perf_counter()
         try:
             kind, name, args, kwargs = codec.loads(data, buffers)
@@ -198,6 +201,11 @@ class Agent:
                 value = getattr(obj, name)
             elif kind == codec.SETATTR:
                 setattr(obj, name, args[0])
+                value = None
+            elif kind == codec.SNAPSHOT:
+                value = _snapshot(obj)
+            elif kind == codec.RESTORE:
+                service.obj = codec.loads(args[0])
                 value = None
             else:
                 raise ValueError(f"unknown operation kind {kind!r}")
@@ -233,6 +241,19 @@ class Agent:
         count = sum(1 for m in members if m.isfile())
         log.info("%s: received %d files into %s", self.label, count, self.temp_path)
         return count
+
+
+def _snapshot(obj: Any) -> bytes:
+    """The published object pickled as ``publish`` ships it (its ``__getstate__`` decides what goes in)."""
+    try:
+        return codec.dumps(obj)
+    except Exception as exc:
+        cls = type(obj).__qualname__
+        raise TypeError(
+            f"cannot snapshot the {cls} object: {type(exc).__name__}: {exc} (give {cls} a __getstate__ that "
+            "leaves out what cannot be pickled, such as open files, locks or engine handles, and a "
+            "__setstate__ that rebuilds it)"
+        ) from exc
 
 
 def _failed(error: BaseException, ops: list[Op]) -> Reply:

@@ -101,7 +101,10 @@ def _launcher_option(help_text: str) -> Any:
 
 @cli.command()
 @click.option("--slots", type=click.IntRange(1, 256), help="Local slots, one replica each [default: 4].")
-@click.option("--rounds", type=click.IntRange(1), default=200, show_default=True, help="Exchange rounds.")
+@click.option(
+    "--rounds", type=click.IntRange(1), default=200, show_default=True,
+    help="Exchange rounds of the whole run (with --resume: the checkpointed run's, unless given).",
+)
 @click.option(
     "--steps", type=click.IntRange(1), default=200, show_default=True, help="Metropolis steps per replica and round."
 )
@@ -115,6 +118,18 @@ def _launcher_option(help_text: str) -> Any:
     "--tmax", type=click.FloatRange(1.0), default=6.0, show_default=True, help="Highest temperature (lowest 1)."
 )
 @click.option("--log", "log_path", metavar="FILE", help="Write the replica-per-temperature log to FILE.")
+@click.option(
+    "--checkpoint", "checkpoint_path", metavar="FILE",
+    help="Write a run checkpoint to FILE every --checkpoint-every rounds (atomically).",
+)
+@click.option(
+    "--checkpoint-every", type=click.IntRange(1), default=10, show_default=True,
+    help="Rounds between checkpoints; a lost host sends the run back to the last one.",
+)
+@click.option(
+    "--resume", "resume_path", metavar="FILE",
+    help="Continue the run checkpointed in FILE (its settings, replicas and log; new hosts allowed).",
+)
 def demo(
     slots: int | None,
     rounds: int,
@@ -125,27 +140,56 @@ def demo(
     seed: int,
     tmax: float,
     log_path: str | None,
+    checkpoint_path: str | None,
+    checkpoint_every: int,
+    resume_path: str | None,
 ) -> None:
-    """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure)."""
+    """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure).
+
+    The run survives lost hosts: daemons are respawned and the run goes back to its last
+    checkpoint (taken every --checkpoint-every rounds). With --checkpoint FILE a killed
+    run continues with --resume FILE.
+    """
     from .examples.replica_exchange import format_report, run_demo
+    from .examples.run_checkpoint import RunCheckpoint
     from .grid import Grid
     from .hosts import Host, load_hosts
 
     # Every option is checked before a daemon starts (click checked the types and the launcher).
+    ctx = click.get_current_context()
     if hosts_file is not None and slots is not None:
         raise click.UsageError("give --slots or --hosts, not both")
-    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or 4)]
-    log_file = _open_for_writing(log_path, "--log") if log_path is not None else None
+    resume = None
+    total_rounds = rounds
+    if resume_path is not None:
+        resume = _load_checkpoint(RunCheckpoint, resume_path)
+        _check_unchanged(ctx, resume.driver_state()["settings"], steps, scheme, seed, tmax, checkpoint_every)
+        if ctx.get_parameter_source("rounds") is click.core.ParameterSource.DEFAULT:
+            total_rounds = resume.driver_state()["settings"]["target_rounds"]
+        checkpoint_path = checkpoint_path or resume_path
+        log_path = log_path or resume.log_path
+    replicas = len(resume.snapshot.states) if resume is not None else None
+    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or replicas or 4)]
+    n_slots = sum(h.n_cpu for h in hosts)
+    if replicas is not None and n_slots != replicas:
+        raise click.UsageError(f"{resume_path} holds {replicas} replicas: give {replicas} slots in all, not {n_slots}")
+    log_file: IO[str] | None = None
+    if log_path is not None:
+        log_file = _open_log_to_continue(log_path) if resume is not None else _open_for_writing(log_path, "--log")
     try:
-        n_slots = sum(h.n_cpu for h in hosts)
         click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
+        if resume is not None:
+            click.echo(f"resuming {resume_path} at round {resume.rounds}", err=True)
         started = time.perf_counter()
-        with Grid(hosts, launcher) as grid:
+        with Grid(hosts, launcher, respawn=True) as grid:
             startup = time.perf_counter() - started
-            with click.progressbar(length=rounds, label="replica exchange", file=sys.stderr) as bar:
+            with click.progressbar(length=total_rounds, label="replica exchange", file=sys.stderr) as bar:
+                if resume is not None:
+                    bar.update(resume.rounds)
                 report = run_demo(
-                    grid, rounds=rounds, steps=steps, scheme=scheme, seed=seed, t_max=tmax,
-                    log=log_file, progress=bar.update, startup_time=startup,
+                    grid, rounds=total_rounds, steps=steps, scheme=scheme, seed=seed, t_max=tmax,
+                    log=log_file, progress=bar.update, startup_time=startup, checkpoint_every=checkpoint_every,
+                    checkpoint_path=checkpoint_path, resume=resume,
                 )
     finally:
         if log_file is not None:
@@ -154,8 +198,51 @@ def demo(
         click.echo(line)
     if log_path is not None:
         click.echo(f"replica log (replica at each temperature, per round): {log_path}")
+    if checkpoint_path is not None:
+        click.echo(f"run checkpoint (isdgrid demo --resume {checkpoint_path} --rounds N goes on): {checkpoint_path}")
     if report.check is not None and report.check.verdict == "FAIL":
         raise click.ClickException("the sampled distribution does not match the Boltzmann distribution")
+
+
+def _check_unchanged(
+    ctx: click.Context, settings: dict[str, Any], steps: int, scheme: str, seed: int, tmax: float, every: int
+) -> None:
+    """Options given with --resume must agree with the checkpointed run's settings."""
+    given: dict[str, tuple[Any, Any]] = {
+        "steps": (steps, settings["steps"]),
+        "scheme": (scheme, settings["scheme"]),
+        "seed": (seed, settings["seed"]),
+        "tmax": (tmax, round(settings["temperatures"][-1], 9)),
+        "checkpoint_every": (every, settings["checkpoint_every"]),
+    }
+    changed = [
+        f"--{name.replace('_', '-')} {mine} (the run has {theirs})"
+        for name, (mine, theirs) in given.items()
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT and mine != theirs
+    ]
+    if changed:
+        raise click.UsageError(f"{', '.join(changed)}: a resumed run keeps its checkpoint's settings")
+
+
+def _load_checkpoint(kind: Any, path: str) -> Any:
+    """Read a run checkpoint for --resume; a bad file is a usage error naming it."""
+    from .errors import CheckpointError
+
+    try:
+        return kind.load(path)
+    except CheckpointError as exc:
+        raise click.BadParameter(str(exc), ctx=click.get_current_context(), param_hint="'--resume'") from None
+
+
+def _open_log_to_continue(path: str) -> IO[str]:
+    """Open the replica log of a resumed run for update (the driver cuts it back to the checkpoint)."""
+    try:
+        return open(path, "r+", encoding="utf-8")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot continue the log {path!r}: {exc.strerror or exc}", ctx=click.get_current_context(),
+            param_hint="'--log'",
+        ) from None
 
 
 def _open_for_writing(path: str, option: str) -> IO[str]:

@@ -64,6 +64,8 @@ MAX_FLIGHTS = 2  # batches of one server out at once; the agent keeps this many 
 CALL = "call"
 GETATTR = "getattr"
 SETATTR = "setattr"
+SNAPSHOT = "snapshot"  # pickle the published object (between calls) and return the bytes
+RESTORE = "restore"  # replace the published object with one unpickled from the argument
 
 # A reply item on the wire (see the module docstring).
 ReplyItem = tuple
@@ -223,6 +225,10 @@ def describe(kind: str, name: str) -> str:
         return f"{name}()"
     if kind == SETATTR:
         return f"setting attribute {name!r}"
+    if kind == SNAPSHOT:
+        return "snapshot"
+    if kind == RESTORE:
+        return "restore from a snapshot"
     return f"attribute {name!r}"
 
 

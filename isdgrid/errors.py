@@ -9,6 +9,7 @@ Every error the grid raises on purpose derives from :class:`GridError`::
      ├── RemoteError              a remote exception whose own type cannot be re-raised here
      ├── PayloadTooLargeError     one call (or reply) is larger than the grid's message limit
      ├── DeadlockError            the calling thread would wait for a server it holds itself
+     ├── CheckpointError          a snapshot could not be taken, saved, read or restored
      ├── HostLostError            a daemon died or stopped answering
      │    └── ServiceUnavailableError   every server of a service is lost
      ├── AuthenticationError      a daemon refused the grid's secret
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CheckpointError",
     "ConfigError",
     "DeadlockError",
     "GridError",
@@ -136,6 +138,31 @@ class DeadlockError(GridError):
     server of the service is held by the calling thread, and by ``broadcast`` /
     ``scatter`` when the calling thread holds a server of that service.
     """
+
+
+class CheckpointError(GridError):
+    """A snapshot of a service could not be taken, saved, read or restored.
+
+    Raised by ``Grid.checkpoint`` when a server's object cannot be pickled on its host
+    (``host``, ``slot`` and ``class_name`` say which; ``remote_traceback`` what failed),
+    by ``Snapshot.load`` for a file that is not a snapshot, and by ``Grid.restore`` for a
+    snapshot that does not fit the service.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        slot: int | None = None,
+        class_name: str = "",
+        remote_traceback: str = "",
+    ) -> None:
+        self.host = host
+        self.slot = slot
+        self.class_name = class_name
+        self.remote_traceback = remote_traceback
+        super().__init__(message)
 
 
 class HostLostError(GridError):

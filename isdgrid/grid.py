@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import enum
 import logging
+import os
 import secrets
 import sys
 import threading
@@ -38,6 +39,7 @@ from .result import Result
 from .server import Server, ServerState
 from .service import Service
 from .slot import Slot
+from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
@@ -46,6 +48,7 @@ log = logging.getLogger("isdgrid")
 
 DEFAULT_MAX_MESSAGE_SIZE = 2 * 1024**3
 GATHER_SLICE = 0.05  # gather looks for a lost host at least this often while it reads a reply
+RESPAWN_POLL = 0.05  # how often wait_for_respawn looks (a respawn takes a daemon start: ~1 s)
 
 
 class GridState(enum.Enum):
@@ -71,6 +74,7 @@ class ServerStatus:
     pending: int
     mean_call_time: float
     respawns: int
+    snapshot_age: float | None = None  # seconds since its latest snapshot (None: none taken)
 
 
 class Grid:
@@ -176,6 +180,7 @@ class Grid:
         self._services: dict[str, Service] = {}
         self._held: dict[str, list[ServiceProxy]] = {}
         self._slots: list[Slot] = []
+        self._given_up: set[Slot] = set()  # lost slots that will not be respawned
         self._lock = threading.RLock()
         self._state = GridState.STARTING
         self._status_writer: StatusFileWriter | None = None
@@ -561,6 +566,60 @@ class Grid:
         log.info("copied %d files (%d bytes packed) to %d hosts", len(relpaths), len(archive), len(targets))
         return len(relpaths)
 
+    # -- snapshots -----------------------------------------------------------------------
+    def checkpoint(
+        self, service_id: str, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+    ) -> Snapshot:
+        """Snapshot every server's object of ``service_id``, in server order, between calls.
+
+        Each server pickles its object after the calls made on it before this and before
+        those made after (the object's ``__getstate__``/``__setstate__`` decide what goes
+        in). Every server keeps its latest snapshot: with ``respawn=True`` a lost slot comes
+        back with it instead of the object as published. ``path`` also saves the snapshot
+        there, atomically. Raises :class:`CheckpointError` (naming the class and the host)
+        for an object that cannot be pickled, :class:`HostLostError` for a lost server,
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        snapshot = snapshot_service(self._service(service_id), timeout)
+        if path is not None:
+            snapshot.save(path)
+        return snapshot
+
+    def restore(self, service_id: str, snapshot: Snapshot, *, timeout: float | None = None) -> None:
+        """Put server ``i`` of ``service_id`` back to ``snapshot``'s state ``i``, in call order.
+
+        The snapshot may come from this grid or another (a resumed run: publish the same
+        class on a grid with as many slots, then restore). Raises :class:`CheckpointError`
+        for a snapshot of another class or number of servers, :class:`HostLostError`,
+        ``TimeoutError``.
+        """
+        restore_service(self._service(service_id), snapshot, timeout)
+
+    def wait_for_respawn(self, service_id: str, timeout: float | None = None) -> None:
+        """Wait until no server of ``service_id`` is lost (lost ones respawned).
+
+        Returns at once when none is lost. Raises the :class:`HostLostError` of a server
+        that will not come back (``respawn`` off, ``max_respawns`` reached, or its start
+        failed), ``TimeoutError`` after ``timeout`` seconds.
+        """
+        service = self._service(service_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            lost = [server for server in service.servers if server.lost]
+            if not lost:
+                return
+            with self._lock:
+                gone = [server for server in lost if server.slot in self._given_up]
+            if gone:
+                raise gone[0].slot.lost_error("waiting for its respawn (it will not come back)")
+            self._check_running()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{len(lost)} servers of {service_id!r} still lost after {timeout} s: "
+                    + ", ".join(server.slot.label for server in lost)
+                )
+            time.sleep(RESPAWN_POLL)
+
     # -- status --------------------------------------------------------------------------
     def status(self) -> list[ServerStatus]:
         """One :class:`ServerStatus` per server of every service."""
@@ -582,6 +641,7 @@ class Grid:
                         pending=server.pending,
                         mean_call_time=server.mean_call_time,
                         respawns=server.respawns,
+                        snapshot_age=server.snapshot_age,
                     )
                 )
         return rows
@@ -598,6 +658,8 @@ class Grid:
             if respawn:
                 for service in services:
                     service.respawning += 1
+            else:
+                self._given_up.add(slot)
         for service in services:
             for server in service.servers:
                 if server.slot is slot:
@@ -634,6 +696,8 @@ class Grid:
                 time.sleep(1.0 + attempt)
             else:
                 log.error("giving up on %s: it stays lost", old.label)
+                with self._lock:
+                    self._given_up.add(old)
                 return
             outcome.respawns = old.handle.respawns + 1
             with self._lock:
@@ -645,20 +709,28 @@ class Grid:
             for service in services:
                 if service.terminated.is_set():
                     continue
-                error = new.control("publish", service.id, service.payload)
-                if error:
-                    log.error("re-publishing %s on %s failed:\n%s", service.id, new.label, error)
-                    continue
                 for server in service.servers:
-                    if server.slot is old:
-                        server.attach(new)
+                    if server.slot is not old:
+                        continue
+                    # its latest snapshot when one was taken, else the object as published
+                    error = new.control("publish", service.id, server.snapshot or service.payload)
+                    if error:
+                        log.error("re-publishing %s on %s failed:\n%s", service.id, new.label, error)
+                        with self._lock:
+                            self._given_up.add(old)  # this server stays on the lost slot
+                        continue
+                    server.attach(new)
             self.respawn_count += 1
             log.warning("respawned %s (was lost: %s); services re-published: %s",
                         new.label, old.lost_reason, ", ".join(s.id for s in services) or "none")
         except GridError as exc:
             log.error("respawn of %s failed: %s", old.label, exc)
+            with self._lock:
+                self._given_up.add(old)
         except Exception:  # noqa: BLE001 - a respawn thread must never die silently
             log.exception("respawn of %s failed", old.label)
+            with self._lock:
+                self._given_up.add(old)
         finally:
             self._respawn_done(services)
 

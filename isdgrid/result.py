@@ -42,7 +42,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         from .codec import describe
 
         server = self._server
-        what = describe(self._kind, self._name) if self._name else "remote call"
+        what = describe(self._kind, self._name) if self._kind else "remote call"
         if server is None:
             return what
         return f"{server.service.class_name}.{what} on {server.slot.label}"

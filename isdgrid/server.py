@@ -43,12 +43,13 @@ class ServerState(enum.Enum):
 
 
 class _Call:
-    __slots__ = ("data", "buffers", "result", "size")
+    __slots__ = ("data", "buffers", "result", "size", "counted")
 
-    def __init__(self, data: bytes, buffers: codec.Buffers, result: Result) -> None:
+    def __init__(self, data: bytes, buffers: codec.Buffers, result: Result, counted: bool = True) -> None:
         self.data = data
         self.buffers = buffers
         self.result = result
+        self.counted = counted  # in the server's statistics (the grid's own snapshots are not)
         self.size = len(data) + (sum(memoryview(b).nbytes for b in buffers) if buffers else 0)
 
 
@@ -88,6 +89,8 @@ class Server:
         self.errors = 0
         self.total_time = 0.0
         self.respawns = 0
+        self.snapshot: bytes | None = None  # the latest state taken (isdgrid.snapshot); a respawn starts from it
+        self.snapshot_time: float | None = None  # when it was taken (time.time())
         self._lock = threading.Lock()  # the inbox, counters, state
         self._send_lock = threading.Lock()  # the right to take calls from the inbox and send them
         self._inbox: deque[_Call] = deque()
@@ -133,10 +136,24 @@ class Server:
         lost = " lost" if self.lost else ""
         return f"<Server {self.service.id}#{self.index} on {self.slot.label} {self.state.value}{lost}>"
 
+    @property
+    def snapshot_age(self) -> float | None:
+        """Seconds since the latest snapshot was taken (None: never)."""
+        return None if self.snapshot_time is None else max(0.0, time.time() - self.snapshot_time)
+
+    def keep_snapshot(self, state: bytes, taken_at: float) -> None:
+        """Keep ``state`` as this server's latest (a newer one already kept stays)."""
+        with self._lock:
+            if self.snapshot_time is None or taken_at >= self.snapshot_time:
+                self.snapshot, self.snapshot_time = state, taken_at
+
     # -- called by proxies, results and the grid ----------------------------------------
-    def submit(self, data: bytes, buffers: codec.Buffers, result: Result) -> None:
-        """Queue one encoded call; it is sent at once when the server may send."""
-        call = _Call(data, buffers, result)
+    def submit(self, data: bytes, buffers: codec.Buffers, result: Result, *, counted: bool = True) -> None:
+        """Queue one encoded call; it is sent at once when the server may send.
+
+        ``counted=False`` leaves it out of the call statistics (the grid's own operations).
+        """
+        call = _Call(data, buffers, result, counted)
         if call.size > self.max_message_size:
             raise PayloadTooLargeError(
                 f"{result.description} is {call.size} bytes, more than the grid's max_message_size "
@@ -330,6 +347,7 @@ class Server:
         outcomes = []
         errors = 0
         total = 0.0
+        counted = 0
         at = 0
         for call, (item, count) in zip(batch.calls, items, strict=True):
             own = buffers[at: at + count] if count else None
@@ -338,11 +356,13 @@ class Server:
                 ok, value, seconds = codec.decode_reply(item, own)
             except BaseException as exc:  # noqa: BLE001 - even SystemExit from a reply's pickle
                 ok, value, seconds = False, RemoteError(type(exc).__name__, f"cannot unpickle the reply: {exc!r}"), 0.0
-            total += seconds
-            errors += not ok
+            if call.counted:
+                total += seconds
+                errors += not ok
+                counted += 1
             outcomes.append((call.result, ok, value))
         with self._lock:
-            self.calls += len(outcomes)
+            self.calls += counted
             self.total_time += total
             self.errors += errors
         return outcomes

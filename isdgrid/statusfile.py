@@ -225,7 +225,7 @@ def format_status(documents: list[dict[str, Any]], now: float | None = None) -> 
         lines.append(f"  hosts: {hosts or '-'}")
         header = (
             f"  {'HOST':<16} {'SLOT':>4}  {'SERVICE':<24} {'STATE':<9} {'BUSY':<4} "
-            f"{'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9}"
+            f"{'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9} {'SNAPSHOT':>9}"
         )
         lines.append(header)
         servers = doc.get("servers", [])
@@ -241,7 +241,16 @@ def format_status(documents: list[dict[str, Any]], now: float | None = None) -> 
                 lines.append(
                     f"  {slot['host']:<16} {slot['slot']:>4}  {row['service_id']:<24} {row['state']:<9} "
                     f"{'busy' if row['busy'] else 'free':<4} {row['calls']:>7} {row['pending']:>7} "
-                    f"{row['mean_call_time'] * 1e3:>9.2f}"
+                    f"{row['mean_call_time'] * 1e3:>9.2f} {_snapshot_age(row, age):>9}"
                 )
         lines.append("")
     return lines
+
+
+def _snapshot_age(row: dict[str, Any], since_update: float) -> str:
+    """How old a server's latest snapshot is now, for people ("-": none taken)."""
+    age = row.get("snapshot_age")
+    if age is None:
+        return "-"
+    seconds = float(age) + max(0.0, since_update)
+    return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.1f} h"

@@ -24,17 +24,20 @@ call it.
 
 from __future__ import annotations
 
+import logging
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HostLostError
 from ..grid import Grid, ServerStatus
 from ..result import Result
 from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
+from .run_checkpoint import RunCheckpoint, continue_log, log_position
 
 __all__ = [
     "SCHEMES",
@@ -47,6 +50,8 @@ __all__ = [
     "geometric_ladder",
     "run_demo",
 ]
+
+_log = logging.getLogger(__name__)
 
 SCHEMES = ("gromacs", "evenodd", "random")
 CHECK_BLOCKS = 10  # blocks of the Boltzmann check, which needs at least as many samples
@@ -97,12 +102,14 @@ class Replica:
         self.x = 0.0
         self.y = 0.0
         self.rng = random.Random(0)
+        self.steps_done = 0  # Metropolis steps since reset (a restored replica goes on from its snapshot's)
 
     def reset(self, seed: int, temperature: float, record: bool, x: float, y: float) -> float:
         """Seed this replica, put it at (x, y) and temperature; returns its energy."""
         self.rng = random.Random(seed)
         self.temperature, self.record = temperature, record
         self.x, self.y = x, y
+        self.steps_done = 0
         return self.model.energy(x, y)
 
     def set_temperature(self, temperature: float, record: bool = False) -> float:
@@ -138,6 +145,7 @@ class Replica:
             if self.record and i % thin == 0:
                 xs.append(x)
         self.x, self.y = x, y
+        self.steps_done += steps
         return {"energy": e, "acceptance": accepted / steps if steps else 0.0, "xs": xs}
 
 
@@ -192,6 +200,8 @@ class ExchangeResult:
     round_times: list[float] = field(default_factory=list)
     samples: list[list[float]] = field(default_factory=list)  # lowest-temperature x, per round
     mc_acceptance: list[float] = field(default_factory=list)  # per state, mean over rounds
+    checkpoints: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) of this process's checkpoints
+    rollbacks: list[tuple[int, int]] = field(default_factory=list)  # (round it failed in, round it went back to)
 
     @property
     def acceptance(self) -> list[float | None]:
@@ -205,7 +215,17 @@ class ExchangeResult:
 
 
 class ReplicaExchange:
-    """A parallel-tempering driver on a grid: one replica per slot (see the module doc)."""
+    """A parallel-tempering driver on a grid: one replica per slot (see the module doc).
+
+    ``checkpoint_every=K`` takes a run checkpoint (every replica's snapshot and the
+    driver's state, see :mod:`isdgrid.examples.run_checkpoint`) at the start and every K
+    rounds, and also writes it to ``checkpoint_path`` when given. When a host is lost
+    mid-run the driver waits for its respawn (the grid needs ``respawn=True``), puts every
+    replica and its own state back to the last checkpoint, and goes on from there: at most
+    K rounds are done again, and the run ends exactly as it would have without the loss.
+    ``resume`` continues a run from its checkpoint on this grid instead of starting one
+    (its settings are the checkpoint's; the grid needs one slot per replica).
+    """
 
     def __init__(
         self,
@@ -219,24 +239,43 @@ class ReplicaExchange:
         seed: int = 0,
         log: IO[str] | None = None,
         timeout: float = 300.0,
+        checkpoint_every: int | None = None,
+        checkpoint_path: str | None = None,
+        resume: RunCheckpoint | None = None,
     ) -> None:
+        if resume is not None:
+            settings = resume.driver_state()["settings"]
+            model, scheme, steps, thin, seed = (
+                settings["model"], settings["scheme"], settings["steps"], settings["thin"], settings["seed"]
+            )
+            temperatures = settings["temperatures"]
+            if checkpoint_every is None:
+                checkpoint_every = settings["checkpoint_every"]
         if scheme not in SCHEMES:
             raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
         if steps < 1 or thin < 1:
             raise ConfigError("steps and thin must be >= 1")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be at least 1 round, not {checkpoint_every}")
         self.grid = grid
         self.model = model or RuggedDoubleWell()
         self.service_id = grid.publish(Replica(self.model))
         n = len(grid.servers[self.service_id])
         self.temperatures = list(temperatures) if temperatures is not None else geometric_ladder(n)
         if len(self.temperatures) != n:
-            raise ConfigError(f"{len(self.temperatures)} temperatures for {n} replicas (one per slot)")
+            what = "the checkpoint has" if resume is not None else "got"
+            grid.terminate(self.service_id)
+            raise ConfigError(f"{what} {len(self.temperatures)} temperatures for {n} replicas (one per slot)")
         if sorted(self.temperatures) != self.temperatures:
             raise ConfigError("temperatures must be in increasing order")
         self.betas = [1.0 / t for t in self.temperatures]
         self.n = n
         self.steps, self.thin, self.timeout = steps, thin, timeout
         self.scheme = scheme
+        self.seed = seed
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_path = checkpoint_path
+        self.target_rounds = 0
         self.rng = random.Random(seed)
         self.log = log
         self.replica_at_state = list(range(n))  # IMP.isd's replicanums
@@ -245,6 +284,14 @@ class ReplicaExchange:
         self._pending: list[Result] = []
         self.result = ExchangeResult(self.temperatures, scheme, steps, attempts=[0] * (n - 1), accepted=[0] * (n - 1))
         self._mc_sum = [0.0] * n
+        self._last: RunCheckpoint | None = None
+        if resume is not None:
+            grid.restore(self.service_id, resume.snapshot, timeout=timeout)
+            self._load(resume)
+            self.result.checkpoints, self.result.rollbacks = [], []  # those of this process only
+            continue_log(self.log, resume.log_offset)
+            self._last = resume
+            return
         starts = [(self.rng.uniform(-1.5, 1.5), self.rng.uniform(-1.0, 1.0)) for _ in range(n)]
         seeds = [self.rng.randrange(2**31) for _ in range(n)]
         args = [(seeds[r], self.temperatures[r], r == 0, *starts[r]) for r in range(n)]
@@ -252,6 +299,8 @@ class ReplicaExchange:
         self._track_round_trips()
         if self.log is not None:
             self.log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
+        if self.checkpoint_every is not None:
+            self.checkpoint()
 
     def step(self) -> None:
         """One round: sample, exchange, move the temperatures, log."""
@@ -282,12 +331,66 @@ class ReplicaExchange:
         res.round_times.append(time.perf_counter() - start)
 
     def run(self, rounds: int, progress: Callable[[int], None] | None = None) -> ExchangeResult:
-        """Run ``rounds`` rounds (``progress(1)`` after each) and finish."""
-        for _ in range(rounds):
-            self.step()
-            if progress is not None:
-                progress(1)
+        """Run until ``rounds`` rounds are done in all (a resumed run counts those before), and finish.
+
+        ``progress(k)`` is called with the rounds done since the last call (negative after
+        a roll-back to a checkpoint). A lost host is survived as the class doc says when
+        checkpoints are on; otherwise its :class:`HostLostError` ends the run.
+        """
+        self.target_rounds = rounds
+        shown = self.result.rounds
+        while self.result.rounds < rounds:
+            try:
+                self.step()
+                if self.checkpoint_every is not None and self.result.rounds % self.checkpoint_every == 0:
+                    self.checkpoint()
+            except HostLostError as exc:
+                self.recover(exc)
+            if progress is not None and self.result.rounds != shown:
+                progress(self.result.rounds - shown)
+            shown = self.result.rounds
+        if self.checkpoint_every is not None and self._last is not None and self._last.rounds != self.result.rounds:
+            self.checkpoint()
         return self.finish()
+
+    def checkpoint(self) -> RunCheckpoint:
+        """Take a run checkpoint now (between rounds); written to ``checkpoint_path`` when set."""
+        started = time.perf_counter()
+        snapshot = self.grid.checkpoint(self.service_id, timeout=self.timeout)
+        offset = log_position(self.log)
+        log_path = getattr(self.log, "name", None)
+        checkpoint = RunCheckpoint(
+            snapshot, pickle.dumps(self._state(), protocol=5), self.result.rounds, offset,
+            log_path if isinstance(log_path, str) else None, time.time(),
+        )
+        if self.checkpoint_path is not None:
+            checkpoint.save(self.checkpoint_path)
+        self._last = checkpoint
+        self.result.checkpoints.append((time.perf_counter() - started, checkpoint.nbytes))
+        return checkpoint
+
+    def recover(self, error: HostLostError) -> int:
+        """After a lost host: wait for its respawn, go back to the last checkpoint; the rounds undone.
+
+        Re-raises ``error`` when there is no checkpoint, or when the host will not come back.
+        """
+        last = self._last
+        if last is None:
+            raise error
+        failed_at = self.result.rounds
+        _log.warning("%s; going back to round %d (the last checkpoint)", error, last.rounds)
+        try:
+            self.grid.wait_for_respawn(self.service_id, timeout=self.timeout)
+        except (HostLostError, TimeoutError) as exc:
+            raise error from exc
+        self.grid.restore(self.service_id, last.snapshot, timeout=self.timeout)
+        kept = self.result.rollbacks, self.result.checkpoints
+        self._load(last)
+        self.result.rollbacks, self.result.checkpoints = kept
+        self.result.rollbacks.append((failed_at, last.rounds))
+        self._pending = []
+        continue_log(self.log, last.log_offset)
+        return failed_at - last.rounds
 
     def finish(self) -> ExchangeResult:
         """Wait for the last temperature moves and release the servers."""
@@ -301,6 +404,32 @@ class ReplicaExchange:
     def status(self) -> list[ServerStatus]:
         """The grid's statistics for this run's servers."""
         return [row for row in self.grid.status() if row.service_id == self.service_id]
+
+    def _state(self) -> dict[str, Any]:
+        """The driver's part of a run checkpoint."""
+        return {
+            "settings": {
+                "model": self.model, "temperatures": self.temperatures, "scheme": self.scheme, "steps": self.steps,
+                "thin": self.thin, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
+                "target_rounds": self.target_rounds,
+            },
+            "replica_at_state": self.replica_at_state,
+            "state_of_replica": self.state_of_replica,
+            "phase": self._phase,
+            "mc_sum": self._mc_sum,
+            "rng": self.rng.getstate(),
+            "result": self.result,
+        }
+
+    def _load(self, checkpoint: RunCheckpoint) -> None:
+        state = checkpoint.driver_state()
+        self.replica_at_state = state["replica_at_state"]
+        self.state_of_replica = state["state_of_replica"]
+        self._phase = state["phase"]
+        self._mc_sum = state["mc_sum"]
+        self.rng.setstate(state["rng"])
+        self.result = state["result"]
+        self.target_rounds = state["settings"]["target_rounds"]
 
     def _track_round_trips(self) -> None:
         top = self.n - 1
@@ -352,7 +481,7 @@ class DemoReport:
 def run_demo(
     grid: Grid,
     *,
-    rounds: int = 50,
+    rounds: int | None = 50,
     steps: int = 1000,
     thin: int = 10,
     scheme: str = "gromacs",
@@ -362,13 +491,25 @@ def run_demo(
     progress: Callable[[int], None] | None = None,
     check: bool = True,
     startup_time: float = 0.0,
+    checkpoint_every: int | None = None,
+    checkpoint_path: str | None = None,
+    resume: RunCheckpoint | None = None,
 ) -> DemoReport:
-    """Run replica exchange on every slot of ``grid`` and check the lowest temperature."""
+    """Run replica exchange on every slot of ``grid`` and check the lowest temperature.
+
+    ``rounds`` counts the rounds of the whole run: a run resumed from ``resume`` goes on
+    until it has done that many (None: as many as the checkpointed run was asked for).
+    ``checkpoint_every`` and ``checkpoint_path`` are :class:`ReplicaExchange`'s.
+    """
     start = time.perf_counter()
     n = len(grid.slots)
     rex = ReplicaExchange(
-        grid, geometric_ladder(n, 1.0, t_max), scheme=scheme, steps=steps, thin=thin, seed=seed, log=log
+        grid, None if resume is not None else geometric_ladder(n, 1.0, t_max), scheme=scheme, steps=steps,
+        thin=thin, seed=seed, log=log, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path,
+        resume=resume,
     )
+    if rounds is None:
+        rounds = rex.target_rounds
     try:
         result = rex.run(rounds, progress)
         status = rex.status()
@@ -409,6 +550,13 @@ def format_report(report: DemoReport) -> list[str]:
         f"remote compute per round (busiest server): {report.compute_per_round * 1e3:.2f} ms",
         f"grid overhead per round: {report.overhead_per_round * 1e3:.2f} ms",
     ]
+    if res.checkpoints:
+        seconds = sum(t for t, _ in res.checkpoints) / len(res.checkpoints)
+        size = sum(b for _, b in res.checkpoints) / len(res.checkpoints)
+        lines.append(f"checkpoints: {len(res.checkpoints)}, {seconds * 1e3:.1f} ms and {size / 1024:.1f} KiB each")
+    if res.rollbacks:
+        redone = sum(failed - back for failed, back in res.rollbacks)
+        lines.append(f"hosts lost: {len(res.rollbacks)}, rounds done again: {redone}")
     if report.check is not None:
         lines.append(f"Boltzmann check at T={temps[0]:g}: {report.check.summary()}")
     else:

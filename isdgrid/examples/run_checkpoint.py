@@ -1,0 +1,124 @@
+"""The run checkpoint of a replica-exchange driver: what a killed run needs to go on.
+
+A :class:`RunCheckpoint` holds, at one round boundary, the snapshot of every replica
+(taken by the grid between calls) and the driver's own state: the settings, the exchange
+bookkeeping, the random generator's state, the round number and the length of the
+replica log. It is written with an atomic rename, so a driver killed at any moment
+leaves the previous checkpoint or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ..errors import CheckpointError
+from ..snapshot import Snapshot, write_atomically
+
+__all__ = ["RunCheckpoint", "continue_log", "log_position"]
+
+_FORMAT = "isdgrid-replica-exchange-run"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """One consistent point of a replica-exchange run.
+
+    ``snapshot`` holds the replicas (replica ``i`` on server ``i``); ``driver`` is the
+    pickled driver state (see ``ReplicaExchange``); ``rounds`` the rounds done;
+    ``log_offset`` the length of the replica log at that point (None: no seekable log),
+    ``log_path`` its file (None: none).
+    """
+
+    snapshot: Snapshot
+    driver: bytes
+    rounds: int
+    log_offset: int | None
+    log_path: str | None
+    written_at: float
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the checkpoint, replicas and driver state, in bytes."""
+        return self.snapshot.nbytes + len(self.driver)
+
+    def driver_state(self) -> dict[str, Any]:
+        """A fresh copy of the driver state (each call unpickles it anew)."""
+        state: dict[str, Any] = pickle.loads(self.driver)
+        return state
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the checkpoint to ``path`` atomically."""
+        record = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "snapshot": self.snapshot.to_record(),
+            "driver": self.driver,
+            "rounds": self.rounds,
+            "log_offset": self.log_offset,
+            "log_path": self.log_path,
+            "written_at": time.time(),
+        }
+        write_atomically(path, pickle.dumps(record, protocol=5))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RunCheckpoint:
+        """Read a checkpoint written by :meth:`save` (a pickle: load only files you wrote)."""
+        where = repr(os.fspath(path))
+        try:
+            with open(path, "rb") as f:
+                record = pickle.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint file {where}") from None
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+            raise CheckpointError(f"cannot read checkpoint file {where}: {exc}") from exc
+        if not isinstance(record, dict) or record.get("format") != _FORMAT:
+            raise CheckpointError(f"{where} is not a replica-exchange run checkpoint")
+        if record.get("version") != _VERSION:
+            raise CheckpointError(f"{where} has format version {record.get('version')}; this isdgrid reads {_VERSION}")
+        return cls(
+            Snapshot.from_record(record["snapshot"], where),
+            record["driver"],
+            record["rounds"],
+            record["log_offset"],
+            record["log_path"],
+            record["written_at"],
+        )
+
+
+def log_position(log: IO[str] | None) -> int | None:
+    """The replica log's length after a flush (None: no log, or one that cannot seek)."""
+    if log is None:
+        return None
+    log.flush()
+    try:
+        return log.tell() if log.seekable() else None
+    except (OSError, io.UnsupportedOperation):
+        return None
+
+
+def continue_log(log: IO[str] | None, offset: int | None) -> None:
+    """Cut the replica log back to ``offset``, so the rounds after the checkpoint are written once.
+
+    A log that cannot seek gets a comment line instead. Raises :class:`CheckpointError`
+    for a log shorter than ``offset`` (not the log of that run).
+    """
+    if log is None:
+        return
+    if offset is None or not log.seekable():
+        log.write("# rolled back to the last checkpoint; the rounds after it follow again\n")
+        return
+    log.flush()
+    end = log.seek(0, io.SEEK_END)
+    if end < offset:
+        name = getattr(log, "name", "the replica log")
+        raise CheckpointError(
+            f"{name} has {end} bytes, the checkpoint expects at least {offset}: give the log of the run it checkpointed"
+        )
+    log.seek(offset)
+    log.truncate()

@@ -1,0 +1,327 @@
+"""Snapshots of services, respawn from them, and a replica-exchange run that survives faults.
+
+Real daemons in real processes; the faults are real: ``kill -9`` of daemons (from another
+thread, while their calls run) and of a driver process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+from conftest import child_pids, wait_until
+
+from isdgrid import CheckpointError, Grid, Host, HostLostError, Snapshot
+from isdgrid.examples.boltzmann import check_boltzmann, exact_marginal
+from isdgrid.examples.replica_exchange import ReplicaExchange, RuggedDoubleWell, geometric_ladder
+from isdgrid.examples.run_checkpoint import RunCheckpoint
+
+# The classes below travel by value, as those of a driver's __main__ do (snapshots included).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_LOSS = {"heartbeat_interval": 0.2, "host_timeout": 5.0}
+
+
+class Tally:
+    """A counter whose history says which calls it has seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def add(self, value: int) -> int:
+        self.seen.append(value)
+        return len(self.seen)
+
+    def slow(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class HoldsALock:
+    def __init__(self) -> None:
+        self.value = 1
+
+    def grab(self) -> None:
+        self.lock = threading.Lock()
+
+
+class Engine:
+    """An object with a handle that cannot be pickled, left out by __getstate__ and rebuilt."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.handle: threading.Lock | None = threading.Lock()
+
+    def move(self, by: int) -> int:
+        assert self.handle is not None, "the handle was rebuilt by __setstate__"
+        self.position += by
+        return self.position
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+        self.handle = threading.Lock()
+
+
+def _pid(grid: Grid, index: int) -> int:
+    process = grid.slots[index].handle.process
+    assert process is not None
+    return process.pid
+
+
+def test_a_snapshot_is_taken_between_calls_and_restores_in_call_order(tmp_path: Path) -> None:
+    with Grid([Host("localhost", n_cpu=2)]) as grid:
+        sid = grid.publish(Tally())
+        proxy = grid.acquire_service(sid)
+        other = grid.acquire_service(sid)
+        before = [proxy.add(i) for i in range(5)]
+        snapshot = grid.checkpoint(sid, tmp_path / "tally.snap", timeout=60)
+        after = proxy.add(99)  # made after the snapshot: not in it
+        assert [r.get(timeout=30) for r in before] == [1, 2, 3, 4, 5]
+        assert after.get(timeout=30) == 6
+        other.add(7).get(timeout=30)
+        assert isinstance(snapshot, Snapshot) and len(snapshot.states) == 2
+        assert snapshot.nbytes == sum(len(s) for s in snapshot.states) > 0 and snapshot.seconds > 0
+
+        grid.restore(sid, Snapshot.load(tmp_path / "tally.snap"), timeout=60)
+        assert proxy.seen == [0, 1, 2, 3, 4]  # back to the snapshot: 99 is gone
+        assert other.seen == []
+        # The grid's own operations are not the user's calls.
+        rows = {row.slot: row for row in grid.status()}
+        assert sorted(row.calls for row in rows.values()) == [1 + 1, 5 + 1 + 1]  # calls and reads of .seen
+        assert all(row.snapshot_age is not None and 0 <= row.snapshot_age < 60 for row in rows.values())
+        grid.release_service(proxy)
+        grid.release_service(other)
+
+
+def test_getstate_decides_what_a_snapshot_holds() -> None:
+    with Grid([Host("localhost", n_cpu=1)]) as grid:
+        sid = grid.publish(Engine())
+        proxy = grid.acquire_service(sid)
+        assert proxy.move(5).get(timeout=30) == 5
+        snapshot = grid.checkpoint(sid, timeout=60)
+        assert proxy.move(10).get(timeout=30) == 15
+        grid.restore(sid, snapshot, timeout=60)
+        assert proxy.move(1).get(timeout=30) == 6  # the handle was rebuilt, the position restored
+        grid.release_service(proxy)
+
+
+def test_a_snapshot_of_an_unpicklable_object_names_the_class_and_the_host() -> None:
+    with Grid([Host("localhost", n_cpu=2)]) as grid:
+        sid = grid.publish(HoldsALock())
+        grid.gather(grid.broadcast(sid, "grab"), timeout=30)
+        grid.release_all(sid)
+        with pytest.raises(CheckpointError) as info:
+            grid.checkpoint(sid, timeout=60)
+        err = info.value
+        assert err.class_name == "HoldsALock" and err.host == "localhost" and err.slot in (0, 1)
+        assert "HoldsALock" in str(err) and "lock" in str(err) and "__getstate__" in str(err)
+        # The servers still serve.
+        assert grid.gather(grid.broadcast(sid, "value"), timeout=30) == [1, 1]
+        grid.release_all(sid)
+
+
+def test_a_snapshot_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    with Grid([Host("localhost", n_cpu=2)]) as grid:
+        tally = grid.publish(Tally())
+        engine = grid.publish(Engine())
+        snapshot = grid.checkpoint(tally, timeout=60)
+        with pytest.raises(CheckpointError, match="Tally objects, service .* is a Engine"):
+            grid.restore(engine, snapshot)
+        small = Snapshot(snapshot.service_id, snapshot.class_name, snapshot.states[:1], snapshot.taken_at, 0.0)
+        with pytest.raises(CheckpointError, match="has 1 servers, service .* has 2"):
+            grid.restore(tally, small)
+    (tmp_path / "junk").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="cannot read snapshot file"):
+        Snapshot.load(tmp_path / "junk")
+
+
+def test_a_respawned_slot_comes_back_with_its_latest_snapshot_and_pending_calls_fail() -> None:
+    with Grid([Host("localhost", n_cpu=2)], respawn=True, **FAST_LOSS) as grid:
+        sid = grid.publish(Tally())
+        proxy = grid.acquire_service(sid)
+        slot = proxy._isdgrid_server.slot.index
+        grid.gather([proxy.add(i) for i in range(3)], timeout=30)
+        grid.checkpoint(sid, timeout=60)
+        proxy.add(3).get(timeout=30)  # after the snapshot: lost with the host
+        running = proxy.slow(30)
+        queued = [proxy.add(i) for i in range(4, 10)]
+        time.sleep(0.2)
+        os.kill(_pid(grid, slot), signal.SIGKILL)
+        for result in [running, *queued]:
+            with pytest.raises(HostLostError):
+                result.get(timeout=30)  # never replayed silently
+        grid.wait_for_respawn(sid, timeout=60)
+        assert proxy.seen == [0, 1, 2]  # the snapshot, not the object as published, not later calls
+        assert proxy.add(100).get(timeout=30) == 4
+        assert [row.respawns for row in grid.status() if row.slot == slot] == [1]
+        grid.release_service(proxy)
+
+
+def test_wait_for_respawn_without_respawn_raises_at_once() -> None:
+    with Grid([Host("localhost", n_cpu=2)], **FAST_LOSS) as grid:
+        sid = grid.publish(Tally())
+        grid.wait_for_respawn(sid, timeout=1)  # nothing lost: returns
+        os.kill(_pid(grid, 0), signal.SIGKILL)
+        assert wait_until(lambda: grid.slots[0].lost.is_set(), 30)
+        started = time.monotonic()
+        with pytest.raises(HostLostError, match="will not come back"):
+            grid.wait_for_respawn(sid, timeout=60)
+        assert time.monotonic() - started < 10
+
+
+# -- the replica-exchange driver ----------------------------------------------------------
+def _exchange(grid: Grid, rounds: int, every: int, log: io.StringIO, killer: random.Random | None) -> ReplicaExchange:
+    rex = ReplicaExchange(grid, geometric_ladder(4, 1.0, 6.0), steps=200, seed=7, log=log, checkpoint_every=every)
+    kills: list[threading.Timer] = []
+
+    def progress(_: int) -> None:
+        # About every 40 rounds, kill a random daemon a moment later: mid-round, its calls running.
+        if killer is not None and killer.random() < 1 / 40:
+            pid = _pid(grid, killer.randrange(len(grid.slots)))
+            timer = threading.Timer(killer.uniform(0.0, 0.01), _kill_quietly, (pid,))
+            kills.append(timer)
+            timer.start()
+
+    rex.run(rounds, progress)
+    for timer in kills:
+        timer.join(5)
+    return rex
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_replica_exchange_survives_killed_daemons_and_ends_as_an_undisturbed_run() -> None:
+    rounds, every = 300, 10
+    with Grid([Host("localhost", n_cpu=4)], **FAST_LOSS) as grid:
+        calm_log = io.StringIO()
+        calm = _exchange(grid, rounds, every, calm_log, None).result
+    with Grid([Host("localhost", n_cpu=4)], respawn=True, max_respawns=50, **FAST_LOSS) as grid:
+        log = io.StringIO()
+        seed = int.from_bytes(os.urandom(4), "little")  # where the kills fall: another run, other places
+        rex = _exchange(grid, rounds, every, log, random.Random(seed))
+        result = rex.result
+        assert result.rollbacks, f"no daemon was killed (killer seed {seed}): the test proves nothing"
+        assert grid.respawn_count >= len(result.rollbacks)
+        for failed_at, back in result.rollbacks:
+            assert back % every == 0 and 0 <= failed_at - back <= every
+        # Every replica went on from its snapshot: all did the same steps as an undisturbed run.
+        sid = grid.publish(object())  # a grid that still serves after the faults
+        grid.terminate(sid)
+
+    assert result.rounds == calm.rounds == rounds
+    assert result.samples == calm.samples and result.accepted == calm.accepted, f"killer seed {seed}"
+    assert result.round_trips == calm.round_trips and result.mc_acceptance == calm.mc_acceptance
+    assert log.getvalue() == calm_log.getvalue()  # no gap, no repeated round
+    check = check_boltzmann(result.lowest_samples(burn_in=0.1), exact_marginal(RuggedDoubleWell().energy, 1.0))
+    assert check.passed, check.summary()
+
+
+def test_restored_replicas_keep_their_step_counters() -> None:
+    with Grid([Host("localhost", n_cpu=2)], respawn=True, **FAST_LOSS) as grid:
+        rex = ReplicaExchange(grid, [1.0, 2.0], steps=50, seed=1, checkpoint_every=3)
+        rex.run(4)  # checkpoints at rounds 0 and 3, and at the end (4)
+        grid.gather(grid.broadcast(rex.service_id, "sample", 50), timeout=30)  # after the last checkpoint
+        grid.release_all(rex.service_id)
+        os.kill(_pid(grid, 1), signal.SIGKILL)
+        assert wait_until(lambda: grid.slots[1].lost.is_set(), 30)
+        grid.wait_for_respawn(rex.service_id, timeout=60)
+        steps = grid.gather(grid.broadcast(rex.service_id, "steps_done"), timeout=30)
+        assert steps == [5 * 50, 4 * 50]  # the respawned one went back to its snapshot, no further
+        grid.release_all(rex.service_id)
+
+
+# -- a killed driver, resumed -------------------------------------------------------------
+def _demo(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "ISDGRID_RUN_DIR": str(tmp_path / "run")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "isdgrid", "demo", "--slots", "4", "--steps", "200", "--seed", "5",
+         "--checkpoint-every", "10", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path),
+    )
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    return out
+
+
+def _science(report: str) -> list[str]:
+    """The report lines that depend on the sampling, not on timing."""
+    keep = ("replica exchange:", "temperatures:", "  0-1", "  1-2", "  2-3", "replica round trips", "Metropolis",
+            "Boltzmann")
+    return [line for line in report.splitlines() if line.startswith(keep)]
+
+
+def test_a_killed_driver_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path: Path) -> None:
+    rounds = "300"
+    whole = _finish(_demo("--rounds", rounds, "--log", "whole.log", "--checkpoint", "whole.ckpt", tmp_path=tmp_path))
+
+    driver = _demo("--rounds", rounds, "--log", "cut.log", "--checkpoint", "cut.ckpt", tmp_path=tmp_path)
+    ckpt = tmp_path / "cut.ckpt"
+    try:
+        def mid_run() -> bool:
+            return ckpt.exists() and 20 <= RunCheckpoint.load(ckpt).rounds < 250
+
+        assert wait_until(mid_run, 120, step=0.005), "the driver never wrote a checkpoint mid-run"
+        daemons = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
+        assert len(daemons) >= 3
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        driver.stdout.close()  # type: ignore[union-attr]
+        driver.stderr.close()  # type: ignore[union-attr]
+    # The daemons see their driver gone (stdin closed) and exit: no orphan.
+    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                      for p in daemons), 60), "daemons outlived their killed driver"
+    stopped_at = RunCheckpoint.load(ckpt).rounds
+    assert stopped_at < int(rounds)
+
+    resumed = _finish(_demo("--resume", "cut.ckpt", tmp_path=tmp_path))  # the same options: they agree
+    assert f"{rounds} rounds x 200 steps" in resumed
+    assert _science(resumed) == _science(whole)  # same exchanges, trips, acceptance, check
+    assert "Boltzmann check at T=1: PASS" in resumed
+    assert (tmp_path / "cut.log").read_text() == (tmp_path / "whole.log").read_text()
+    assert RunCheckpoint.load(ckpt).rounds == int(rounds)
+    assert not child_pids()
+
+
+def test_resume_checks_its_input_before_starting(tmp_path: Path) -> None:
+    _finish(_demo("--rounds", "5", "--seed", "5", "--checkpoint", "small.ckpt", tmp_path=tmp_path))
+    for args, expected in [
+        (["--resume", "small.ckpt", "--slots", "2"], "holds 4 replicas: give 4 slots in all, not 2"),
+        (["--resume", "small.ckpt", "--seed", "9"], "--seed 9 (the run has 5): a resumed run keeps"),
+        (["--resume", "missing.ckpt"], "no checkpoint file"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "isdgrid", "demo", *args], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT}, cwd=str(tmp_path),
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
