@@ -21,10 +21,11 @@ import psutil
 import pytest
 from conftest import child_pids, wait_until
 
-from isdgrid import CheckpointError, Grid, Host, HostLostError, Snapshot
+from isdgrid import CheckpointError, Grid, Host, HostLostError, Snapshot, statusfile
 from isdgrid.examples.boltzmann import check_boltzmann, exact_marginal
 from isdgrid.examples.replica_exchange import ReplicaExchange, RuggedDoubleWell, geometric_ladder
 from isdgrid.examples.run_checkpoint import RunCheckpoint
+from isdgrid.statusfile import format_status
 
 # The classes below travel by value, as those of a driver's __main__ do (snapshots included).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -102,6 +103,8 @@ def test_a_snapshot_is_taken_between_calls_and_restores_in_call_order(tmp_path: 
         rows = {row.slot: row for row in grid.status()}
         assert sorted(row.calls for row in rows.values()) == [1 + 1, 5 + 1 + 1]  # calls and reads of .seen
         assert all(row.snapshot_age is not None and 0 <= row.snapshot_age < 60 for row in rows.values())
+        table = format_status([statusfile.snapshot(grid, time.time())])  # what `isdgrid status` prints
+        assert "SNAPSHOT" in table[2] and all(line.rstrip().endswith(" s") for line in table[3:5]), table
         grid.release_service(proxy)
         grid.release_service(other)
 

@@ -379,11 +379,17 @@ class ReplicaExchange:
             raise error
         failed_at = self.result.rounds
         _log.warning("%s; going back to round %d (the last checkpoint)", error, last.rounds)
-        try:
-            self.grid.wait_for_respawn(self.service_id, timeout=self.timeout)
-        except (HostLostError, TimeoutError) as exc:
-            raise error from exc
-        self.grid.restore(self.service_id, last.snapshot, timeout=self.timeout)
+        while True:  # bounded: each loss uses up a respawn, and wait_for_respawn raises when none is left
+            try:
+                self.grid.wait_for_respawn(self.service_id, timeout=self.timeout)
+            except (HostLostError, TimeoutError) as exc:
+                raise error from exc
+            try:
+                self.grid.restore(self.service_id, last.snapshot, timeout=self.timeout)
+                break
+            except HostLostError as again:  # lost again while restoring: wait for that one too
+                _log.warning("%s; restoring round %d again", again, last.rounds)
+                error = again
         kept = self.result.rollbacks, self.result.checkpoints
         self._load(last)
         self.result.rollbacks, self.result.checkpoints = kept
