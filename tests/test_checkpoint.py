@@ -272,6 +272,13 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
     return out
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _science(report: str) -> list[str]:
     """The report lines that depend on the sampling, not on timing."""
     keep = ("replica exchange:", "temperatures:", "  0-1", "  1-2", "  2-3", "replica round trips", "Metropolis",
@@ -301,8 +308,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_as_if_never_stopped(tmp_pat
         driver.stdout.close()  # type: ignore[union-attr]
         driver.stderr.close()  # type: ignore[union-attr]
     # The daemons see their driver gone (stdin closed) and exit: no orphan.
-    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                                      for p in daemons), 60), "daemons outlived their killed driver"
+    assert wait_until(lambda: not any(_running(p) for p in daemons), 60), "daemons outlived their killed driver"
     stopped_at = RunCheckpoint.load(ckpt).rounds
     assert stopped_at < int(rounds)
 
