@@ -334,3 +334,18 @@ def test_resume_checks_its_input_before_starting(tmp_path: Path) -> None:
         )
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_resumes_on_other_hosts(tmp_path: Path) -> None:
+    _finish(_demo("--rounds", "10", "--checkpoint", "moved.ckpt", tmp_path=tmp_path))
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[[host]]\nname = "localhost"\nn_cpu = 1\n\n[[host]]\nname = "127.0.0.1"\nn_cpu = 3\n')
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "ISDGRID_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "isdgrid", "demo", "--resume", "moved.ckpt", "--rounds", "15", "--hosts", str(hosts)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming moved.ckpt at round 10" in proc.stderr
+    assert "4 replicas on 4 slots of 2 host(s)" in proc.stdout and "15 rounds x 200 steps" in proc.stdout
+    assert RunCheckpoint.load(tmp_path / "moved.ckpt").rounds == 15
