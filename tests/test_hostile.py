@@ -13,10 +13,8 @@ import os
 import pickle
 import random
 import selectors
-import shutil
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import require
+from netns import NsHost, namespaces, netns_usable
 from Pyro5 import protocol
 from remote_objects import Recorder
 
@@ -304,46 +303,11 @@ def test_a_hostile_crowd_on_the_port_does_not_stop_or_stall_the_grid(tmp_path: P
 
 # -- a host cut off by the network: a daemon in a network namespace of its own -----------------
 
-NS_SUBNET = "10.213.77"  # only inside the veth pair this test creates
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-def _netns_usable() -> bool:
-    if shutil.which("ip") is None or os.geteuid() != 0:
-        return False
-    probe = f"isdgp{os.getpid() % 100000}"
-    ok = _ip("netns", "add", probe).returncode == 0
-    if ok:
-        _ip("netns", "del", probe)
-    return ok
-
-
 @pytest.fixture
-def netns() -> Iterator[tuple[str, str, str]]:
-    require(_netns_usable(), "network namespaces are not permitted here (needs root and iproute2)")
-    tag = str(os.getpid() % 100000)
-    ns, outer, inner = f"isdg{tag}", f"isdgA{tag}", f"isdgB{tag}"
-    steps = [
-        ("netns", "add", ns),
-        ("link", "add", outer, "type", "veth", "peer", "name", inner),
-        ("link", "set", inner, "netns", ns),
-        ("addr", "add", f"{NS_SUBNET}.1/30", "dev", outer),
-        ("link", "set", outer, "up"),
-        ("-n", ns, "addr", "add", f"{NS_SUBNET}.2/30", "dev", inner),
-        ("-n", ns, "link", "set", inner, "up"),
-        ("-n", ns, "link", "set", "lo", "up"),
-    ]
-    try:
-        for step in steps:
-            done = _ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
-        yield ns, outer, f"{NS_SUBNET}.2"
-    finally:
-        _ip("link", "del", outer)
-        _ip("netns", "del", ns)
+def netns() -> Iterator[NsHost]:
+    require(netns_usable(), "network namespaces are not permitted here (needs root and iproute2)")
+    with namespaces(1) as hosts:
+        yield hosts[0]
 
 
 class NetnsLauncher(ProcessLauncher):
@@ -365,16 +329,16 @@ class NetnsLauncher(ProcessLauncher):
         return {**os.environ, "PYTHONPATH": REPO_ROOT}
 
 
-def test_host_cut_off_by_the_network_fails_calls_instead_of_hanging(netns, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ns, outer, address = netns
-    launcher = NetnsLauncher(ns, address, str(tmp_path))
+def test_host_cut_off_by_the_network_fails_calls_instead_of_hanging(netns: NsHost, tmp_path: Path) -> None:
+    address = netns.address
+    launcher = NetnsLauncher(netns.ns, address, str(tmp_path))
     with Grid([Host("nshost", n_cpu=1)], launcher=launcher, heartbeat_interval=0.5, host_timeout=3.0) as grid:
         assert grid.slots[0].uri.endswith(f"@{address}:{grid.slots[0].uri.rsplit(':', 1)[1]}")
         sid = grid.publish(Recorder())
         proxy = grid.acquire_service(sid)
         assert proxy.add(1).get(timeout=30) == 1
         pending = proxy.sleep(2.0)
-        assert _ip("link", "set", outer, "down").returncode == 0
+        netns.cut()
         t0 = time.monotonic()
         with pytest.raises(HostLostError):
             pending.get(timeout=60)
