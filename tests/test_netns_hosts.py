@@ -289,3 +289,34 @@ def test_a_cut_host_loses_only_its_slots_and_comes_back_when_healed(
         grid.terminate()
     thread.join(timeout=30)
     _settled(cluster, before)
+
+
+def test_a_partition_longer_than_the_daemon_timeout_gets_the_host_a_new_folder(
+    cluster: tuple[list[NsHost], str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The host's daemons take the driver for gone and remove their folder; healed, it is made again."""
+    host = cluster[0][0]
+    before = child_pids()
+    hosts = _hosts(cluster, tmp_path, (2, 1, 1))[:1]
+    with _grid(cluster, hosts, heartbeat_interval=0.5, host_timeout=3.0, daemon_timeout=4.0, respawn=True) as grid:
+        sid = grid.publish(Node())
+        first = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        grid.release_all()
+        folder = str(first[0]["cwd"])
+        old_pids = {int(w["pid"]) for w in first}  # type: ignore[call-overload]
+        host.cut()
+        try:
+            assert wait_until(lambda: not any(psutil.pid_exists(p) for p in old_pids), 30.0)
+            assert not os.path.exists(folder)  # slot 0 took the driver for gone
+        finally:
+            host.heal()
+        assert wait_until(
+            lambda: grid.respawn_count >= 2 and not any(s.lost.is_set() for s in grid.slots), 60.0, step=0.1
+        ), [s.lost_reason for s in grid.slots]
+        after = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        grid.release_all()
+        assert [a["cwd"] for a in after] == [folder] * 2  # made again, modules shipped again
+        assert all(str(m).startswith(os.path.join(folder, LIB_FOLDER)) for a in after for m in a["modules"])  # type: ignore[attr-defined]
+        assert any("files sent by copy_files before are not in it" in r.getMessage() for r in caplog.records)
+    assert not os.path.exists(folder)
+    _settled(cluster, before)

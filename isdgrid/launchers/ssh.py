@@ -73,6 +73,7 @@ SHIPPABLE: tuple[str, ...] = ("isdgrid", "Pyro5", "serpent", "cloudpickle", "tom
 MIN_PYTHON = (3, 10)
 LIB_FOLDER = ".isdgrid-lib"
 SSH_FAILED = 255  # ssh's own exit code when it cannot connect (else: the remote command's)
+FOLDER_MISSING = 3  # exit code of folder_check_command when the grid's folder is gone
 REACHED_FRESH = 2.0  # seconds a successful reachability probe of a host stands for
 RETIRE_LINGER = 60.0  # seconds a replaced slot's ssh session may take to deliver "retire"
 UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -226,6 +227,11 @@ def slot_command(
     if host.niceness:
         args = ["nice", "-n", str(host.niceness), *args]
     return ["sh", "-c", SLOT_SCRIPT, "isdgrid-slot", host.init_cmd, spec.temp_path, *args]
+
+
+def folder_check_command(folder: str) -> list[str]:
+    """Remote argv that exits 0 if ``folder`` is there, FOLDER_MISSING if it is not."""
+    return ["sh", "-c", f'test -d "$1" || exit {FOLDER_MISSING}', "isdgrid-check", folder]
 
 
 def cleanup_command(folder: str) -> list[str]:
@@ -477,9 +483,14 @@ class SshLauncher(ProcessLauncher):
 
         A slot is started again after it was lost, often because the network between the
         driver and the host failed: its ssh session would fail at once while the network
-        is still down. So the host is probed (``ssh HOST true``) until ssh connects, or
-        ``deadline``. Concurrent respawns of one host share a probe. An error other than
-        ssh's own failure to connect is left for the slot's start to report.
+        is still down. So the host is probed (does its grid folder exist?) until ssh
+        connects, or ``deadline``. Concurrent respawns of one host share a probe. An error
+        other than ssh's own failure to connect is left for the slot's start to report.
+
+        A partition longer than the daemons' heartbeat timeout makes them take the driver
+        for gone: they exit, and slot 0 removes the folder. The host is then prepared
+        again (a new folder, modules shipped again); what ``copy_files`` had sent is gone,
+        which is logged.
         """
         with self._lock:
             lock = self._reach_locks.setdefault(host.name, threading.Lock())
@@ -490,13 +501,15 @@ class SshLauncher(ProcessLauncher):
                 return None
             pause, told = 0.5, False
             while True:
-                cmd = self._ssh(host, ["true"])
+                cmd = self._ssh(host, folder_check_command(self._setups[host.name].temp_dir))
                 code, output = run_bounded(cmd, deadline)
                 if code == 0:
                     self._reached[host.name] = time.monotonic()
                     if told:
                         log.warning("%s: reachable over ssh again", host.name)
                     return None
+                if code == FOLDER_MISSING:
+                    return self._prepare_again(host, deadline)
                 if code != SSH_FAILED:
                     return None
                 if time.monotonic() + pause >= deadline:
@@ -512,6 +525,21 @@ class SshLauncher(ProcessLauncher):
                 pause = min(2 * pause, 2.0)
         finally:
             lock.release()
+
+    def _prepare_again(self, host: Host, deadline: float) -> LaunchError | None:
+        """Prepare a host whose grid folder was removed (its daemons took the driver for gone)."""
+        with self._lock:
+            gone = self._setups.pop(host.name).temp_dir
+        log.warning("%s: the grid's folder %s was removed (the host's daemons took the driver for gone); "
+                    "making it again: files sent by copy_files before are not in it", host.name, gone)
+        try:
+            setup = self._prepare(host, deadline)
+        except LaunchError as exc:
+            return exc
+        with self._lock:
+            self._setups[host.name] = setup
+        self._reached[host.name] = time.monotonic()
+        return None
 
     def _prepare_all(self, hosts: Sequence[Host], deadline: float) -> dict[str, LaunchError]:
         """Prepare every host in parallel; the hosts that failed, with their error."""
