@@ -215,10 +215,6 @@ def _start_sshd(host: NsHost, folder: Path) -> subprocess.Popen[bytes]:
             KbdInteractiveAuthentication no
             UsePAM no
             StrictModes no
-            X11Forwarding no
-            PrintMotd no
-            MaxStartups 50:30:100
-            MaxSessions 50
             """
         )
     )

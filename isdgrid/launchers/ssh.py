@@ -42,7 +42,7 @@ from Pyro5.core import URI
 from ..agent import AGENT_ID
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
-from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec
+from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec, close_stdin
 from .local import daemon_args
 
 __all__ = [
@@ -637,17 +637,8 @@ class SshLauncher(ProcessLauncher):
             super().stop(handles, timeout)
             return
         for handle in handles:
-            proc = handle.process
-            if proc is not None and proc.stdin is not None:
-                try:
-                    proc.stdin.write(b"retire\n")
-                    proc.stdin.flush()
-                except OSError:  # it is gone already
-                    pass
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
+            if handle.process is not None:
+                close_stdin(handle.process, retire=True)
         deadline = time.monotonic() + timeout
         for handle in handles:
             proc = handle.process
