@@ -27,9 +27,12 @@ import socket
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from isdgrid.launchers import SlotSpec
+from isdgrid.launchers.batch import BatchLauncher
 
 SUBNET = "10.231"  # 10.231.N.0/24; only on the veth pairs the tests make
 LOCK_FILE = "/tmp/isdgrid-netns.lock"
@@ -115,7 +118,7 @@ def _free_subnet() -> str:
 
 @dataclass
 class NsHost:
-    """One namespace host: its ssh alias, namespace, veth ends and address."""
+    """One namespace host: its name (ssh alias, and its name inside), namespace, veth ends, address."""
 
     alias: str
     ns: str
@@ -166,6 +169,11 @@ def _veth_namespace(stack: contextlib.ExitStack, host: NsHost, outer_cidr: str) 
     stack.callback(ip, "route", "del", *blackhole)
     ip_ok("netns", "add", host.ns)
     stack.callback(ip, "netns", "del", host.ns)
+    # What runs under `ip netns exec` sees this as /etc/hosts: the host's name is its address.
+    etc = Path("/etc/netns") / host.ns
+    etc.mkdir(parents=True, exist_ok=True)
+    stack.callback(shutil.rmtree, etc, True)
+    (etc / "hosts").write_text(f"127.0.0.1 localhost\n{host.address} {host.alias}\n")
     ip_ok("link", "add", host.outer, "type", "veth", "peer", "name", host.inner)
     stack.callback(ip, "link", "del", host.outer)
     stack.callback(lambda: kill_pids(namespace_pids(host.ns)))
@@ -184,6 +192,8 @@ def _veth_namespace(stack: contextlib.ExitStack, host: NsHost, outer_cidr: str) 
 def namespaces(count: int) -> Iterator[list[NsHost]]:
     """``count`` network namespaces, each joined to this one by a veth pair with its own /30.
 
+    Inside namespace ``i`` (under ``ip netns exec``) the name ``nshostI`` resolves to its address.
+
     At exit every process still in them is killed (by PID) and everything made is removed.
     """
     tag = os.getpid()
@@ -197,6 +207,26 @@ def namespaces(count: int) -> Iterator[list[NsHost]]:
                 _veth_namespace(stack, host, f"{net}.{4 * i + 1}/30")
                 hosts.append(host)
         yield hosts
+
+
+class NamespaceLauncher(BatchLauncher):
+    """Starts each host's daemons inside its namespace, as srun or qrsh start them on a node.
+
+    The daemons bind what a batch launcher binds by default: the host's name, resolved on
+    the host (in its namespace, to its address).
+    """
+
+    name = "netns"
+
+    def __init__(self, hosts: Sequence[NsHost], temp_root: str) -> None:
+        super().__init__(job_id="netns", temp_root=temp_root)
+        self.ns_of = {h.alias: h.ns for h in hosts}
+
+    def command(self, spec: SlotSpec) -> list[str]:
+        return ["ip", "netns", "exec", self.ns_of[spec.host.name], *self.daemon_command(spec)]
+
+    def environment(self, spec: SlotSpec) -> dict[str, str]:
+        return {**self.environ, "PYTHONPATH": self.python_path(spec)}
 
 
 def _start_sshd(host: NsHost, folder: Path) -> subprocess.Popen[bytes]:

@@ -15,10 +15,9 @@ import random
 import selectors
 import socket
 import struct
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,13 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import require
-from netns import NsHost, namespaces, netns_usable
+from netns import NamespaceLauncher, NsHost, namespaces, netns_usable
 from Pyro5 import protocol
 from remote_objects import Recorder
 
 from isdgrid import Grid, Host, HostLostError, codec
 from isdgrid.handshake import HANDSHAKE_TIMEOUT
-from isdgrid.hosts import Host as HostType
-from isdgrid.launchers import ProcessLauncher, SlotSpec
-from isdgrid.launchers.local import daemon_args
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLACK = 5.0  # scheduling, a loaded CI machine
 CLOSE_BOUND = HANDSHAKE_TIMEOUT + SLACK  # every hostile connection is closed by the daemon within this
 HELLO = b"ISDG\x01"  # then 32 bytes of nonce
@@ -310,29 +305,10 @@ def netns() -> Iterator[NsHost]:
         yield hosts[0]
 
 
-class NetnsLauncher(ProcessLauncher):
-    """Starts daemons inside a network namespace, bound to its veth address."""
-
-    name = "netns"
-
-    def __init__(self, ns: str, address: str, temp_path: str) -> None:
-        super().__init__()
-        self.ns, self.address, self.temp_path = ns, address, temp_path
-
-    def slot_specs(self, hosts: Sequence[HostType]) -> list[SlotSpec]:
-        return [SlotSpec(h, i, self.temp_path) for h in hosts for i in range(h.n_cpu)]
-
-    def command(self, spec: SlotSpec) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *daemon_args(spec, sys.executable, bind=self.address)]
-
-    def environment(self, spec: SlotSpec) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": REPO_ROOT}
-
-
 def test_host_cut_off_by_the_network_fails_calls_instead_of_hanging(netns: NsHost, tmp_path: Path) -> None:
     address = netns.address
-    launcher = NetnsLauncher(netns.ns, address, str(tmp_path))
-    with Grid([Host("nshost", n_cpu=1)], launcher=launcher, heartbeat_interval=0.5, host_timeout=3.0) as grid:
+    launcher = NamespaceLauncher([netns], str(tmp_path))
+    with Grid([Host(netns.alias, n_cpu=1)], launcher=launcher, heartbeat_interval=0.5, host_timeout=3.0) as grid:
         assert grid.slots[0].uri.endswith(f"@{address}:{grid.slots[0].uri.rsplit(':', 1)[1]}")
         sid = grid.publish(Recorder())
         proxy = grid.acquire_service(sid)

@@ -10,6 +10,7 @@ host gets its own ``temp_path``: "per host" is then checked on the files themsel
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import child_pids, require, wait_until
-from netns import NsHost, netns_usable, ns_hosts, sshd_usable
+from netns import NamespaceLauncher, NsHost, netns_usable, ns_hosts, sshd_usable
 from Pyro5.core import URI
 
 from isdgrid import Grid, Host, HostLostError
@@ -84,8 +85,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[NsH
 
 def _numpy_only_python(venv: Path) -> str:
     """A venv without pip or site-packages, numpy linked in: a node where isdgrid is not installed."""
-    import subprocess
-
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     site = next((venv / "lib").glob("python3*/site-packages"))
     source = Path(np.__file__).parent
@@ -203,6 +202,24 @@ def test_every_interface_only_when_asked(cluster: tuple[list[NsHost], str, str],
         bound = {(addr, port) for addr, port, pids in host.listeners() if pid in pids}
         assert bound == {("0.0.0.0", URI(slot.uri).port)}
     _settled(cluster, before)
+
+
+def test_batch_launchers_bind_the_node_name_as_the_node_resolves_it(
+    cluster: tuple[list[NsHost], str, str], tmp_path: Path
+) -> None:
+    """SLURM and SGE daemons bind the node's name by default (here: resolved in its namespace)."""
+    nshosts = cluster[0][:2]
+    before = child_pids()
+    launcher = NamespaceLauncher(nshosts, str(tmp_path))
+    with Grid([Host(h.alias) for h in nshosts], launcher=launcher) as grid:
+        sid = grid.publish(Node())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
+        grid.release_all()
+        for host, slot, w in zip(nshosts, grid.slots, where, strict=True):
+            assert URI(slot.uri).host == host.address and w["netns"] == _ns_inode(host)
+            bound = {(addr, port) for addr, port, pids in host.listeners() if w["pid"] in pids}
+            assert bound == {(host.address, URI(slot.uri).port)}
+    assert wait_until(lambda: child_pids() <= before, 10.0)
 
 
 def test_a_cut_host_loses_only_its_slots_and_comes_back_when_healed(
