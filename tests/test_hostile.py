@@ -13,14 +13,11 @@ import os
 import pickle
 import random
 import selectors
-import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +25,13 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import require
+from netns import NamespaceLauncher, NsHost, namespaces, netns_usable
 from Pyro5 import protocol
 from remote_objects import Recorder
 
 from isdgrid import Grid, Host, HostLostError, codec
 from isdgrid.handshake import HANDSHAKE_TIMEOUT
-from isdgrid.hosts import Host as HostType
-from isdgrid.launchers import ProcessLauncher, SlotSpec
-from isdgrid.launchers.local import daemon_args
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLACK = 5.0  # scheduling, a loaded CI machine
 CLOSE_BOUND = HANDSHAKE_TIMEOUT + SLACK  # every hostile connection is closed by the daemon within this
 HELLO = b"ISDG\x01"  # then 32 bytes of nonce
@@ -304,77 +298,23 @@ def test_a_hostile_crowd_on_the_port_does_not_stop_or_stall_the_grid(tmp_path: P
 
 # -- a host cut off by the network: a daemon in a network namespace of its own -----------------
 
-NS_SUBNET = "10.213.77"  # only inside the veth pair this test creates
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-def _netns_usable() -> bool:
-    if shutil.which("ip") is None or os.geteuid() != 0:
-        return False
-    probe = f"isdgp{os.getpid() % 100000}"
-    ok = _ip("netns", "add", probe).returncode == 0
-    if ok:
-        _ip("netns", "del", probe)
-    return ok
-
-
 @pytest.fixture
-def netns() -> Iterator[tuple[str, str, str]]:
-    require(_netns_usable(), "network namespaces are not permitted here (needs root and iproute2)")
-    tag = str(os.getpid() % 100000)
-    ns, outer, inner = f"isdg{tag}", f"isdgA{tag}", f"isdgB{tag}"
-    steps = [
-        ("netns", "add", ns),
-        ("link", "add", outer, "type", "veth", "peer", "name", inner),
-        ("link", "set", inner, "netns", ns),
-        ("addr", "add", f"{NS_SUBNET}.1/30", "dev", outer),
-        ("link", "set", outer, "up"),
-        ("-n", ns, "addr", "add", f"{NS_SUBNET}.2/30", "dev", inner),
-        ("-n", ns, "link", "set", inner, "up"),
-        ("-n", ns, "link", "set", "lo", "up"),
-    ]
-    try:
-        for step in steps:
-            done = _ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
-        yield ns, outer, f"{NS_SUBNET}.2"
-    finally:
-        _ip("link", "del", outer)
-        _ip("netns", "del", ns)
+def netns() -> Iterator[NsHost]:
+    require(netns_usable(), "network namespaces are not permitted here (needs root and iproute2)")
+    with namespaces(1) as hosts:
+        yield hosts[0]
 
 
-class NetnsLauncher(ProcessLauncher):
-    """Starts daemons inside a network namespace, bound to its veth address."""
-
-    name = "netns"
-
-    def __init__(self, ns: str, address: str, temp_path: str) -> None:
-        super().__init__()
-        self.ns, self.address, self.temp_path = ns, address, temp_path
-
-    def slot_specs(self, hosts: Sequence[HostType]) -> list[SlotSpec]:
-        return [SlotSpec(h, i, self.temp_path) for h in hosts for i in range(h.n_cpu)]
-
-    def command(self, spec: SlotSpec) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *daemon_args(spec, sys.executable, bind=self.address)]
-
-    def environment(self, spec: SlotSpec) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": REPO_ROOT}
-
-
-def test_host_cut_off_by_the_network_fails_calls_instead_of_hanging(netns, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ns, outer, address = netns
-    launcher = NetnsLauncher(ns, address, str(tmp_path))
-    with Grid([Host("nshost", n_cpu=1)], launcher=launcher, heartbeat_interval=0.5, host_timeout=3.0) as grid:
+def test_host_cut_off_by_the_network_fails_calls_instead_of_hanging(netns: NsHost, tmp_path: Path) -> None:
+    address = netns.address
+    launcher = NamespaceLauncher([netns], str(tmp_path))
+    with Grid([Host(netns.alias, n_cpu=1)], launcher=launcher, heartbeat_interval=0.5, host_timeout=3.0) as grid:
         assert grid.slots[0].uri.endswith(f"@{address}:{grid.slots[0].uri.rsplit(':', 1)[1]}")
         sid = grid.publish(Recorder())
         proxy = grid.acquire_service(sid)
         assert proxy.add(1).get(timeout=30) == 1
         pending = proxy.sleep(2.0)
-        assert _ip("link", "set", outer, "down").returncode == 0
+        netns.cut()
         t0 = time.monotonic()
         with pytest.raises(HostLostError):
             pending.get(timeout=60)

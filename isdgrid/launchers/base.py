@@ -29,7 +29,9 @@ from ..announce import parse_announcement, split_output
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
-__all__ = ["DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec", "driver_folder"]
+__all__ = [
+    "DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec", "close_stdin", "driver_folder",
+]
 
 log = logging.getLogger("isdgrid.launcher")
 remote_log = logging.getLogger("isdgrid.remote")
@@ -370,20 +372,8 @@ class ProcessLauncher(Launcher):
 
     def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
         procs = [h.process for h in handles if h.process is not None]
-        for proc in procs:  # closing stdin is the daemon's cue to exit
-            if proc.stdin is None:
-                continue
-            try:
-                if retire:
-                    proc.stdin.write(b"retire\n")
-                    proc.stdin.flush()
-            except OSError:  # it is gone already
-                pass
-            finally:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
+        for proc in procs:
+            close_stdin(proc, retire)
         deadline = time.monotonic() + timeout
         for proc in procs:
             if not _wait(proc, max(0.0, deadline - time.monotonic())):
@@ -436,6 +426,23 @@ def _sigint_held() -> Iterator[None]:
             previous(signal.SIGINT, held[0])
         elif held and previous == signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def close_stdin(proc: subprocess.Popen[bytes], retire: bool = False) -> None:
+    """Close a daemon's stdin, its cue to exit; first write ``retire`` on it if asked."""
+    if proc.stdin is None:
+        return
+    try:
+        if retire:
+            proc.stdin.write(b"retire\n")
+            proc.stdin.flush()
+    except OSError:  # it is gone already
+        pass
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
 
 
 def _close_pipes(proc: subprocess.Popen[bytes]) -> None:

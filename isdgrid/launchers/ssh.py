@@ -42,7 +42,7 @@ from Pyro5.core import URI
 from ..agent import AGENT_ID
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
-from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec
+from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec, close_stdin
 from .local import daemon_args
 
 __all__ = [
@@ -72,6 +72,10 @@ SHIPPABLE: tuple[str, ...] = ("isdgrid", "Pyro5", "serpent", "cloudpickle", "tom
 
 MIN_PYTHON = (3, 10)
 LIB_FOLDER = ".isdgrid-lib"
+SSH_FAILED = 255  # ssh's own exit code when it cannot connect (else: the remote command's)
+FOLDER_MISSING = 3  # exit code of folder_check_command when the grid's folder is gone
+REACHED_FRESH = 2.0  # seconds a successful reachability probe of a host stands for
+RETIRE_LINGER = 60.0  # seconds a replaced slot's ssh session may take to deliver "retire"
 UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 # The scripts run by ``sh -c`` on the host. One line each (a csh login shell rejects a
@@ -225,6 +229,11 @@ def slot_command(
     return ["sh", "-c", SLOT_SCRIPT, "isdgrid-slot", host.init_cmd, spec.temp_path, *args]
 
 
+def folder_check_command(folder: str) -> list[str]:
+    """Remote argv that exits 0 if ``folder`` is there, FOLDER_MISSING if it is not."""
+    return ["sh", "-c", f'test -d "$1" || exit {FOLDER_MISSING}', "isdgrid-check", folder]
+
+
 def cleanup_command(folder: str) -> list[str]:
     """Remote argv that removes the grid's temp folder."""
     return ["sh", "-c", CLEANUP_SCRIPT, "isdgrid-cleanup", folder]
@@ -361,6 +370,9 @@ class SshLauncher(ProcessLauncher):
         self._token = uuid.uuid4().hex[:10]
         self._setups: dict[str, HostSetup] = {}
         self._lock = threading.Lock()
+        self._reach_locks: dict[str, threading.Lock] = {}
+        self._reached: dict[str, float] = {}
+        self._lingering: set[subprocess.Popen[bytes]] = set()
         self._socket_dir: str | None = None
 
     # -- commands --------------------------------------------------------------------------
@@ -413,7 +425,9 @@ class SshLauncher(ProcessLauncher):
         for spec in specs:
             hosts.setdefault(spec.host.name, spec.host)
         new_hosts = [h for h in hosts.values() if h.name not in self._setups]
+        known_hosts = [h for h in hosts.values() if h.name in self._setups]
         failed = self._prepare_all(new_hosts, deadline)
+        failed.update(self._wait_all_reachable(known_hosts, deadline))
         outcome: dict[int, DaemonHandle | LaunchError] = {}
         runnable: list[tuple[int, SlotSpec]] = []
         for index, spec in enumerate(specs):
@@ -454,6 +468,78 @@ class SshLauncher(ProcessLauncher):
             setup = self._setups[handle.host.name]
             uri.host = setup.server_address or handle.host.name
             handle.uri = str(uri)
+
+    # -- hosts seen before: a respawn waits out a network partition --------------------------
+    def _wait_all_reachable(self, hosts: Sequence[Host], deadline: float) -> dict[str, LaunchError]:
+        """Wait (in parallel, until ``deadline``) for ssh to reach each host again; those it never did."""
+        if not hosts:
+            return {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+            errors = list(pool.map(lambda h: self._wait_reachable(h, deadline), hosts))
+        return {h.name: error for h, error in zip(hosts, errors, strict=True) if error is not None}
+
+    def _wait_reachable(self, host: Host, deadline: float) -> LaunchError | None:
+        """Wait until ssh reaches ``host``, a host prepared earlier whose slots start again.
+
+        A slot is started again after it was lost, often because the network between the
+        driver and the host failed: its ssh session would fail at once while the network
+        is still down. So the host is probed (does its grid folder exist?) until ssh
+        connects, or ``deadline``. Concurrent respawns of one host share a probe. An error
+        other than ssh's own failure to connect is left for the slot's start to report.
+
+        A partition longer than the daemons' heartbeat timeout makes them take the driver
+        for gone: they exit, and slot 0 removes the folder. The host is then prepared
+        again (a new folder, modules shipped again); what ``copy_files`` had sent is gone,
+        which is logged.
+        """
+        with self._lock:
+            lock = self._reach_locks.setdefault(host.name, threading.Lock())
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return LaunchError("ssh did not reach the host before the start timeout", host=host.name)
+        try:
+            if time.monotonic() - self._reached.get(host.name, -REACHED_FRESH) < REACHED_FRESH:
+                return None
+            pause, told = 0.5, False
+            while True:
+                cmd = self._ssh(host, folder_check_command(self._setups[host.name].temp_dir))
+                code, output = run_bounded(cmd, deadline)
+                if code == 0:
+                    self._reached[host.name] = time.monotonic()
+                    if told:
+                        log.warning("%s: reachable over ssh again", host.name)
+                    return None
+                if code == FOLDER_MISSING:
+                    return self._prepare_again(host, deadline)
+                if code != SSH_FAILED:
+                    return None
+                if time.monotonic() + pause >= deadline:
+                    return LaunchError(
+                        "ssh did not reach the host before the start timeout", host=host.name, command=cmd,
+                        output=output,
+                    )
+                if not told:
+                    log.warning("%s: ssh cannot reach the host (%s); trying until the start timeout",
+                                host.name, output.strip().splitlines()[-1] if output.strip() else f"exit code {code}")
+                    told = True
+                time.sleep(pause)
+                pause = min(2 * pause, 2.0)
+        finally:
+            lock.release()
+
+    def _prepare_again(self, host: Host, deadline: float) -> LaunchError | None:
+        """Prepare a host whose grid folder was removed (its daemons took the driver for gone)."""
+        with self._lock:
+            gone = self._setups.pop(host.name).temp_dir
+        log.warning("%s: the grid's folder %s was removed (the host's daemons took the driver for gone); "
+                    "making it again: files sent by copy_files before are not in it", host.name, gone)
+        try:
+            setup = self._prepare(host, deadline)
+        except LaunchError as exc:
+            return exc
+        with self._lock:
+            self._setups[host.name] = setup
+        self._reached[host.name] = time.monotonic()
+        return None
 
     def _prepare_all(self, hosts: Sequence[Host], deadline: float) -> dict[str, LaunchError]:
         """Prepare every host in parallel; the hosts that failed, with their error."""
@@ -535,8 +621,66 @@ class SshLauncher(ProcessLauncher):
             run_bounded(self._ssh(host, cleanup_command(setup.temp_dir)), time.monotonic() + 15.0)
 
     # -- stop ------------------------------------------------------------------------------
+    def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
+        """Stop daemons by closing their sessions' stdin (see :meth:`ProcessLauncher.stop`).
+
+        A slot the grid replaces (``retire``) is usually lost because the network to its
+        host failed; its ssh session then cannot deliver the ``retire`` line until the
+        network is back. Killing the session would make the host see it end without that
+        line once the network is back: the old daemon would take the driver for gone, and
+        as slot 0 remove the folder the new daemons use. So a session that has not ended
+        after ``timeout`` is left to deliver the line and end by itself (ssh gives up on a
+        silent host after ``ServerAliveInterval`` x ``ServerAliveCountMax``); it is killed
+        after ``RETIRE_LINGER`` seconds, or at :meth:`close`.
+        """
+        if not retire:
+            super().stop(handles, timeout)
+            return
+        for handle in handles:
+            if handle.process is not None:
+                close_stdin(handle.process, retire=True)
+        deadline = time.monotonic() + timeout
+        for handle in handles:
+            proc = handle.process
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.info("%s: its ssh session is still open; it may take %.0f s to deliver 'retire'",
+                         handle.label, RETIRE_LINGER)
+                with self._lock:
+                    self._lingering.add(proc)
+                threading.Thread(target=self._linger, args=(handle,), name="isdgrid-ssh-retire", daemon=True).start()
+                continue
+            self._reap(handle)
+
+    def _linger(self, handle: DaemonHandle) -> None:
+        proc = handle.process
+        assert proc is not None
+        try:
+            proc.wait(timeout=RETIRE_LINGER)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: its ssh session did not end within %.0f s of 'retire'; killing it", handle.label,
+                        RETIRE_LINGER)
+            self._kill(proc)
+        with self._lock:
+            self._lingering.discard(proc)
+        self._reap(handle)
+
+    @staticmethod
+    def _reap(handle: DaemonHandle) -> None:
+        if handle.output is not None:
+            handle.output.join(timeout=2.0)
+        if handle.process is not None and handle.process.stdout is not None:
+            handle.process.stdout.close()
+
     def close(self) -> None:
-        """Remove temp folders no slot 0 daemon was left to remove, and the local sockets."""
+        """End replaced slots' lingering sessions; remove folders no slot 0 removes, and local sockets."""
+        with self._lock:
+            lingering = list(self._lingering)
+        for proc in lingering:
+            self._kill(proc)
         with self._lock:
             leftovers = [(name, s) for name, s in self._setups.items() if not s.slot0_started]
             self._setups.clear()
