@@ -115,6 +115,10 @@ def _launcher_option(help_text: str) -> Any:
     "--tmax", type=click.FloatRange(1.0), default=6.0, show_default=True, help="Highest temperature (lowest 1)."
 )
 @click.option("--log", "log_path", metavar="FILE", help="Write the replica-per-temperature log to FILE.")
+@click.option(
+    "--engine", type=click.Choice(("toy", "openmm")), default="toy", show_default=True,
+    help="toy: Monte Carlo of a 2D model; openmm: MD of alanine dipeptide (steps of 2 fs, --tmax in K, default 500).",
+)  # fmt: skip
 def demo(
     slots: int | None,
     rounds: int,
@@ -125,8 +129,21 @@ def demo(
     seed: int,
     tmax: float,
     log_path: str | None,
+    engine: str,
 ) -> None:
     """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure)."""
+    if engine == "openmm":  # isdgrid/examples/openmm_demo.py; --tmax counts only when given
+        from .examples.openmm_demo import run_cli
+
+        given = click.get_current_context().get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
+        log = _open_for_writing(log_path, "--log") if log_path is not None else None
+        try:
+            run_cli(slots=slots, rounds=rounds, steps=steps, hosts_file=hosts_file, launcher=launcher,
+                    scheme=scheme, seed=seed, t_max=tmax if given else None, log=log)  # fmt: skip
+        finally:
+            if log is not None:
+                log.close()
+        return
     from .examples.replica_exchange import format_report, run_demo
     from .grid import Grid
     from .hosts import Host, load_hosts
