@@ -175,12 +175,12 @@ def build_dipeptide(phi: float = -150.0, psi: float = 150.0) -> Peptide:
     topology = app.Topology()
     chain = topology.addChain()
     residues = {name: topology.addResidue(name, chain) for name in _RESIDUES}
-    atoms = {}
+    atoms: dict[int, Any] = {}
     for row in _ORDER:
         res, name, element, *_ = _ATOMS[row]
         atoms[row] = topology.addAtom(name, app.Element.getBySymbol(element), residues[res])
-    for a, b in _BONDS:
-        topology.addBond(atoms[a], atoms[b])
+    for first, second in _BONDS:
+        topology.addBond(atoms[first], atoms[second])
     return Peptide(topology, tuple((x / 10.0, y / 10.0, z / 10.0) for x, y, z in (angstrom[r] for r in _ORDER)))
 
 

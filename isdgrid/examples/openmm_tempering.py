@@ -111,10 +111,10 @@ class OpenMMReplica:
         from openmm import unit
 
         st = self._context.getState(getPositions=True, getVelocities=True)
-        self.positions = [tuple(map(float, p)) for p in st.getPositions(asNumpy=True).value_in_unit(unit.nanometer)]
-        self.velocities = [
-            tuple(map(float, v)) for v in st.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
-        ]
+        positions = st.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        velocities = st.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond)
+        self.positions = [(float(x), float(y), float(z)) for x, y, z in positions]
+        self.velocities = [(float(x), float(y), float(z)) for x, y, z in velocities]
 
     def context(self) -> Any:
         """The ``openmm.Context``, built from the plain state on first use.
@@ -177,7 +177,7 @@ class OpenMMReplica:
         """
         start = time.perf_counter()
         self.set_temperature(temperature)
-        context = self.context()
+        self.context()
         angles: list[tuple[float, ...]] = []
         md = 0.0
         chunk = thin if thin > 0 else steps
