@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from isdgrid import Grid, Host
+from isdgrid import Grid, Host, codec
 from isdgrid.examples.openmm_demo import dipeptide_replica
 from isdgrid.examples.openmm_tempering import GridReplicas, OpenMMReplica, ReplicaSet, SerialReplicas, Tempering
 from isdgrid.examples.replica_exchange import geometric_ladder
@@ -82,6 +82,20 @@ def measure(replica: OpenMMReplica, n: int, rounds: int, steps: int, repeat: int
     return Row(n, med(serial_wall), med(grid_wall), med(longest), med(serial_calls), med(serial_md))
 
 
+def pickling_per_round(replica: OpenMMReplica, n: int, steps: int) -> tuple[float, int]:
+    """Seconds and bytes to encode one round's calls and decode its replies (driver side, isdgrid.codec)."""
+    replica.reset(1, 300.0)
+    reply = replica.sample(steps, 300.0)
+    args = [("sample", (steps, 300.0 + i, 0), {}) for i in range(n)]
+    loops = 2000
+    start = time.perf_counter()
+    for _ in range(loops):
+        blobs = [codec.dumps(a) for a in args] + [codec.dumps(reply) for _ in range(n)]
+        for blob in blobs:
+            codec.loads(blob)
+    return (time.perf_counter() - start) / loops, sum(len(b) for b in blobs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4, 8])
@@ -115,6 +129,9 @@ def main() -> None:
             f"{steps_per_s:11.0f}   ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
+    for n in args.replicas:
+        seconds, size = pickling_per_round(replica, n, args.steps)
+        print(f"pickling a round of {n} replicas (calls and replies, both ways): {seconds * 1e6:.0f} us, {size} bytes")
     print(
         "serial: the replicas called in turn in this process; grid: one slot per replica, local launcher.\n"
         "OpenMM ms: the longest sample call of a grid round (timed on its host); grid rest: the round's other time.\n"

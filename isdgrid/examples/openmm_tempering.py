@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import pickle
 import random
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import IO, Any, Protocol
 from ..errors import ConfigError
 from ..grid import Grid
 from .openmm_peptide import dihedral
-from .replica_exchange import SCHEMES, exchange_pairs
+from .replica_exchange import SCHEMES, ExchangeResult, exchange_pairs
 
 __all__ = [
     "GAS_CONSTANT",
@@ -334,27 +335,26 @@ def predicted_acceptance(mean_low: float, var_low: float, mean_high: float, var_
 
 # -- the driver --------------------------------------------------------------------------------
 @dataclass
-class TemperingResult:
-    """What a tempering run measured (energies in kJ/mol, times in seconds)."""
+class TemperingResult(ExchangeResult):
+    """What a tempering run measured (energies in kJ/mol, times in seconds).
 
-    temperatures: list[float]
-    scheme: str
-    steps: int
-    rounds: int = 0
-    attempts: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    round_trips: int = 0
+    The toy example's result (temperatures, attempts, accepted, round trips, the wall time
+    of each round, ``acceptance``) and, per round: each state's energy before the swaps,
+    the dihedrals recorded at the lowest temperature, and each replica's time in its
+    ``sample`` call and in ``integrator.step``. Its ``samples`` stay empty.
+    """
+
     swaps: list[Swap] = field(default_factory=list)
     energies: list[list[float]] = field(default_factory=list)  # per round, by state (before the swaps)
     angles: list[list[tuple[float, ...]]] = field(default_factory=list)  # per round, at the lowest temperature
-    round_times: list[float] = field(default_factory=list)  # wall time of each round
     call_times: list[list[float]] = field(default_factory=list)  # per round, each replica's time in sample
     md_times: list[list[float]] = field(default_factory=list)  # per round, each replica's time in integrator.step
 
-    @property
-    def acceptance(self) -> list[float | None]:
-        """Swap acceptance per neighbouring pair (None: never tried)."""
-        return [a / n if n else None for a, n in zip(self.accepted, self.attempts, strict=True)]
+    def timing(self) -> tuple[float, float]:
+        """Mean per round of the wall time and of the longest ``sample`` call (the time in OpenMM)."""
+        if not self.round_times:
+            return 0.0, 0.0
+        return statistics.fmean(self.round_times), statistics.fmean(max(row) for row in self.call_times)
 
     def expected_acceptance(self) -> list[float | None]:
         """Per pair, the mean of ``min(1, exp(delta))`` over the attempts: what the coin should have given."""
