@@ -14,7 +14,7 @@ import pytest
 from conftest import require
 from test_replica_exchange import _round_trips_from_log
 
-from isdgrid import Grid
+from isdgrid import Grid, Host, PublishError
 from isdgrid.examples.openmm_demo import INSTALL_HINT, basin_populations, dipeptide_replica
 from isdgrid.examples.openmm_peptide import PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, dihedral
 from isdgrid.examples.openmm_tempering import GridReplicas, SerialReplicas, Tempering
@@ -135,3 +135,19 @@ def test_without_openmm_the_demo_says_how_to_install() -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert INSTALL_HINT in lines[0] and "pip install 'isdgrid[openmm]'" in lines[0]
+
+
+def test_publishing_on_a_host_without_openmm_fails_at_once(openmm: None, tmp_path: Path) -> None:
+    """The replica imports openmm as it loads: a PublishError naming the host, not a failure at the first call."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "openmm.py").write_text("raise ImportError('No module named openmm (this host has none)')\n")
+    python = tmp_path / "python-without-openmm"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{fake}:$PYTHONPATH" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    replica = dipeptide_replica()
+    with Grid([Host("localhost", n_cpu=1, python=str(python))]) as grid:
+        with pytest.raises(PublishError, match="OpenMMReplica") as caught:
+            grid.publish(replica)
+        assert caught.value.host == "localhost"
+        assert "No module named openmm" in caught.value.remote_traceback

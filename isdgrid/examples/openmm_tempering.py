@@ -103,7 +103,13 @@ class OpenMMReplica:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Take the plain data; the ``Context`` is built again on the first call."""
+        """Take the plain data; the ``Context`` is built again on the first call.
+
+        Imports ``openmm`` now, so that publishing on a host without it fails at once
+        (a ``PublishError`` naming the host), not at the first call.
+        """
+        import openmm  # noqa: F401
+
         self.__dict__.update(state)
 
     def _pull_state(self) -> None:
