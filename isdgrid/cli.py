@@ -133,13 +133,14 @@ def demo(
 ) -> None:
     """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure)."""
     if engine == "openmm":  # isdgrid/examples/openmm_demo.py; --tmax counts only when given
-        from .examples.openmm_demo import run_cli
+        from .examples import openmm_demo
 
         given = click.get_current_context().get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
+        hosts, t_max = openmm_demo.check_options(slots=slots, hosts_file=hosts_file, t_max=tmax if given else None)
         log = _open_for_writing(log_path, "--log") if log_path is not None else None
         try:
-            run_cli(slots=slots, rounds=rounds, steps=steps, hosts_file=hosts_file, launcher=launcher,
-                    scheme=scheme, seed=seed, t_max=tmax if given else None, log=log)  # fmt: skip
+            openmm_demo.run_cli(hosts, rounds=rounds, steps=steps, launcher=launcher, scheme=scheme, seed=seed,
+                                t_max=t_max, log=log)  # fmt: skip
         finally:
             if log is not None:
                 log.close()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+import click
+
 from isdgrid.cli import LAUNCHERS
-from isdgrid.examples.openmm_demo import T_MAX, run_cli
+from isdgrid.examples.openmm_demo import T_MAX, check_options, run_cli
 from isdgrid.examples.openmm_peptide import SOLVENTS
 from isdgrid.examples.replica_exchange import SCHEMES
 
@@ -36,12 +38,15 @@ def main() -> None:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local")
     parser.add_argument("--log", metavar="FILE", help="write the replica-per-temperature log to FILE")
     args = parser.parse_args()
+    try:
+        hosts, t_max = check_options(slots=args.slots, hosts_file=args.hosts, t_max=args.tmax)
+    except click.ClickException as exc:
+        parser.error(exc.format_message())
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(args.log, "w", encoding="utf-8")) if args.log else None
         run_cli(
-            slots=args.slots, rounds=args.rounds, steps=args.steps, hosts_file=args.hosts, launcher=args.launcher,
-            scheme=args.scheme, seed=args.seed, t_max=args.tmax, log=log, solvent=args.solvent,
-            platform=args.platform, thin=args.thin,
+            hosts, rounds=args.rounds, steps=args.steps, launcher=args.launcher, scheme=args.scheme, seed=args.seed,
+            t_max=t_max, log=log, solvent=args.solvent, platform=args.platform, thin=args.thin,
         )  # fmt: skip
 
 

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import require
 from test_replica_exchange import _round_trips_from_log
 
 from isdgrid import Grid, Host, PublishError
+from isdgrid.cli import cli
 from isdgrid.examples.openmm_demo import INSTALL_HINT, basin_populations, dipeptide_replica
 from isdgrid.examples.openmm_peptide import PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, dihedral
 from isdgrid.examples.openmm_tempering import GridReplicas, SerialReplicas, Tempering
@@ -151,3 +153,13 @@ def test_publishing_on_a_host_without_openmm_fails_at_once(openmm: None, tmp_pat
             grid.publish(replica)
         assert caught.value.host == "localhost"
         assert "No module named openmm" in caught.value.remote_traceback
+
+
+def test_bad_openmm_demo_options_are_refused_before_anything_starts(openmm: None, tmp_path: Path) -> None:
+    log = tmp_path / "replicas.txt"
+    runner = CliRunner()
+    low = runner.invoke(cli, ["demo", "--engine", "openmm", "--tmax", "250", "--log", str(log)])
+    assert low.exit_code == 2 and "250 K is below the lowest temperature, 300 K" in low.output
+    both = runner.invoke(cli, ["demo", "--engine", "openmm", "--slots", "2", "--hosts", "h.toml", "--log", str(log)])
+    assert both.exit_code == 2 and "give --slots or --hosts, not both" in both.output
+    assert not log.exists()  # no stray log file

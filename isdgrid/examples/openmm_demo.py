@@ -20,6 +20,7 @@ from typing import IO
 
 from ..errors import ConfigError
 from ..grid import Grid
+from ..hosts import Host, load_hosts
 from .openmm_peptide import BASINS, PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, make_system, minimize
 from .openmm_tempering import GridReplicas, OpenMMReplica, Tempering, TemperingResult
 from .replica_exchange import geometric_ladder
@@ -28,9 +29,11 @@ __all__ = [
     "INSTALL_HINT",
     "DemoReport",
     "basin_populations",
+    "check_options",
     "dipeptide_replica",
     "format_report",
     "require_openmm",
+    "run_cli",
     "run_demo",
 ]
 
@@ -144,7 +147,7 @@ def format_report(report: DemoReport) -> list[str]:
         "",
         f"replica round trips (lowest -> highest -> lowest): {res.round_trips}",
         f"backbone basins at {temps[0]:.0f} K ({len(angles)} samples, first 10% of rounds left out): "
-        + ", ".join(f"{name} {populations[name]:.2f}" for name in BASINS),
+        + (", ".join(f"{name} {populations[name]:.2f}" for name in BASINS) if angles else "none recorded"),
         f"grid start: {report.startup_time:.2f} s; run: {report.wall_time:.1f} s",
         f"time per round: {wall * 1e3:.1f} ms = OpenMM (longest call) {engine * 1e3:.1f} ms "
         f"+ grid {grid * 1e3:.1f} ms ({100 * grid / max(wall, 1e-12):.1f}%)",
@@ -152,25 +155,13 @@ def format_report(report: DemoReport) -> list[str]:
     return lines
 
 
-def run_cli(
-    *,
-    slots: int | None,
-    rounds: int,
-    steps: int,
-    hosts_file: str | None,
-    launcher: str,
-    scheme: str,
-    seed: int,
-    t_max: float | None,
-    log: IO[str] | None,
-    solvent: str = "obc",
-    platform: str = "CPU",
-    thin: int = 50,
-) -> DemoReport:
-    """What ``isdgrid demo --engine openmm`` runs: start the grid, show a progress bar, print the report."""
-    import click
+def check_options(*, slots: int | None, hosts_file: str | None, t_max: float | None) -> tuple[list[Host], float]:
+    """Check the demo's options before anything starts; the hosts and the highest temperature.
 
-    from ..hosts import Host, load_hosts
+    Raises ``click`` usage errors, and a one-line ``ClickException`` with the install command
+    when ``openmm`` is missing.
+    """
+    import click
 
     try:
         require_openmm()
@@ -178,10 +169,30 @@ def run_cli(
         raise click.ClickException(str(exc)) from None
     if hosts_file is not None and slots is not None:
         raise click.UsageError("give --slots or --hosts, not both")
-    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or 4)]
     high = T_MAX if t_max is None else t_max
     if high < T_MIN:
-        raise click.BadParameter(f"the highest temperature ({high:g} K) is below the lowest ({T_MIN:g} K)")
+        raise click.BadParameter(f"{high:g} K is below the lowest temperature, {T_MIN:g} K", param_hint="'--tmax'")
+    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or 4)]
+    return hosts, high
+
+
+def run_cli(
+    hosts: list[Host],
+    *,
+    rounds: int,
+    steps: int,
+    launcher: str,
+    scheme: str,
+    seed: int,
+    t_max: float,
+    log: IO[str] | None,
+    solvent: str = "obc",
+    platform: str = "CPU",
+    thin: int = 50,
+) -> DemoReport:
+    """What ``isdgrid demo --engine openmm`` runs after :func:`check_options`: the grid, a progress bar, the report."""
+    import click
+
     n_slots = sum(h.n_cpu for h in hosts)
     click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
     started = time.perf_counter()
@@ -189,7 +200,7 @@ def run_cli(
         startup = time.perf_counter() - started
         with click.progressbar(length=rounds, label="OpenMM tempering", file=sys.stderr) as bar:
             report = run_demo(
-                grid, rounds=rounds, steps=steps, thin=thin, scheme=scheme, seed=seed, t_max=high,
+                grid, rounds=rounds, steps=steps, thin=thin, scheme=scheme, seed=seed, t_max=t_max,
                 solvent=solvent, platform=platform, log=log, progress=bar.update, startup_time=startup,
             )  # fmt: skip
     for line in format_report(report):
