@@ -108,7 +108,7 @@ def test_swap_acceptance_is_what_the_ladder_predicts(openmm: None, grid: Grid) -
         assert rate is not None and expected is not None and predicted is not None
         sigma = (expected * (1 - expected) / 150) ** 0.5
         assert abs(rate - expected) < 4 * sigma + 0.02, (s, rate, expected)  # the Metropolis coin is fair
-        assert 0.15 < predicted < 0.95 and abs(rate - predicted) < 0.15, (s, rate, predicted)
+        assert 0.15 < predicted < 0.95 and abs(rate - predicted) < 0.2, (s, rate, predicted)  # 5 sigma
 
 
 def test_demo_command_runs_openmm(openmm: None, tmp_path: Path) -> None:
