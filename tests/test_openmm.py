@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+import importlib
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +27,18 @@ from isdgrid.examples.replica_exchange import geometric_ladder
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 @pytest.fixture
 def openmm() -> None:
     """Skip without openmm; fail in CI, which installs the extra."""
-    require(importlib.util.find_spec("openmm") is not None, "openmm is not installed: pip install 'isdgrid[openmm]'")
+    require(_importable("openmm"), "openmm is not installed: pip install 'isdgrid[openmm]'")
 
 
 def test_built_dipeptide_has_the_asked_backbone_and_l_chirality(openmm: None) -> None:
@@ -163,3 +173,18 @@ def test_bad_openmm_demo_options_are_refused_before_anything_starts(openmm: None
     both = runner.invoke(cli, ["demo", "--engine", "openmm", "--slots", "2", "--hosts", "h.toml", "--log", str(log)])
     assert both.exit_code == 2 and "give --slots or --hosts, not both" in both.output
     assert not log.exists()  # no stray log file
+
+
+def test_the_replica_of_docs_openmm_md_runs(openmm: None, tmp_path: Path) -> None:
+    """The page's example (not run by test_docs, which runs without the extra) runs as a script."""
+    text = Path(REPO_ROOT, "docs", "openmm.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) == 1
+    (tmp_path / "block.py").write_text(blocks[0])
+    proc = subprocess.run(
+        [sys.executable, "block.py"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT}, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    energies = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert len(energies) == 2 and all(-400.0 < e < 100.0 for e in energies)  # kJ/mol, a peptide near its minimum
