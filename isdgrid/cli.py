@@ -130,6 +130,10 @@ def _launcher_option(help_text: str) -> Any:
     "--resume", "resume_path", metavar="FILE",
     help="Continue the run checkpointed in FILE (its settings, replicas and log; new hosts allowed).",
 )
+@click.option(
+    "--engine", type=click.Choice(("toy", "openmm")), default="toy", show_default=True,
+    help="toy: Monte Carlo of a 2D model; openmm: MD of alanine dipeptide (steps of 2 fs, --tmax in K, default 500).",
+)  # fmt: skip
 def demo(
     slots: int | None,
     rounds: int,
@@ -143,6 +147,7 @@ def demo(
     checkpoint_path: str | None,
     checkpoint_every: int,
     resume_path: str | None,
+    engine: str,
 ) -> None:
     """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure).
 
@@ -150,6 +155,21 @@ def demo(
     checkpoint (taken every --checkpoint-every rounds). With --checkpoint FILE a killed
     run continues with --resume FILE.
     """
+    if engine == "openmm":  # isdgrid/examples/openmm_demo.py; --tmax counts only when given
+        from .examples import openmm_demo
+
+        if checkpoint_path is not None or resume_path is not None:
+            raise click.UsageError("--checkpoint and --resume are for the toy engine, not --engine openmm")
+        given = click.get_current_context().get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
+        hosts, t_max = openmm_demo.check_options(slots=slots, hosts_file=hosts_file, t_max=tmax if given else None)
+        log = _open_for_writing(log_path, "--log") if log_path is not None else None
+        try:
+            openmm_demo.run_cli(hosts, rounds=rounds, steps=steps, launcher=launcher, scheme=scheme, seed=seed,
+                                t_max=t_max, log=log)  # fmt: skip
+        finally:
+            if log is not None:
+                log.close()
+        return
     from .examples.replica_exchange import format_report, run_demo
     from .examples.run_checkpoint import RunCheckpoint
     from .grid import Grid
