@@ -38,8 +38,9 @@ from typing import IO, Any, Protocol
 
 from ..errors import ConfigError
 from ..grid import Grid
+from .exchange import ExchangeBook, Swap
 from .openmm_peptide import dihedral
-from .replica_exchange import SCHEMES, ExchangeResult, exchange_pairs
+from .replica_exchange import ExchangeResult
 
 __all__ = [
     "GAS_CONSTANT",
@@ -259,66 +260,6 @@ class SerialReplicas:
     def close(self) -> None:
         """Drop the replicas (and their Contexts)."""
         self.replicas = []
-
-
-# -- the exchange bookkeeping ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Swap:
-    """One attempted swap: states ``(state, state + 1)``, ``delta`` = ``(beta_s - beta_t)(U_s - U_t)``."""
-
-    round: int
-    state: int
-    delta: float
-    accepted: bool
-
-
-class ExchangeBook:
-    """Which replica is at which temperature; swap attempts, acceptances and round trips.
-
-    State ``s`` is the ``s``-th temperature (lowest first). A round trip is counted when a
-    replica that left the lowest state reached the highest and came back to the lowest.
-    """
-
-    def __init__(self, betas: Sequence[float], scheme: str = "gromacs", rng: random.Random | None = None) -> None:
-        if scheme not in SCHEMES:
-            raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
-        self.betas = list(betas)
-        self.n = len(self.betas)
-        self.scheme = scheme
-        self.rng = rng or random.Random(0)
-        self.replica_at_state = list(range(self.n))
-        self.state_of_replica = list(range(self.n))
-        self.attempts = [0] * max(0, self.n - 1)
-        self.accepted = [0] * max(0, self.n - 1)
-        self.round_trips = 0
-        self.rounds = 0
-        self._been_bottom = [r == 0 for r in range(self.n)]
-        self._seen_top = [False] * self.n
-
-    def exchange(self, energies: Sequence[float]) -> list[Swap]:
-        """One round of swap attempts, given each replica's energy (by replica)."""
-        swaps = []
-        for s, t in exchange_pairs(self.scheme, self.n, self.rounds, self.rng):
-            low, high = self.replica_at_state[s], self.replica_at_state[t]
-            delta = (self.betas[s] - self.betas[t]) * (energies[low] - energies[high])
-            ok = delta >= 0.0 or self.rng.random() < math.exp(delta)
-            self.attempts[s] += 1
-            if ok:
-                self.accepted[s] += 1
-                self.replica_at_state[s], self.replica_at_state[t] = high, low
-                self.state_of_replica[low], self.state_of_replica[high] = t, s
-            swaps.append(Swap(self.rounds, s, delta, ok))
-        self._count_round_trips()
-        self.rounds += 1
-        return swaps
-
-    def _count_round_trips(self) -> None:
-        for r, s in enumerate(self.state_of_replica):
-            if s == self.n - 1 and self._been_bottom[r]:
-                self._seen_top[r] = True
-            elif s == 0:
-                self.round_trips += self._seen_top[r]
-                self._been_bottom[r], self._seen_top[r] = True, False
 
 
 def predicted_acceptance(mean_low: float, var_low: float, mean_high: float, var_high: float, dbeta: float) -> float:

@@ -37,6 +37,7 @@ from ..errors import ConfigError, HostLostError
 from ..grid import Grid, ServerStatus
 from ..result import Result
 from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
+from .exchange import SCHEMES, ExchangeBook, exchange_pairs, geometric_ladder
 from .run_checkpoint import RunCheckpoint, continue_log, log_position
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-SCHEMES = ("gromacs", "evenodd", "random")
 CHECK_BLOCKS = 10  # blocks of the Boltzmann check, which needs at least as many samples
 
 
@@ -149,43 +149,6 @@ class Replica:
         return {"energy": e, "acceptance": accepted / steps if steps else 0.0, "xs": xs}
 
 
-def geometric_ladder(n: int, t_min: float = 1.0, t_max: float = 6.0) -> list[float]:
-    """``n`` temperatures from ``t_min`` to ``t_max`` with a constant ratio."""
-    if n < 1:
-        raise ConfigError("a temperature ladder needs at least one temperature")
-    if not 0 < t_min <= t_max:
-        raise ConfigError("need 0 < t_min <= t_max")
-    if n == 1:
-        return [t_min]
-    ratio = (t_max / t_min) ** (1.0 / (n - 1))
-    return [t_min * ratio**i for i in range(n)]
-
-
-def exchange_pairs(scheme: str, n_states: int, round_index: int, rng: random.Random) -> list[tuple[int, int]]:
-    """The disjoint pairs of neighbouring states ``(s, s + 1)`` to try swapping this round."""
-    if scheme == "gromacs":
-        parity = round_index % 2
-    elif scheme == "evenodd":
-        parity = rng.randrange(2)
-    elif scheme == "random":
-        free = set(range(n_states))
-        pairs = []
-        order = list(range(n_states))
-        rng.shuffle(order)
-        for s in order:
-            if s not in free:
-                continue
-            for t in sorted((s - 1, s + 1), key=lambda _: rng.random()):
-                if t in free and t != s:
-                    free -= {s, t}
-                    pairs.append((min(s, t), max(s, t)))
-                    break
-        return sorted(pairs)
-    else:
-        raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
-    return [(s, s + 1) for s in range(parity, n_states - 1, 2)]
-
-
 @dataclass
 class ExchangeResult:
     """What a replica-exchange run measured."""
@@ -278,11 +241,11 @@ class ReplicaExchange:
         self.target_rounds = 0
         self.rng = random.Random(seed)
         self.log = log
-        self.replica_at_state = list(range(n))  # IMP.isd's replicanums
-        self.state_of_replica = list(range(n))  # IMP.isd's statenums
-        self._phase = [0] * n  # 0: not yet at the bottom, 1: left the bottom, 2: reached the top since
+        self.book = ExchangeBook(self.betas, scheme, self.rng)
         self._pending: list[Result] = []
-        self.result = ExchangeResult(self.temperatures, scheme, steps, attempts=[0] * (n - 1), accepted=[0] * (n - 1))
+        self.result = ExchangeResult(
+            self.temperatures, scheme, steps, attempts=self.book.attempts, accepted=self.book.accepted
+        )
         self._mc_sum = [0.0] * n
         self._last: RunCheckpoint | None = None
         if resume is not None:
@@ -296,11 +259,20 @@ class ReplicaExchange:
         seeds = [self.rng.randrange(2**31) for _ in range(n)]
         args = [(seeds[r], self.temperatures[r], r == 0, *starts[r]) for r in range(n)]
         self._pending = grid.scatter(self.service_id, "reset", args)
-        self._track_round_trips()
         if self.log is not None:
             self.log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
         if self.checkpoint_every is not None:
             self.checkpoint()
+
+    @property
+    def replica_at_state(self) -> list[int]:
+        """The replica (0-based) at each temperature, lowest first: IMP.isd's replicanums."""
+        return self.book.replica_at_state
+
+    @property
+    def state_of_replica(self) -> list[int]:
+        """The temperature index of each replica: IMP.isd's statenums."""
+        return self.book.state_of_replica
 
     def step(self) -> None:
         """One round: sample, exchange, move the temperatures, log."""
@@ -309,24 +281,15 @@ class ReplicaExchange:
             self.grid.broadcast(self.service_id, "sample", self.steps, self.thin), timeout=self.timeout
         )
         self.grid.gather(self._pending, timeout=self.timeout)  # done already: they ran before sample
-        res = self.result
-        res.samples.append(list(reports[self.replica_at_state[0]]["xs"]))
+        res, book = self.result, self.book
+        res.samples.append(list(reports[book.replica_at_state[0]]["xs"]))
         for s in range(self.n):
-            self._mc_sum[s] += reports[self.replica_at_state[s]]["acceptance"]
-        energies = [rep["energy"] for rep in reports]
-        for s, t in exchange_pairs(self.scheme, self.n, res.rounds, self.rng):
-            ri, rj = self.replica_at_state[s], self.replica_at_state[t]
-            delta = (self.betas[s] - self.betas[t]) * (energies[ri] - energies[rj])
-            res.attempts[s] += 1
-            if delta >= 0.0 or self.rng.random() < math.exp(delta):
-                res.accepted[s] += 1
-                self.replica_at_state[s], self.replica_at_state[t] = rj, ri
-                self.state_of_replica[ri], self.state_of_replica[rj] = t, s
-        self._track_round_trips()
-        res.rounds += 1
+            self._mc_sum[s] += reports[book.replica_at_state[s]]["acceptance"]
+        book.exchange([rep["energy"] for rep in reports])
+        res.rounds, res.round_trips = book.rounds, book.round_trips
         if self.log is not None:
-            self.log.write(f"{res.rounds:8d} " + " ".join(f"{r + 1:2d}" for r in self.replica_at_state) + "\n")
-        args = [(self.temperatures[self.state_of_replica[r]], self.state_of_replica[r] == 0) for r in range(self.n)]
+            self.log.write(f"{res.rounds:8d} " + " ".join(f"{r + 1:2d}" for r in book.replica_at_state) + "\n")
+        args = [(self.temperatures[s], s == 0) for s in book.state_of_replica]
         self._pending = self.grid.scatter(self.service_id, "set_temperature", args)
         res.round_times.append(time.perf_counter() - start)
 
@@ -419,33 +382,18 @@ class ReplicaExchange:
                 "thin": self.thin, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
                 "target_rounds": self.target_rounds,
             },
-            "replica_at_state": self.replica_at_state,
-            "state_of_replica": self.state_of_replica,
-            "phase": self._phase,
+            "book": self.book,  # with its random generator
             "mc_sum": self._mc_sum,
-            "rng": self.rng.getstate(),
             "result": self.result,
         }
 
     def _load(self, checkpoint: RunCheckpoint) -> None:
         state = checkpoint.driver_state()
-        self.replica_at_state = state["replica_at_state"]
-        self.state_of_replica = state["state_of_replica"]
-        self._phase = state["phase"]
+        self.book = state["book"]
+        self.rng = self.book.rng
         self._mc_sum = state["mc_sum"]
-        self.rng.setstate(state["rng"])
         self.result = state["result"]
         self.target_rounds = state["settings"]["target_rounds"]
-
-    def _track_round_trips(self) -> None:
-        top = self.n - 1
-        for r, s in enumerate(self.state_of_replica):
-            if s == 0:
-                if self._phase[r] == 2:
-                    self.result.round_trips += 1
-                self._phase[r] = 1
-            elif s == top and self._phase[r] == 1:
-                self._phase[r] = 2
 
 
 @dataclass
