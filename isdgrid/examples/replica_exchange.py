@@ -24,9 +24,7 @@ call it.
 
 from __future__ import annotations
 
-import logging
 import math
-import pickle
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +36,7 @@ from ..grid import Grid, ServerStatus
 from ..result import Result
 from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
 from .exchange import SCHEMES, ExchangeBook, exchange_pairs, geometric_ladder
-from .run_checkpoint import RunCheckpoint, continue_log, log_position
+from .run_checkpoint import RunCheckpoint, RunCheckpointer, continue_log
 
 __all__ = [
     "SCHEMES",
@@ -51,8 +49,6 @@ __all__ = [
     "geometric_ladder",
     "run_demo",
 ]
-
-_log = logging.getLogger(__name__)
 
 CHECK_BLOCKS = 10  # blocks of the Boltzmann check, which needs at least as many samples
 
@@ -247,13 +243,14 @@ class ReplicaExchange:
             self.temperatures, scheme, steps, attempts=self.book.attempts, accepted=self.book.accepted
         )
         self._mc_sum = [0.0] * n
-        self._last: RunCheckpoint | None = None
+        self._checkpointer = RunCheckpointer(
+            grid, self.service_id, path=checkpoint_path, log=log, timeout=timeout, last=resume
+        )
         if resume is not None:
             grid.restore(self.service_id, resume.snapshot, timeout=timeout)
             self._load(resume)
             self.result.checkpoints, self.result.rollbacks = [], []  # those of this process only
             continue_log(self.log, resume.log_offset)
-            self._last = resume
             return
         starts = [(self.rng.uniform(-1.5, 1.5), self.rng.uniform(-1.0, 1.0)) for _ in range(n)]
         seeds = [self.rng.randrange(2**31) for _ in range(n)]
@@ -312,23 +309,15 @@ class ReplicaExchange:
             if progress is not None and self.result.rounds != shown:
                 progress(self.result.rounds - shown)
             shown = self.result.rounds
-        if self.checkpoint_every is not None and self._last is not None and self._last.rounds != self.result.rounds:
+        last = self._checkpointer.last
+        if self.checkpoint_every is not None and last is not None and last.rounds != self.result.rounds:
             self.checkpoint()
         return self.finish()
 
     def checkpoint(self) -> RunCheckpoint:
         """Take a run checkpoint now (between rounds); written to ``checkpoint_path`` when set."""
         started = time.perf_counter()
-        snapshot = self.grid.checkpoint(self.service_id, timeout=self.timeout)
-        offset = log_position(self.log)
-        log_path = getattr(self.log, "name", None)
-        checkpoint = RunCheckpoint(
-            snapshot, pickle.dumps(self._state(), protocol=5), self.result.rounds, offset,
-            log_path if isinstance(log_path, str) else None, time.time(),
-        )
-        if self.checkpoint_path is not None:
-            checkpoint.save(self.checkpoint_path)
-        self._last = checkpoint
+        checkpoint = self._checkpointer.take(self.result.rounds, self._state())
         self.result.checkpoints.append((time.perf_counter() - started, checkpoint.nbytes))
         return checkpoint
 
@@ -337,28 +326,13 @@ class ReplicaExchange:
 
         Re-raises ``error`` when there is no checkpoint, or when the host will not come back.
         """
-        last = self._last
-        if last is None:
-            raise error
         failed_at = self.result.rounds
-        _log.warning("%s; going back to round %d (the last checkpoint)", error, last.rounds)
-        while True:  # bounded: each loss uses up a respawn, and wait_for_respawn raises when none is left
-            try:
-                self.grid.wait_for_respawn(self.service_id, timeout=self.timeout)
-            except (HostLostError, TimeoutError) as exc:
-                raise error from exc
-            try:
-                self.grid.restore(self.service_id, last.snapshot, timeout=self.timeout)
-                break
-            except HostLostError as again:  # lost again while restoring: wait for that one too
-                _log.warning("%s; restoring round %d again", again, last.rounds)
-                error = again
+        last = self._checkpointer.back_to_last(error)
         kept = self.result.rollbacks, self.result.checkpoints
         self._load(last)
         self.result.rollbacks, self.result.checkpoints = kept
         self.result.rollbacks.append((failed_at, last.rounds))
         self._pending = []
-        continue_log(self.log, last.log_offset)
         return failed_at - last.rounds
 
     def finish(self) -> ExchangeResult:

@@ -10,16 +10,22 @@ leaves the previous checkpoint or the new one, never half a file.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, HostLostError
 from ..snapshot import Snapshot, write_atomically
 
-__all__ = ["RunCheckpoint", "continue_log", "log_position"]
+if TYPE_CHECKING:
+    from ..grid import Grid
+
+__all__ = ["RunCheckpoint", "RunCheckpointer", "continue_log", "log_position"]
+
+log = logging.getLogger(__name__)
 
 _FORMAT = "isdgrid-replica-exchange-run"
 _VERSION = 1
@@ -89,6 +95,72 @@ class RunCheckpoint:
             record["log_path"],
             record["written_at"],
         )
+
+
+class RunCheckpointer:
+    """Takes the run checkpoints of a driver, and takes a run back to the last one after a loss.
+
+    The driver calls :meth:`take` between rounds with its own state (anything picklable),
+    and, when a call fails with :class:`HostLostError`, :meth:`back_to_last`: it waits for
+    the lost slots' respawn (the grid needs ``respawn=True``), restores every server of
+    ``service_id`` to the checkpoint, cuts the replica log back to it, and returns the
+    checkpoint, whose :meth:`RunCheckpoint.driver_state` the driver then loads. Each
+    checkpoint is also written to ``path`` when given. ``last`` starts a resumed run.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        service_id: str,
+        *,
+        path: str | None = None,
+        log: IO[str] | None = None,
+        timeout: float | None = 300.0,
+        last: RunCheckpoint | None = None,
+    ) -> None:
+        self.grid = grid
+        self.service_id = service_id
+        self.path = path
+        self.log = log
+        self.timeout = timeout
+        self.last = last
+
+    def take(self, rounds: int, driver_state: Any) -> RunCheckpoint:
+        """Snapshot the servers (between calls), record ``driver_state`` and the log's length."""
+        snapshot = self.grid.checkpoint(self.service_id, timeout=self.timeout)
+        log_path = getattr(self.log, "name", None)
+        checkpoint = RunCheckpoint(
+            snapshot, pickle.dumps(driver_state, protocol=5), rounds, log_position(self.log),
+            log_path if isinstance(log_path, str) else None, time.time(),
+        )
+        if self.path is not None:
+            checkpoint.save(self.path)
+        self.last = checkpoint
+        return checkpoint
+
+    def back_to_last(self, error: HostLostError) -> RunCheckpoint:
+        """Bring the servers and the log back to the last checkpoint, after ``error``; that checkpoint.
+
+        Re-raises ``error`` when there is no checkpoint yet, or when a lost slot will not
+        come back (respawn off, or given up) or not within ``timeout``.
+        """
+        last = self.last
+        if last is None:
+            raise error
+        log.warning("%s; going back to round %d (the last checkpoint)", error, last.rounds)
+        while True:  # bounded: each loss uses up a respawn, and wait_for_respawn raises when none is left
+            try:
+                self.grid.wait_for_respawn(self.service_id, timeout=self.timeout)
+            except (HostLostError, TimeoutError) as exc:
+                raise error from exc
+            try:
+                self.grid.restore(self.service_id, last.snapshot, timeout=self.timeout)
+                break
+            except HostLostError as again:  # lost again while restoring: wait for that one too
+                log.warning("%s; restoring round %d again", again, last.rounds)
+                error = again
+        continue_log(self.log, last.log_offset)
+        return last
 
 
 def log_position(log: IO[str] | None) -> int | None:
