@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,32 @@ def test_the_replica_of_docs_openmm_md_runs(openmm: None, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-4000:]
     energies = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert len(energies) == 2 and all(-400.0 < e < 100.0 for e in energies)  # kJ/mol, a peptide near its minimum
+
+
+def test_a_tempering_run_survives_a_killed_daemon(openmm: None) -> None:
+    """A daemon killed mid-run: the run goes back to its last checkpoint and completes."""
+    with Grid([Host("localhost", n_cpu=3)], respawn=True, heartbeat_interval=0.2, host_timeout=5.0) as grid:
+        replicas = GridReplicas(grid, dipeptide_replica(platform="Reference"))
+        log = io.StringIO()
+        killed: list[int] = []
+
+        def progress(_: int) -> None:
+            if tempering.result.rounds == 13 and not killed:  # a round after the checkpoint of round 10
+                process = grid.slots[1].handle.process
+                assert process is not None
+                killed.append(process.pid)
+                os.kill(process.pid, signal.SIGKILL)
+
+        try:
+            tempering = Tempering(replicas, geometric_ladder(3, 300.0, 450.0), steps=20, thin=0, seed=2, log=log,
+                                  checkpoint_every=5)  # fmt: skip
+            result = tempering.run(25, progress)
+            steps = grid.gather(grid.broadcast(replicas.service_id, "steps_done"), timeout=60)
+        finally:
+            replicas.close()
+    assert killed and result.rounds == 25
+    assert len(result.rollbacks) == 1 and result.rollbacks[0][1] == 10 and 10 < result.rollbacks[0][0] <= 15
+    assert steps == [25 * 20] * 3  # every replica, the restored one too, did the run's steps exactly once
+    lines = [line for line in log.getvalue().splitlines() if not line.startswith("#")]
+    assert [int(line.split()[0]) for line in lines] == list(range(1, 26))  # the log was cut back: no repeat
+    assert sum(result.attempts) == 25 * 1 and len(result.energies) == 25

@@ -100,14 +100,22 @@ def run_demo(
     log: IO[str] | None = None,
     progress: Callable[[int], None] | None = None,
     startup_time: float = 0.0,
+    checkpoint_every: int | None = 10,
 ) -> DemoReport:
-    """Temperature replica exchange of alanine dipeptide, one replica per slot of ``grid``."""
+    """Temperature replica exchange of alanine dipeptide, one replica per slot of ``grid``.
+
+    With ``checkpoint_every`` (and a grid with ``respawn=True``) the run survives lost
+    hosts, going back at most that many rounds (see :class:`Tempering`).
+    """
     require_openmm()
     start = time.perf_counter()
     replicas = GridReplicas(grid, dipeptide_replica(solvent, platform))
     try:
         ladder = geometric_ladder(replicas.n, t_min, t_max)
-        tempering = Tempering(replicas, ladder, scheme=scheme, steps=steps, thin=thin, seed=seed, log=log)
+        tempering = Tempering(
+            replicas, ladder, scheme=scheme, steps=steps, thin=thin, seed=seed, log=log,
+            checkpoint_every=checkpoint_every,
+        )
         result = tempering.run(rounds, progress)
     finally:
         replicas.close()
@@ -152,6 +160,9 @@ def format_report(report: DemoReport) -> list[str]:
         f"time per round: {wall * 1e3:.1f} ms = OpenMM (longest call) {engine * 1e3:.1f} ms "
         f"+ grid {grid * 1e3:.1f} ms ({100 * grid / max(wall, 1e-12):.1f}%)",
     ]
+    if res.rollbacks:
+        redone = sum(failed - back for failed, back in res.rollbacks)
+        lines.append(f"hosts lost: {len(res.rollbacks)}, rounds done again: {redone}")
     return lines
 
 
@@ -196,7 +207,7 @@ def run_cli(
     n_slots = sum(h.n_cpu for h in hosts)
     click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
     started = time.perf_counter()
-    with Grid(hosts, launcher) as grid:
+    with Grid(hosts, launcher, respawn=True) as grid:
         startup = time.perf_counter() - started
         with click.progressbar(length=rounds, label="OpenMM tempering", file=sys.stderr) as bar:
             report = run_demo(

@@ -36,11 +36,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HostLostError
 from ..grid import Grid
 from .exchange import ExchangeBook, Swap
 from .openmm_peptide import dihedral
 from .replica_exchange import ExchangeResult
+from .run_checkpoint import RunCheckpointer
 
 __all__ = [
     "GAS_CONSTANT",
@@ -336,6 +337,15 @@ class Tempering:
     ``replicas`` runs them (a grid or this process); ``temperatures`` in K, increasing, one
     per replica; ``steps`` MD steps per round; ``thin``: record the dihedrals at the lowest
     temperature every ``thin`` steps (0: never).
+
+    ``checkpoint_every=K`` (replicas on a grid only) takes a run checkpoint at the start and
+    every K rounds (every replica's snapshot: positions, velocities, temperature, steps; the
+    exchange book; the result so far). When a host is lost mid-run the driver waits for its
+    respawn (``Grid(respawn=True)``), takes every replica and itself back to the last
+    checkpoint, and goes on: at most K rounds are done again. The integrators' random
+    streams cannot be read back from OpenMM, so a restored replica continues with a new
+    (seeded) stream: the run stays a valid simulation, not a bit-for-bit copy of an
+    undisturbed one.
     """
 
     def __init__(
@@ -348,7 +358,10 @@ class Tempering:
         thin: int = 50,
         seed: int = 0,
         log: IO[str] | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
+        if checkpoint_every is not None and (checkpoint_every < 1 or not isinstance(replicas, GridReplicas)):
+            raise ConfigError("checkpoint_every needs replicas on a grid (GridReplicas) and at least 1 round")
         if len(temperatures) != replicas.n:
             raise ConfigError(f"{len(temperatures)} temperatures for {replicas.n} replicas (one per slot)")
         if list(temperatures) != sorted(temperatures) or temperatures[0] <= 0:
@@ -368,6 +381,11 @@ class Tempering:
         self.start_energies = replicas.scatter("reset", [(seeds[r], self.temperatures[r]) for r in range(replicas.n)])
         if log is not None:
             log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
+        self.checkpoint_every = checkpoint_every
+        self._checkpointer: RunCheckpointer | None = None
+        if checkpoint_every is not None and isinstance(replicas, GridReplicas):
+            self._checkpointer = RunCheckpointer(replicas.grid, replicas.service_id, log=log, timeout=replicas.timeout)
+            self._checkpointer.take(0, self._state())
 
     def step(self) -> list[Swap]:
         """One round: sample at the current temperatures, try swaps, log."""
@@ -391,9 +409,34 @@ class Tempering:
         return swaps
 
     def run(self, rounds: int, progress: Callable[[int], None] | None = None) -> TemperingResult:
-        """Run ``rounds`` rounds, calling ``progress(1)`` after each."""
-        for _ in range(rounds):
-            self.step()
-            if progress is not None:
-                progress(1)
+        """Run until ``rounds`` rounds are done; ``progress(k)``: the rounds done since its last call.
+
+        ``k`` is negative after a roll-back to a checkpoint (see the class doc).
+        """
+        shown = self.result.rounds
+        while self.result.rounds < rounds:
+            try:
+                self.step()
+                every = self.checkpoint_every
+                if self._checkpointer is not None and every is not None and self.result.rounds % every == 0:
+                    self._checkpointer.take(self.result.rounds, self._state())
+            except HostLostError as exc:
+                if self._checkpointer is None:
+                    raise
+                failed_at = self.result.rounds
+                last = self._checkpointer.back_to_last(exc)
+                rollbacks = self.result.rollbacks
+                self._load(last.driver_state())
+                self.result.rollbacks = [*rollbacks, (failed_at, last.rounds)]
+            if progress is not None and self.result.rounds != shown:
+                progress(self.result.rounds - shown)
+            shown = self.result.rounds
         return self.result
+
+    def _state(self) -> dict[str, Any]:
+        return {"book": self.book, "result": self.result}  # the book holds the random generator
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.book = state["book"]
+        self.rng = self.book.rng
+        self.result = state["result"]
