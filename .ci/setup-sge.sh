@@ -6,7 +6,8 @@
 # this host as master); makes the host name an alias of "localhost" in Grid Engine's own
 # host_aliases (the name resolves to 127.0.0.1, which resolves back to "localhost", and
 # qmaster refuses clients whose name and address disagree); starts sge_qmaster, loads the
-# configuration from files (root may run jobs, a one-second scheduler, this host as submit
+# configuration from files (root may run jobs, a one-second scheduler, execd reporting every
+# 2 s instead of 40 (the kill of a job whose task failed waits for it), this host as submit
 # and execution host, the parallel environment "$PE" for tight integration with
 # `qrsh -inherit`, the queue "$QUEUE" with $SLOTS slots and no load thresholds), starts
 # sge_execd, and waits (bounded) until the queue takes jobs. Jobs left over from an
@@ -19,9 +20,11 @@ NODE="$(hostname)"
 PE="${SGE_PE:-smp}"
 QUEUE="${SGE_QUEUE:-all.q}"
 SLOTS="${SGE_SLOTS:-4}"
+# How often execd reports to qmaster (default 40 s). When a tightly integrated task fails,
+# qmaster kills the whole job, but execd only learns of it at its next report.
+REPORT=00:00:02
 COMMON="$SGE_ROOT/$SGE_CELL/common"
 SPOOL=/var/spool/gridengine
-QMASTER_PID="$SPOOL/qmaster/qmaster.pid"
 WORK="$(mktemp -d /tmp/setup-sge.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -34,18 +37,20 @@ fail() {
     exit 1
 }
 
-running() {  # running PIDFILE: its process is a live Grid Engine daemon (not a zombie)
+daemon_pid() {  # daemon_pid NAME: the pid of the live (not zombie) process named NAME
     local pid
-    [[ -s "$1" ]] && pid="$(cat "$1")" && [[ -r "/proc/$pid/stat" ]] || return 1
-    [[ "$(cut -d' ' -f3 "/proc/$pid/stat")" != Z && "$(cat "/proc/$pid/comm")" == sge_* ]]
-}
-
-execd_pidfile() {  # execd's spool folder is named as it resolves its own host (localhost here)
-    local f
-    for f in "$SPOOL"/execd/*/execd.pid; do
-        if running "$f"; then echo "$f"; return 0; fi
+    for pid in $(pgrep -x "$1"); do
+        if [[ -r "/proc/$pid/stat" && "$(cut -d' ' -f3 "/proc/$pid/stat")" != Z ]]; then
+            echo "$pid"
+            return 0
+        fi
     done
     return 1
+}
+
+execd_registered() {  # execd runs and has written its pid file (in a spool folder named as
+    local pid          # it resolves its own host: localhost here)
+    pid="$(daemon_pid sge_execd)" && grep -qx "$pid" "$SPOOL"/execd/*/execd.pid 2>/dev/null
 }
 
 q() {  # q CMD...: run a Grid Engine command quietly; its output is shown if it fails
@@ -69,9 +74,16 @@ queue_ok() {  # the queue instance on this host exists and has no state (u, E, d
     [[ "$(awk '{print NF}' <<<"$line")" == 5 ]]   # queuename qtype used/tot load arch [states]
 }
 
+global_ok() {  # global_ok <CONFIG: root may run jobs, execd reports every $REPORT
+    local conf
+    conf="$(cat)"
+    grep -Eq '^min_uid +0$' <<<"$conf" && grep -Eq '^min_gid +0$' <<<"$conf" \
+        && grep -Eq "^load_report_time +$REPORT\$" <<<"$conf"
+}
+
 cluster_ok() {
-    command -v qsub >/dev/null 2>&1 && running "$QMASTER_PID" && execd_pidfile >/dev/null || return 1
-    timeout 10 qconf -sconf 2>/dev/null | grep -Eq '^min_uid +0$' || return 1
+    command -v qsub >/dev/null 2>&1 && daemon_pid sge_qmaster >/dev/null && execd_registered || return 1
+    timeout 10 qconf -sconf 2>/dev/null | global_ok || return 1
     timeout 10 qconf -sp "$PE" 2>/dev/null | grep -Eq '^control_slaves +TRUE$' || return 1
     timeout 10 qconf -sq "$QUEUE" 2>/dev/null | grep -Eq "^pe_list +.*\\b$PE\\b" || return 1
     queue_ok
@@ -85,14 +97,13 @@ delete_leftover_jobs() {
     fi
 }
 
-stop_daemon() {  # stop_daemon PIDFILE: SIGTERM, then wait (qmaster takes about 10 s)
-    running "$1" || return 0
+stop_daemon() {  # stop_daemon NAME: SIGTERM, then wait (qmaster takes about 10 s)
     local pid
-    pid="$(cat "$1")"
-    log "stopping $(basename "$1" .pid) ($pid)"
+    pid="$(daemon_pid "$1")" || return 0
+    log "stopping $1 ($pid)"
     kill "$pid"
-    for _ in $(seq 150); do running "$1" || return 0; sleep 0.2; done
-    log "$(basename "$1" .pid) did not stop within 30 s: killing it"
+    for _ in $(seq 150); do daemon_pid "$1" >/dev/null || return 0; sleep 0.2; done
+    log "$1 did not stop within 30 s: killing it"
     kill -9 "$pid" 2>/dev/null || true
 }
 
@@ -120,12 +131,12 @@ fi
 if [[ "$NODE" != localhost ]] && ! grep -Eqs "^$NODE +localhost$" "$COMMON/host_aliases"; then
     log "writing $COMMON/host_aliases ($NODE localhost)"
     echo "$NODE localhost" >"$COMMON/host_aliases"
-    if pidfile="$(execd_pidfile)"; then stop_daemon "$pidfile"; fi
-    stop_daemon "$QMASTER_PID"
+    stop_daemon sge_execd
+    stop_daemon sge_qmaster
 fi
 
 # -- qmaster -------------------------------------------------------------------------
-if ! running "$QMASTER_PID"; then
+if ! daemon_pid sge_qmaster >/dev/null; then
     log "starting sge_qmaster"
     /usr/sbin/sge_qmaster
 fi
@@ -133,10 +144,11 @@ wait_for 30 "qmaster answering" timeout 5 qconf -sh
 
 # -- configuration, loaded from files ------------------------------------------------
 config_changed=0
-qconf -sconf | grep -v '^#' >"$WORK/global"
-if ! grep -Eq '^min_uid +0$' "$WORK/global" || ! grep -Eq '^min_gid +0$' "$WORK/global"; then
-    log "global configuration: min_uid 0, min_gid 0 (root's jobs)"
-    sed -i -e 's/^min_uid .*/min_uid 0/' -e 's/^min_gid .*/min_gid 0/' "$WORK/global"
+qconf -sconf | grep -v '^#' >"$WORK/global"   # -Mconf takes the configuration's name from the file's
+if ! global_ok <"$WORK/global"; then
+    log "global configuration: min_uid 0, min_gid 0 (root's jobs), load_report_time $REPORT"
+    sed -i -e 's/^min_uid .*/min_uid 0/' -e 's/^min_gid .*/min_gid 0/' \
+        -e "s/^load_report_time .*/load_report_time $REPORT/" "$WORK/global"
     q qconf -Mconf "$WORK/global"
     config_changed=1
 fi
@@ -230,12 +242,12 @@ EOF
 if qconf -sq "$QUEUE" >/dev/null 2>&1; then q qconf -Mq "$WORK/queue"; else q qconf -Aq "$WORK/queue"; fi
 
 # -- execd (it reads the global configuration when it starts) -------------------------
-if [[ "$config_changed" == 1 ]] && pidfile="$(execd_pidfile)"; then stop_daemon "$pidfile"; fi
-if ! execd_pidfile >/dev/null; then
+if [[ "$config_changed" == 1 ]]; then stop_daemon sge_execd; fi
+if ! daemon_pid sge_execd >/dev/null; then
     log "starting sge_execd"
     /usr/sbin/sge_execd
 fi
-wait_for 30 "execd reporting to qmaster" bash -c "qhost -h '$NODE' | awk '\$1 == \"$NODE\" && \$7 != \"-\" {found=1} END {exit !found}'"
+wait_for 30 "execd registered with qmaster" execd_registered
 timeout 10 qmod -c "$QUEUE" >/dev/null 2>&1 || true   # clear an error state left by a refused job
 timeout 10 qmod -e "$QUEUE" >/dev/null 2>&1 || true
 wait_for 30 "queue $QUEUE@$NODE taking jobs" queue_ok
