@@ -105,6 +105,11 @@ def test_launcher_command_lines_for_the_hosts_of_the_job() -> None:
     assert remote[remote.index("--host") + 1] == "node-1-7.cluster.local"
     assert remote[remote.index("--label") + 1] == "node-1-7.cluster.local/1"
     assert "--secret-stdin" in remote and "--watch-stdin" in remote
+    env = launcher.environment(specs[5])
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT
+    assert env["SGE_TASK_ID"] == "undefined"  # qrsh -inherit refuses to run without it
+    in_array_job = SgeLauncher(environ={**env, "SGE_TASK_ID": "7"})
+    assert in_array_job.environment(specs[0])["SGE_TASK_ID"] == "7"
     niced = launcher.command(launcher.slot_specs([Host("n9", niceness=5, init_cmd="module load python")])[0])
     remote = shlex.split(niced[4])
     assert remote[2:4] == ["sh", "-c"] and remote[4].startswith("module load python && exec nice -n 5 ")
