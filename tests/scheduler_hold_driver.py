@@ -6,7 +6,8 @@
 Starts a grid on the slots of the job it runs in (``launcher="sge"``: ``$PE_HOSTFILE``
 and ``qrsh -inherit``; ``Grid.from_slurm()``: the allocation and ``srun`` steps),
 publishes a :class:`Napper` and prints one line ``READY {json}``: the driver's pid, the
-job, every daemon's pid and the pid of the local ``qrsh``/``srun`` that started it. Then
+job, its ``$TMPDIR``, every daemon's pid and the pid of the local ``qrsh``/``srun`` that
+started it. Then
 every daemon naps ``--nap`` seconds in a call. With ``--kill-one`` the driver itself
 kills slot 0's daemon (SIGKILL) half a second into the call. Each call that ends in
 :class:`~isdgrid.HostLostError` prints ``LOST {json}`` (the slot, the message, the wall
@@ -73,6 +74,7 @@ def main() -> None:
         launchers = [slot.handle.process.pid for slot in grid.slots if slot.handle.process is not None]
         job = os.environ.get("JOB_ID") or os.environ.get("SLURM_JOB_ID")
         emit("READY", {"driver": os.getpid(), "job": job, "daemons": daemons, "launchers": launchers,
+                       "tmpdir": os.environ.get("TMPDIR", "/tmp"),
                        "hosts": [[h.name, h.n_cpu] for h in grid.hosts], "first_call": round(first_call, 3)})
         failed_at: dict[int, float] = {}
         results = grid.broadcast(sid, "nap", args.nap)

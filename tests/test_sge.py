@@ -129,7 +129,8 @@ def _sge_up() -> bool:
         return False
     # a queue instance line without a state column (u, E, d...) takes jobs
     usable = any(len(line.split()) == 5 and "@" in line.split()[0] for line in queues.splitlines())
-    return pe.returncode == 0 and "control_slaves     TRUE" in pe.stdout and usable
+    tight = any(line.split() == ["control_slaves", "TRUE"] for line in pe.stdout.splitlines())
+    return pe.returncode == 0 and tight and usable
 
 
 def _need_sge() -> None:
@@ -192,9 +193,9 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def _job_processes(job_id: str) -> list[psutil.Process]:
-    """Processes of the job's grid: daemons and qrsh name the job's folder on their command line."""
-    marker = f"/isdgrid-{job_id}-"
+def _job_processes(ready: dict[str, Any]) -> list[psutil.Process]:
+    """Processes of the job's grid: daemons and qrsh name its folder on their command line."""
+    marker = f"{ready['tmpdir']}/isdgrid-{ready['job']}-"
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
@@ -208,10 +209,10 @@ def _processes(ready: dict[str, Any]) -> list[psutil.Process]:
     return [psutil.Process(pid) for pid in [ready["driver"], *ready["daemons"], *ready["launchers"]]]
 
 
-def _no_process_left(job_id: str, procs: list[psutil.Process], timeout: float = 20) -> None:
-    gone = wait_until(lambda: not _alive(procs) and not _job_processes(job_id), timeout, step=0.2)
-    left = [f"{p.pid} {' '.join(p.cmdline())}" for p in _alive(procs) + _job_processes(job_id)]
-    assert gone, f"processes of job {job_id} left: {left}"
+def _no_process_left(ready: dict[str, Any], procs: list[psutil.Process], timeout: float = 20) -> None:
+    gone = wait_until(lambda: not _alive(procs) and not _job_processes(ready), timeout, step=0.2)
+    left = [f"{p.pid} {' '.join(p.cmdline())}" for p in _alive(procs) + _job_processes(ready)]
+    assert gone, f"processes of job {ready['job']} left: {left}"
 
 
 def test_replica_exchange_job_runs_on_qrsh_tasks(tmp_path: Path) -> None:
@@ -266,10 +267,10 @@ def test_qdel_ends_the_driver_and_every_task(tmp_path: Path) -> None:
         assert len(_alive(procs)) == 5, _read(output)  # driver, 2 daemons, 2 qrsh
         for proc in procs:  # the secret went over stdin, never on a command line
             assert secret not in " ".join(proc.cmdline())
-        assert {p.pid for p in _job_processes(job_id)} >= set(ready["daemons"]) | set(ready["launchers"])
+        assert {p.pid for p in _job_processes(ready)} >= set(ready["daemons"]) | set(ready["launchers"])
         subprocess.run(["qdel", job_id], capture_output=True, timeout=20, check=True)
         assert wait_until(lambda: not _listed(job_id), 30, step=0.2), _read(output)
-        _no_process_left(job_id, procs)
+        _no_process_left(ready, procs)
         assert "DONE" not in _read(output)  # qdel killed the driver too
     finally:
         _delete(job_id)
@@ -284,7 +285,7 @@ def test_killed_driver_leaves_no_task_and_the_job_runs_on(tmp_path: Path) -> Non
         procs = _processes(ready)
         os.kill(ready["driver"], 9)
         # stdin of each qrsh closes with the driver: the daemons exit, then their qrsh
-        _no_process_left(job_id, procs)
+        _no_process_left(ready, procs)
         _line(output, "DRIVER-EXIT", timeout=10)
         # no task failed, so Grid Engine left the job alone: its script still runs
         shell = _line(output, "SHELL")["pid"]
@@ -306,7 +307,7 @@ def test_daemon_killed_mid_call_is_host_lost_then_grid_engine_kills_the_job(tmp_
         assert lost["after_kill"] < 10  # host_timeout: the qrsh's end told the driver first
         # The task died of a signal: Grid Engine kills the whole job at execd's next report.
         assert wait_until(lambda: not _listed(job_id), 60, step=0.2), _read(output)
-        _no_process_left(job_id, procs)
+        _no_process_left(ready, procs)
         text = _read(output)
         assert "DONE" not in text and "DRIVER-EXIT" not in text, text  # the job script was killed
     finally:

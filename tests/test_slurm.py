@@ -318,6 +318,7 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def _processes_named(marker: str) -> list[psutil.Process]:
+    """Processes with ``marker`` on their command line (daemons name their job's folder)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
@@ -342,7 +343,7 @@ def test_from_slurm_under_salloc_runs_replica_exchange(tmp_path: Path) -> None:
         assert len(replicas) == 2 and {r["slurm_job"] for r in replicas} == {job_id}
         assert len({r["slurm_step"] for r in replicas}) == 2 and None not in {r["slurm_step"] for r in replicas}
         assert len(result["rounds"]) == 2
-        assert not _processes_named(f"/isdgrid-{job_id}-")
+        assert not _processes_named(f"{os.environ.get('TMPDIR', '/tmp')}/isdgrid-{job_id}-")
     finally:
         _end(proc, output, job_id)
 
@@ -372,7 +373,7 @@ def test_scancel_of_the_job_ends_the_calls_with_host_lost(tmp_path: Path) -> Non
             assert item["time"] - cancelled < host_timeout, text
         proc.wait(timeout=30)  # the driver went on after the allocation was revoked, then ended
         assert wait_until(lambda: not _alive(procs), 20), [p.pid for p in _alive(procs)]
-        assert not _processes_named(f"/isdgrid-{job_id}-")
+        assert not _processes_named(f"{ready['tmpdir']}/isdgrid-{job_id}-")
         assert _job_steps(job_id) == []
     finally:
         _end(proc, output, job_id)
