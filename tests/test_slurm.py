@@ -363,6 +363,8 @@ def test_scancel_of_the_job_ends_the_calls_with_host_lost(tmp_path: Path) -> Non
         ready = json.loads(line[len("READY "):])
         assert ready["job"] == job_id and len(ready["daemons"]) == 2
         procs = [psutil.Process(pid) for pid in [*ready["daemons"], *ready["launchers"]]]
+        marker = f"{ready['tmpdir']}/isdgrid-{job_id}-"
+        assert {p.pid for p in _processes_named(marker)} >= set(ready["daemons"])
         cancelled = time.time()
         subprocess.run(["scancel", job_id], capture_output=True, timeout=20, check=True)
         assert wait_until(lambda: "DONE " in output.read_text(), 30, step=0.1), output.read_text()
@@ -373,7 +375,7 @@ def test_scancel_of_the_job_ends_the_calls_with_host_lost(tmp_path: Path) -> Non
             assert item["time"] - cancelled < host_timeout, text
         proc.wait(timeout=30)  # the driver went on after the allocation was revoked, then ended
         assert wait_until(lambda: not _alive(procs), 20), [p.pid for p in _alive(procs)]
-        assert not _processes_named(f"{ready['tmpdir']}/isdgrid-{job_id}-")
+        assert not _processes_named(marker)
         assert _job_steps(job_id) == []
     finally:
         _end(proc, output, job_id)
