@@ -267,6 +267,13 @@ def test_qdel_ends_the_driver_and_every_task(tmp_path: Path) -> None:
         assert len(_alive(procs)) == 5, _read(output)  # driver, 2 daemons, 2 qrsh
         for proc in procs:  # the secret went over stdin, never on a command line
             assert secret not in " ".join(proc.cmdline())
+        for pid in ready["launchers"]:  # one qrsh -inherit per slot, started by the driver
+            qrsh = psutil.Process(pid).cmdline()  # /usr/bin/qrsh execs Grid Engine's own
+            assert os.path.basename(qrsh[0]) == "qrsh" and qrsh[1] == "-inherit"
+            assert psutil.Process(pid).ppid() == ready["driver"]
+        for pid in ready["daemons"]:  # each daemon runs under Grid Engine's shepherd, not the driver
+            names = [p.name() for p in psutil.Process(pid).parents()]
+            assert "sge_shepherd" in names and ready["driver"] not in [p.pid for p in psutil.Process(pid).parents()]
         assert {p.pid for p in _job_processes(ready)} >= set(ready["daemons"]) | set(ready["launchers"])
         subprocess.run(["qdel", job_id], capture_output=True, timeout=20, check=True)
         assert wait_until(lambda: not _listed(job_id), 30, step=0.2), _read(output)
