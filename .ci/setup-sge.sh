@@ -48,8 +48,10 @@ daemon_pid() {  # daemon_pid NAME: the pid of the live (not zombie) process name
     return 1
 }
 
-execd_registered() {  # execd runs and has written its pid file (in a spool folder named as
-    local pid          # it resolves its own host: localhost here)
+# execd runs and has written its pid file (in a spool folder named as it resolves its own
+# host: localhost here)
+execd_registered() {
+    local pid
     pid="$(daemon_pid sge_execd)" && grep -qx "$pid" "$SPOOL"/execd/*/execd.pid 2>/dev/null
 }
 
