@@ -156,6 +156,16 @@ def _listed(job_id: str) -> bool:
     return subprocess.run(["qstat", "-j", job_id], capture_output=True, timeout=20).returncode == 0
 
 
+def _state(job_id: str) -> str:
+    """The job's state letters in ``qstat`` (``r``, ``dr``...); "" when it is not listed."""
+    out = subprocess.run(["qstat"], capture_output=True, text=True, timeout=20).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[:1] == [job_id] and len(fields) > 4:
+            return fields[4]
+    return ""
+
+
 def _delete(job_id: str) -> None:
     """qdel the job (if it is still there) and wait until Grid Engine no longer lists it."""
     if _listed(job_id):
@@ -294,9 +304,11 @@ def test_killed_driver_leaves_no_task_and_the_job_runs_on(tmp_path: Path) -> Non
         # stdin of each qrsh closes with the driver: the daemons exit, then their qrsh
         _no_process_left(ready, procs)
         _line(output, "DRIVER-EXIT", timeout=10)
-        # no task failed, so Grid Engine left the job alone: its script still runs
-        shell = _line(output, "SHELL")["pid"]
-        assert _listed(job_id) and _alive([psutil.Process(shell)]), _read(output)
+        # No task failed, so Grid Engine leaves the job alone: its script runs on, and the job
+        # is not marked for deletion (as it is at once when a task fails) in the next 3 s.
+        shell = psutil.Process(_line(output, "SHELL")["pid"])
+        disturbed = wait_until(lambda: "d" in _state(job_id) or not _alive([shell]), 3, step=0.2)
+        assert not disturbed and _state(job_id) in ("r", "t"), f"{_state(job_id)}\n{_read(output)}"
     finally:
         _delete(job_id)
 
@@ -312,7 +324,8 @@ def test_daemon_killed_mid_call_is_host_lost_then_grid_engine_kills_the_job(tmp_
         assert (lost["index"], lost["host"], lost["slot"]) == (0, ready["hosts"][0][0], 0)
         assert "lost" in lost["error"]
         assert lost["after_kill"] < 10  # host_timeout: the qrsh's end told the driver first
-        # The task died of a signal: Grid Engine kills the whole job at execd's next report.
+        # The task died of a signal: Grid Engine marks the job for deletion and kills all of
+        # it, driver included, at execd's next report.
         assert wait_until(lambda: not _listed(job_id), 60, step=0.2), _read(output)
         _no_process_left(ready, procs)
         text = _read(output)
