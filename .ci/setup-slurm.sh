@@ -2,14 +2,18 @@
 # A real single-node SLURM cluster on this machine, for tests/test_slurm.py.
 #
 # Installs Debian's slurmctld, slurmd, the client tools and munge; writes a minimal
-# /etc/slurm/slurm.conf for one node named after `hostname -s` at 127.0.0.1 (no cgroups,
+# /etc/slurm/slurm.conf for one node named after `hostname -s` at 127.0.0.1 with at least
+# 4 CPUs (more than this machine may have), loopback only (no cgroups,
 # no accounting: this also works in containers and gVisor sandboxes); starts munged,
 # slurmctld and slurmd without systemd; waits (bounded) until the node is idle.
 # Idempotent: a second run leaves a healthy cluster as it is. Runs as root.
 set -euo pipefail
 
 NODE="$(hostname -s)"
+# At least 4 CPUs declared, whatever the machine has (config_overrides below lets slurmd
+# take the configured count): tests run `sbatch --ntasks=4` with more slots than cores.
 CPUS="$(nproc)"
+if ((CPUS < 4)); then CPUS=4; fi
 CONF=/etc/slurm/slurm.conf
 LOG=/var/log/slurm
 
@@ -19,7 +23,9 @@ cluster_ok() {
     command -v sinfo >/dev/null 2>&1 || return 1
     local state
     state="$(timeout 10 sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1)" || return 1
-    [[ "$state" == idle* || "$state" == mixed* || "$state" == allocated* ]]
+    [[ "$state" == idle* || "$state" == mixed* || "$state" == allocated* ]] || return 1
+    # a cluster left by an older version of this script may declare fewer CPUs
+    (( "$(timeout 10 sinfo -h -N -n "$NODE" -o '%c' 2>/dev/null | head -n1)" >= CPUS ))
 }
 
 if cluster_ok; then

@@ -50,13 +50,16 @@ class Replica:
         return self.energy()
 
     def where(self) -> dict[str, object]:
-        """The host, process and scheduler step this replica runs in."""
+        """The host, process and scheduler step (SLURM) or task (SGE) this replica runs in."""
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "slurm_job": os.environ.get("SLURM_JOB_ID"),
             "slurm_step": os.environ.get("SLURM_STEP_ID"),
             "sge_job": os.environ.get("JOB_ID"),
+            # a `qrsh -inherit` task has its own spool folder, named after its task id
+            "sge_task": os.path.basename(os.environ.get("SGE_JOB_SPOOL_DIR", ""))
+            if os.environ.get("JOB_SCRIPT") == "QRSH" else None,
         }
 
 

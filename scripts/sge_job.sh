@@ -1,12 +1,14 @@
 #!/bin/bash
 # Replica exchange on the hosts of a Grid Engine parallel job: one daemon per slot,
 # started with `qrsh -inherit` (the parallel environment needs control_slaves TRUE).
+# Grid Engine runs a job script with /bin/sh unless told otherwise: `-S /bin/bash` below.
 #
 #   cd /path/to/project && qsub -pe smp 4 scripts/sge_job.sh
 #
 # Environment: PYTHON (default python3), ROUNDS (default 10), ISDGRID_BIND (address the
 # daemons listen on; default: each host's name as $PE_HOSTFILE lists it).
 #$ -N isdgrid-rex
+#$ -S /bin/bash
 #$ -cwd
 #$ -V
 #$ -j y

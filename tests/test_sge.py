@@ -1,25 +1,30 @@
-"""The SGE launcher: $PE_HOSTFILE parsing of recorded samples and the qrsh command lines.
+"""The SGE launcher: $PE_HOSTFILE parsing and qrsh command lines, then real Grid Engine jobs.
 
-No Grid Engine is available here. The last test runs a whole grid through the launcher
-with a stand-in ``qrsh`` that runs the remote command in a local shell, stdin passed on,
-as ``qrsh -inherit`` does on the node: it checks the quoting, the inline PYTHONPATH and
-the secret over stdin, not SGE itself.
+The jobs run on the single-node Grid Engine that .ci/setup-sge.sh sets up (queue all.q,
+parallel environment smp with control_slaves TRUE). Each job's driver runs as the job
+script (as root, the driver's interpreter by absolute path, this worktree's isdgrid through
+PYTHONPATH and ``qsub -V``); its daemons are ``qrsh -inherit`` tasks of the job. Every job a
+test submits is deleted at the end, and the test checks by PID and by process listing that
+none of its processes is left.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shlex
+import shutil
+import subprocess
 import sys
-import textwrap
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-from conftest import child_pids
-from remote_objects import Recorder
+from conftest import require, wait_until
 
-from isdgrid import ConfigError, Grid, Host
+from isdgrid import ConfigError, Host
 from isdgrid.launchers.sge import SgeLauncher, parse_pe_hostfile, pe_hosts, qrsh_command
 
 DATA = Path(__file__).parent / "data"
@@ -100,42 +105,230 @@ def test_launcher_command_lines_for_the_hosts_of_the_job() -> None:
     assert remote[remote.index("--host") + 1] == "node-1-7.cluster.local"
     assert remote[remote.index("--label") + 1] == "node-1-7.cluster.local/1"
     assert "--secret-stdin" in remote and "--watch-stdin" in remote
+    env = launcher.environment(specs[5])
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT
+    assert env["SGE_TASK_ID"] == "undefined"  # qrsh -inherit refuses to run without it
+    in_array_job = SgeLauncher(environ={**env, "SGE_TASK_ID": "7"})
+    assert in_array_job.environment(specs[0])["SGE_TASK_ID"] == "7"
     niced = launcher.command(launcher.slot_specs([Host("n9", niceness=5, init_cmd="module load python")])[0])
     remote = shlex.split(niced[4])
     assert remote[2:4] == ["sh", "-c"] and remote[4].startswith("module load python && exec nice -n 5 ")
 
 
-def test_a_grid_through_a_qrsh_stand_in(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    qrsh = bin_dir / "qrsh"
-    qrsh.write_text(textwrap.dedent("""\
-        #!/bin/sh
-        # Stand-in for `qrsh -inherit [-V] HOST COMMAND`: runs COMMAND here, stdin passed on.
-        [ "$1" = "-inherit" ] || { echo "qrsh stand-in: expected -inherit" >&2; exit 2; }
-        shift
-        [ "$1" = "-V" ] && shift
-        shift
-        exec sh -c "$*"
-        """))
-    qrsh.chmod(0o755)
-    hostfile = tmp_path / "pe_hostfile"
-    hostfile.write_text("127.0.0.1 2 all.q@127.0.0.1 UNDEFINED\n")
-    env = _env(JOB_ID="99", PE_HOSTFILE=str(hostfile), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PYTHONPATH", None)  # the daemons find isdgrid through the inline PYTHONPATH only
-    before = child_pids()
-    grid = Grid(None, "sge", secret="sge-stand-in-secret", launcher_options={"environ": env, "bind": "127.0.0.1"})
+# -- real jobs ---------------------------------------------------------------------------
+PE = "smp"
+
+
+def _sge_up() -> bool:
+    if not shutil.which("qsub") or not shutil.which("qstat"):
+        return False
     try:
-        assert [(h.name, h.n_cpu) for h in grid.hosts] == [("127.0.0.1", 2)]
-        for pid in child_pids() - before:
-            assert "sge-stand-in-secret" not in " ".join(psutil.Process(pid).cmdline())
-        sid = grid.publish(Recorder())
-        assert grid.gather(grid.scatter(sid, "ident", [1, 2]), timeout=30) == [1, 2]
-        infos = [slot.control("info") for slot in grid.slots]
-        assert len({i["pid"] for i in infos}) == 2
-        temp_path = infos[0]["temp_path"]
-        assert "isdgrid-99-" in temp_path and os.path.isdir(temp_path)
+        pe = subprocess.run(["qconf", "-sp", PE], capture_output=True, text=True, timeout=20)
+        queues = subprocess.run(["qstat", "-f"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    # a queue instance line without a state column (u, E, d...) takes jobs
+    usable = any(len(line.split()) == 5 and "@" in line.split()[0] for line in queues.splitlines())
+    tight = any(line.split() == ["control_slaves", "TRUE"] for line in pe.stdout.splitlines())
+    return pe.returncode == 0 and tight and usable
+
+
+def _need_sge() -> None:
+    require(_sge_up(), f"no Grid Engine with a usable queue and PE {PE!r} (run .ci/setup-sge.sh as root)")
+
+
+def _job_env(**extra: str) -> dict[str, str]:
+    """The submitter's environment (``-V`` passes it to the job): this worktree's isdgrid."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JOB_ID", "PE_HOSTFILE")}
+    env.update(PYTHONPATH=REPO_ROOT, PYTHON=sys.executable, **extra)
+    return env
+
+
+def _qsub(script: str, output: Path, *args: str, **env: str) -> str:
+    """Submit ``script`` (a path in this repository) with ``qsub -pe smp 2``; the job id."""
+    cmd = ["qsub", "-terse", "-cwd", "-V", "-j", "y", "-pe", PE, "2", "-o", str(output), script, *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_job_env(**env), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"qsub failed: {proc.stdout}{proc.stderr}"
+    return proc.stdout.strip()
+
+
+def _listed(job_id: str) -> bool:
+    return subprocess.run(["qstat", "-j", job_id], capture_output=True, timeout=20).returncode == 0
+
+
+def _state(job_id: str) -> str:
+    """The job's state letters in ``qstat`` (``r``, ``dr``...); "" when it is not listed."""
+    out = subprocess.run(["qstat"], capture_output=True, text=True, timeout=20).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[:1] == [job_id] and len(fields) > 4:
+            return fields[4]
+    return ""
+
+
+def _delete(job_id: str) -> None:
+    """qdel the job (if it is still there) and wait until Grid Engine no longer lists it."""
+    if _listed(job_id):
+        subprocess.run(["qdel", job_id], capture_output=True, timeout=20)
+    assert wait_until(lambda: not _listed(job_id), 30, step=0.2), f"job {job_id} still listed 30 s after qdel"
+
+
+def _read(output: Path) -> str:
+    return output.read_text(errors="replace") if output.exists() else ""
+
+
+def _line(output: Path, tag: str, timeout: float = 60) -> dict[str, Any]:
+    """The JSON of the first line ``TAG {...}`` of the job's output (waits, bounded)."""
+    found: list[dict[str, Any]] = []
+
+    def seen() -> bool:
+        for line in _read(output).splitlines():
+            if line.startswith(tag + " "):
+                found.append(json.loads(line[len(tag) + 1:]))
+                return True
+        return False
+
+    assert wait_until(seen, timeout, step=0.1), f"no {tag} line within {timeout} s; job output:\n{_read(output)}"
+    return found[0]
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _job_processes(ready: dict[str, Any]) -> list[psutil.Process]:
+    """Processes of the job's grid: daemons and qrsh name its folder on their command line."""
+    marker = f"{ready['tmpdir']}/isdgrid-{ready['job']}-"
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if marker in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def _processes(ready: dict[str, Any]) -> list[psutil.Process]:
+    """The driver, its daemons and their qrsh processes, as READY lists them."""
+    return [psutil.Process(pid) for pid in [ready["driver"], *ready["daemons"], *ready["launchers"]]]
+
+
+def _no_process_left(ready: dict[str, Any], procs: list[psutil.Process], timeout: float = 20) -> None:
+    gone = wait_until(lambda: not _alive(procs) and not _job_processes(ready), timeout, step=0.2)
+    left = [f"{p.pid} {' '.join(p.cmdline())}" for p in _alive(procs) + _job_processes(ready)]
+    assert gone, f"processes of job {ready['job']} left: {left}"
+
+
+def test_replica_exchange_job_runs_on_qrsh_tasks(tmp_path: Path) -> None:
+    _need_sge()
+    output = tmp_path / "rex.out"
+    env = _job_env(ISDGRID_BIND="127.0.0.1", ROUNDS="3")
+    cmd = ["qsub", "-sync", "y", "-terse", "-pe", PE, "2", "-o", str(output), "scripts/sge_job.sh"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
-        grid.terminate()
-    assert child_pids() - before == set()
-    assert not os.path.exists(temp_path)  # slot 0 removed the folder the grid chose
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    job_id = stdout.split()[0] if stdout.split() else ""
+    text = _read(output)
+    try:
+        assert proc.returncode == 0, f"job failed ({proc.returncode}): {stdout}{stderr}\n{text}"
+        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, text
+        result = json.loads(lines[0][len("RESULT "):])
+        assert result["hosts"] == [os.uname().nodename]  # from $PE_HOSTFILE
+        replicas = result["replicas"]
+        assert len(replicas) == 2  # one daemon per slot of the job
+        assert {r["sge_job"] for r in replicas} == {job_id}
+        tasks = [r["sge_task"] for r in replicas]
+        assert None not in tasks and len(set(tasks)) == 2  # each daemon is its own qrsh -inherit task
+        assert len({r["pid"] for r in replicas}) == 2
+        rounds = result["rounds"]
+        assert len(rounds) == 3
+        for item in rounds:
+            assert sorted(item["temperatures"]) == sorted(rounds[0]["temperatures"])
+            assert len(item["energies"]) == 2 and all(e >= 0.0 for e in item["energies"])
+        assert not _alive([psutil.Process(r["pid"]) for r in replicas if psutil.pid_exists(r["pid"])])
+    finally:
+        if job_id:
+            _delete(job_id)
+
+
+def test_qdel_ends_the_driver_and_every_task(tmp_path: Path) -> None:
+    _need_sge()
+    secret = secrets.token_hex(16)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    output = tmp_path / "job.out"
+    job_id = _qsub("tests/sge_hold_job.sh", output, "--bind", "127.0.0.1", "--secret-file", str(secret_file))
+    try:
+        ready = _line(output, "READY")
+        assert ready["job"] == job_id and ready["hosts"] == [[os.uname().nodename, 2]]
+        procs = _processes(ready)
+        assert len(_alive(procs)) == 5, _read(output)  # driver, 2 daemons, 2 qrsh
+        for proc in procs:  # the secret went over stdin, never on a command line
+            assert secret not in " ".join(proc.cmdline())
+        for pid in ready["launchers"]:  # one qrsh -inherit per slot, started by the driver
+            qrsh = psutil.Process(pid).cmdline()  # /usr/bin/qrsh execs Grid Engine's own
+            assert os.path.basename(qrsh[0]) == "qrsh" and qrsh[1] == "-inherit"
+            assert psutil.Process(pid).ppid() == ready["driver"]
+        for pid in ready["daemons"]:  # each daemon runs under Grid Engine's shepherd, not the driver
+            names = [p.name() for p in psutil.Process(pid).parents()]
+            assert "sge_shepherd" in names and ready["driver"] not in [p.pid for p in psutil.Process(pid).parents()]
+        assert {p.pid for p in _job_processes(ready)} >= set(ready["daemons"]) | set(ready["launchers"])
+        subprocess.run(["qdel", job_id], capture_output=True, timeout=20, check=True)
+        assert wait_until(lambda: not _listed(job_id), 30, step=0.2), _read(output)
+        _no_process_left(ready, procs)
+        assert "DONE" not in _read(output)  # qdel killed the driver too
+    finally:
+        _delete(job_id)
+
+
+def test_killed_driver_leaves_no_task_and_the_job_runs_on(tmp_path: Path) -> None:
+    _need_sge()
+    output = tmp_path / "job.out"
+    job_id = _qsub("tests/sge_hold_job.sh", output, "--bind", "127.0.0.1", HOLD="120")
+    try:
+        ready = _line(output, "READY")
+        procs = _processes(ready)
+        os.kill(ready["driver"], 9)
+        # stdin of each qrsh closes with the driver: the daemons exit, then their qrsh
+        _no_process_left(ready, procs)
+        _line(output, "DRIVER-EXIT", timeout=10)
+        # No task failed, so Grid Engine leaves the job alone: its script runs on, and the job
+        # is not marked for deletion (as it is at once when a task fails) in the next 3 s.
+        shell = psutil.Process(_line(output, "SHELL")["pid"])
+        disturbed = wait_until(lambda: "d" in _state(job_id) or not _alive([shell]), 3, step=0.2)
+        assert not disturbed and _state(job_id) in ("r", "t"), f"{_state(job_id)}\n{_read(output)}"
+    finally:
+        _delete(job_id)
+
+
+def test_daemon_killed_mid_call_is_host_lost_then_grid_engine_kills_the_job(tmp_path: Path) -> None:
+    _need_sge()
+    output = tmp_path / "job.out"
+    job_id = _qsub("tests/sge_hold_job.sh", output, "--bind", "127.0.0.1", "--kill-one", "--host-timeout", "10")
+    try:
+        ready = _line(output, "READY")
+        procs = _processes(ready)
+        lost = _line(output, "LOST", timeout=30)
+        assert (lost["index"], lost["host"], lost["slot"]) == (0, ready["hosts"][0][0], 0)
+        assert "lost" in lost["error"]
+        assert lost["after_kill"] < 10  # host_timeout: the qrsh's end told the driver first
+        # The task died of a signal: Grid Engine marks the job for deletion and kills all of
+        # it, driver included, at execd's next report.
+        assert wait_until(lambda: not _listed(job_id), 60, step=0.2), _read(output)
+        _no_process_left(ready, procs)
+        text = _read(output)
+        assert "DONE" not in text and "DRIVER-EXIT" not in text, text  # the job script was killed
+    finally:
+        _delete(job_id)

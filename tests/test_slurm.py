@@ -1,6 +1,9 @@
 """The SLURM launcher: its pure builders, and a real job on the single-node test cluster.
 
-The cluster is set up by .ci/setup-slurm.sh (slurmctld and slurmd on this machine).
+The cluster is set up by .ci/setup-slurm.sh (slurmctld and slurmd on this machine, one
+node declaring 4 CPUs, whatever the machine has). Drivers run under ``sbatch`` (the batch
+script) and under ``salloc`` (the driver outside the allocation, as on a login node).
+Every job a test starts is cancelled at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import require
+from conftest import require, wait_until
 
 from isdgrid import ConfigError, Host
 from isdgrid.launchers.base import SlotSpec
@@ -134,65 +137,78 @@ def _job_steps(job_id: str) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+          "DEADLINE")
+
+
+def _job_state(job_id: str) -> tuple[str, int]:
+    """The job's state and exit code from ``scontrol show job`` (kept MinJobAge s after its end)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=20).stdout
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    code, _, signal = fields.get("ExitCode", "0:0").partition(":")
+    signal_code = int(signal) if signal.isdigit() else 0
+    return fields.get("JobState", ""), int(code or 0) or (128 + signal_code if signal_code else 0)
+
+
+def _sbatch(
+    script: str | Path, output: Path, ntasks: int = 1, timeout: float = 120, **env: str
+) -> tuple[str, int, str]:
+    """Submit, wait (polling, bounded) until the job ends; (job id, exit code, output).
+
+    Polled rather than ``sbatch --wait``, which looks at the job less and less often.
+    """
+    cmd = ["sbatch", "--parsable", f"--ntasks={ntasks}", f"--output={output}", str(script)]
+    environ = dict(os.environ, PYTHONPATH=REPO_ROOT, **env)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=environ, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stdout}{proc.stderr}"
+    job_id = proc.stdout.strip().split(";")[0]
+    ended: list[int] = []
+
+    def done() -> bool:
+        state, code = _job_state(job_id)
+        if state in _ENDED:
+            ended.append(code)
+        return bool(ended)
+
+    finished = wait_until(done, timeout, step=0.2)
+    text = output.read_text() if output.exists() else ""
+    if not finished:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+        pytest.fail(f"job {job_id} still running after {timeout} s:\n{text}")
+    return job_id, ended[0], text
+
+
 def test_replica_exchange_job_runs_on_srun_steps_and_leaves_none(tmp_path: Path) -> None:
     require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
-    output = tmp_path / "job.out"
-    env = dict(os.environ)
-    env.update(PYTHONPATH=REPO_ROOT, PYTHON=sys.executable, ISDGRID_BIND="127.0.0.1", ROUNDS="4")
-    cmd = ["sbatch", "--parsable", "--wait", "--ntasks=2", f"--output={output}", "scripts/slurm_job.sh"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 4 tasks, more than this machine's cores: the node declares 4 CPUs (.ci/setup-slurm.sh)
+    job_id, code, text = _sbatch("scripts/slurm_job.sh", tmp_path / "job.out", ntasks=4,
+                                 PYTHON=sys.executable, ISDGRID_BIND="127.0.0.1", ROUNDS="4")
     try:
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    job_id = stdout.strip().split(";")[0]
-    text = output.read_text() if output.exists() else ""
-    try:
-        assert proc.returncode == 0, f"job failed ({proc.returncode}): {stderr}\n{text}"
+        assert code == 0, f"job failed ({code}):\n{text}"
         lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
         assert len(lines) == 1, text
         result = json.loads(lines[0][len("RESULT "):])
         node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=10).stdout.strip()
         assert result["hosts"] == [node]
         replicas = result["replicas"]
-        assert len(replicas) == 2  # one daemon per allocated task
+        assert len(replicas) == 4  # one daemon per allocated task
         assert {r["slurm_job"] for r in replicas} == {job_id}
         steps = [r["slurm_step"] for r in replicas]
-        assert None not in steps and len(set(steps)) == 2  # each daemon is its own srun step
-        assert len({r["pid"] for r in replicas}) == 2
+        assert None not in steps and len(set(steps)) == 4  # each daemon is its own srun step
+        assert len({r["pid"] for r in replicas}) == 4
         rounds = result["rounds"]
         assert len(rounds) == 4
         ladder = sorted(rounds[0]["temperatures"])
         for item in rounds:
             assert sorted(item["temperatures"]) == ladder
-            assert len(item["energies"]) == 2 and all(e >= 0.0 for e in item["energies"])
+            assert len(item["energies"]) == 4 and all(e >= 0.0 for e in item["energies"])
         assert "cancelling" not in text  # teardown ended every step without scancel
-        deadline = time.monotonic() + 30
-        while _job_steps(job_id) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _job_steps(job_id) == []
+        assert wait_until(lambda: not _job_steps(job_id), 30, step=0.2)
         for replica in replicas:
             pid = replica["pid"]
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
-        if job_id:
-            subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
-
-
-def _sbatch(script: Path, output: Path, timeout: float = 120) -> tuple[str, int, str]:
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    cmd = ["sbatch", "--parsable", "--wait", "--ntasks=1", f"--output={output}", str(script)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    text = output.read_text() if output.exists() else ""
-    return stdout.strip().split(";")[0], proc.returncode, text
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
 
 
 def test_scancel_ends_a_leftover_step_of_the_grid(tmp_path: Path) -> None:
@@ -259,3 +275,107 @@ def test_daemon_steps_end_when_the_driver_is_killed(tmp_path: Path) -> None:
     finally:
         if job_id:
             subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+
+
+# -- salloc: the driver outside the allocation ---------------------------------------------
+def _salloc(output: Path, *command: str, ntasks: int = 2) -> subprocess.Popen[bytes]:
+    """``salloc --ntasks=N command...`` in the background, its stdout and stderr to ``output``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = REPO_ROOT
+    with output.open("wb") as out:
+        return subprocess.Popen(["salloc", f"--ntasks={ntasks}", sys.executable, *command], cwd=REPO_ROOT,
+                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _granted(text: str) -> str:
+    for line in text.splitlines():
+        if "Granted job allocation" in line:
+            return line.split()[-1]
+    return ""
+
+
+def _end(proc: subprocess.Popen[bytes], output: Path, job_id: str) -> None:
+    """Cancel the job if it is still there, end salloc (bounded), and check no step is left."""
+    if job_id:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail(f"salloc did not end within 30 s of scancel:\n{output.read_text()}")
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _processes_named(marker: str) -> list[psutil.Process]:
+    """Processes with ``marker`` on their command line (daemons name their job's folder)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def test_from_slurm_under_salloc_runs_replica_exchange(tmp_path: Path) -> None:
+    require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
+    output = tmp_path / "salloc.out"
+    proc = _salloc(output, "scripts/scheduler_job_driver.py", "--launcher", "slurm", "--bind", "127.0.0.1",
+                   "--rounds", "2")
+    job_id = ""
+    try:
+        proc.wait(timeout=120)
+        text = output.read_text()
+        job_id = _granted(text)
+        assert proc.returncode == 0 and job_id, text
+        [line] = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        result = json.loads(line[len("RESULT "):])
+        replicas = result["replicas"]
+        assert len(replicas) == 2 and {r["slurm_job"] for r in replicas} == {job_id}
+        assert len({r["slurm_step"] for r in replicas}) == 2 and None not in {r["slurm_step"] for r in replicas}
+        assert len(result["rounds"]) == 2
+        assert not _processes_named(f"{os.environ.get('TMPDIR', '/tmp')}/isdgrid-{job_id}-")
+    finally:
+        _end(proc, output, job_id)
+
+
+def test_scancel_of_the_job_ends_the_calls_with_host_lost(tmp_path: Path) -> None:
+    require(_cluster_up(), "no SLURM cluster with an idle node (run .ci/setup-slurm.sh as root)")
+    output = tmp_path / "salloc.out"
+    host_timeout = 10.0
+    proc = _salloc(output, "tests/scheduler_hold_driver.py", "--launcher", "slurm", "--bind", "127.0.0.1",
+                   "--host-timeout", str(host_timeout))
+    job_id = ""
+    try:
+        assert wait_until(lambda: "READY " in output.read_text(), 60, step=0.1), output.read_text()
+        text = output.read_text()
+        job_id = _granted(text)
+        [line] = [line for line in text.splitlines() if line.startswith("READY ")]
+        ready = json.loads(line[len("READY "):])
+        assert ready["job"] == job_id and len(ready["daemons"]) == 2
+        procs = [psutil.Process(pid) for pid in [*ready["daemons"], *ready["launchers"]]]
+        marker = f"{ready['tmpdir']}/isdgrid-{job_id}-"
+        assert {p.pid for p in _processes_named(marker)} >= set(ready["daemons"])
+        cancelled = time.time()
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=20, check=True)
+        assert wait_until(lambda: "DONE " in output.read_text(), 30, step=0.1), output.read_text()
+        text = output.read_text()
+        lost = [json.loads(line[len("LOST "):]) for line in text.splitlines() if line.startswith("LOST ")]
+        assert sorted(item["index"] for item in lost) == [0, 1], text  # every call ended with HostLostError
+        for item in lost:
+            assert item["time"] - cancelled < host_timeout, text
+        proc.wait(timeout=30)  # the driver went on after the allocation was revoked, then ended
+        assert wait_until(lambda: not _alive(procs), 20), [p.pid for p in _alive(procs)]
+        assert not _processes_named(marker)
+        assert _job_steps(job_id) == []
+    finally:
+        _end(proc, output, job_id)

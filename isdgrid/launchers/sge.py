@@ -13,9 +13,15 @@ did, with ``qrsh -inherit HOST 'command'``::
 
 without ``-nostdin``, so ``qrsh`` forwards its stdin (the secret, then the end of file
 that ends the daemon) to the remote command; ``-V`` passes the job's environment on.
-The command runs in the user's login shell on the node, so it is one string quoted with
-:func:`shlex.join`. No SGE is available where isdgrid is tested: only these command lines
-and the host file parsing are tested (see docs/clusters.md).
+``qrsh -inherit`` joins its arguments and has a shell on the node parse them again, like
+ssh, so the command is one string quoted with :func:`shlex.join`; the interpreter is the
+driver's by absolute path (a task's ``PATH`` is the node's default one).
+
+Grid Engine watches every task: one that ends by a signal (a daemon killed, or the local
+``qrsh`` killed) makes it kill the whole job, driver included, at the execution daemon's
+next report. So daemons are stopped by closing their stdin, and ``qrsh`` is signalled only
+when a daemon has not exited ``stop_timeout`` seconds later. Tested on a real single-node
+Grid Engine (Son of Grid Engine 8.1.9, see docs/clusters.md and tests/test_sge.py).
 """
 
 from __future__ import annotations
@@ -137,4 +143,6 @@ class SgeLauncher(BatchLauncher):
     def environment(self, spec: SlotSpec) -> dict[str, str]:
         env = dict(self.environ)
         env["PYTHONPATH"] = self.python_path(spec)
+        # qrsh -inherit refuses to run without it; Grid Engine sets "undefined" outside array jobs
+        env.setdefault("SGE_TASK_ID", "undefined")
         return env
