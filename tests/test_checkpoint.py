@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -357,3 +358,69 @@ def test_a_run_resumes_on_other_hosts(tmp_path: Path) -> None:
     assert "resuming moved.ckpt at round 10" in proc.stderr
     assert "4 replicas on 4 slots of 2 host(s)" in proc.stdout and "15 rounds x 200 steps" in proc.stdout
     assert RunCheckpoint.load(tmp_path / "moved.ckpt").rounds == 15
+
+
+def test_snapshots_taken_while_many_threads_call_are_each_a_point_in_call_order() -> None:
+    """8 threads call 4 servers while another thread checkpoints 30 times: each state is a prefix of the history."""
+    with Grid([Host("localhost", n_cpu=4)]) as grid:
+        sid = grid.publish(Tally())
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def caller(k: int) -> None:
+            try:
+                while not stop.is_set():
+                    proxy = grid.acquire_service(sid, timeout=30)
+                    results = [proxy.add(k * 1_000_000 + i) for i in range(20)]
+                    grid.release_service(proxy)
+                    grid.gather(results, timeout=30)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        snapshots = []
+        try:
+            for _ in range(30):
+                snapshots.append(grid.checkpoint(sid, timeout=60))
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert not errors and not any(t.is_alive() for t in threads)
+        final = [grid.acquire_service(sid, timeout=30) for _ in range(4)]
+        histories = {p._isdgrid_server.index: p.seen for p in final}
+        for p in final:
+            grid.release_service(p)
+    grew = 0
+    for snapshot in snapshots:
+        for index, state in enumerate(snapshot.states):
+            seen = pickle.loads(state).seen
+            assert seen == histories[index][: len(seen)]  # a point between calls of that server's order
+            grew += bool(seen)
+    assert grew > 0 and len({tuple(len(pickle.loads(s).seen) for s in snap.states) for snap in snapshots}) > 5
+
+
+def test_a_daemon_killed_during_checkpoints_fails_them_and_nothing_hangs() -> None:
+    with Grid([Host("localhost", n_cpu=3)], respawn=True, **FAST_LOSS) as grid:
+        sid = grid.publish(Tally())
+        grid.gather(grid.broadcast(sid, "add", 1), timeout=30)
+        grid.release_all(sid)
+        outcomes: list[str] = []
+        victim = _pid(grid, 2)
+        timer = threading.Timer(0.05, _kill_quietly, (victim,))
+        timer.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(outcomes) < 200:
+            try:
+                grid.checkpoint(sid, timeout=30)
+                outcomes.append("ok")
+            except HostLostError:
+                outcomes.append("lost")
+                grid.wait_for_respawn(sid, timeout=60)
+        timer.join(5)
+        assert "lost" in outcomes and outcomes[-1] == "ok", outcomes
+        assert grid.gather(grid.broadcast(sid, "add", 2), timeout=30) == [2, 2, 2]  # the respawned one too
+        grid.release_all(sid)
