@@ -181,6 +181,9 @@ class Grid:
         self._held: dict[str, list[ServiceProxy]] = {}
         self._slots: list[Slot] = []
         self._given_up: set[Slot] = set()  # lost slots that will not be respawned
+        self._copies: list[tuple[bytes, frozenset[str]]] = []  # copy_files archives, the hosts they went to
+        self._files_generation: dict[str, int] = {}  # per host: the folder generation the copies are in
+        self._files_lock = threading.Lock()
         self._lock = threading.RLock()
         self._state = GridState.STARTING
         self._status_writer: StatusFileWriter | None = None
@@ -563,8 +566,28 @@ class Grid:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        with self._files_lock:
+            self._copies.append((archive, frozenset(names)))
         log.info("copied %d files (%d bytes packed) to %d hosts", len(relpaths), len(archive), len(targets))
         return len(relpaths)
+
+    def _copy_again(self, slot: Slot) -> None:
+        """Send a respawned slot what copy_files sent its host, if its launcher made the host's folder anew.
+
+        Once per new folder: the host's other respawning slots wait here until the files are
+        in, so none of them imports from a half-written file.
+        """
+        name = slot.host.name
+        with self._files_lock:
+            if slot.handle.folder_generation == self._files_generation.get(name, 0):
+                return
+            archives = [archive for archive, hosts in self._copies if name in hosts]
+            for archive in archives:
+                slot.control("put_files", archive)
+            self._files_generation[name] = slot.handle.folder_generation
+        if archives:
+            log.warning("%s: its temp folder was made anew; sent what copy_files had sent (%d archives) again",
+                        slot.label, len(archives))
 
     # -- snapshots -----------------------------------------------------------------------
     def checkpoint(
@@ -706,6 +729,7 @@ class Grid:
                     return
                 new = self._add_slot(outcome)
                 self._slots = [new if s is old else s for s in self._slots if s is not new]
+            self._copy_again(new)
             for service in services:
                 if service.terminated.is_set():
                     continue

@@ -321,6 +321,10 @@ def test_a_partition_longer_than_the_daemon_timeout_gets_the_host_a_new_folder(
         grid.release_all()
         folder = str(first[0]["cwd"])
         old_pids = {int(w["pid"]) for w in first}  # type: ignore[call-overload]
+        (tmp_path / "inputs").mkdir()
+        (tmp_path / "inputs" / "table.txt").write_text("the host needs this\n")
+        assert grid.copy_files(str(tmp_path / "inputs"), ["table.txt"]) == 1
+        assert os.path.exists(os.path.join(folder, "table.txt"))
         host.cut()
         try:
             assert wait_until(lambda: not any(psutil.pid_exists(p) for p in old_pids), 30.0)
@@ -334,6 +338,8 @@ def test_a_partition_longer_than_the_daemon_timeout_gets_the_host_a_new_folder(
         grid.release_all()
         assert [a["cwd"] for a in after] == [folder] * 2  # made again, modules shipped again
         assert all(str(m).startswith(os.path.join(folder, LIB_FOLDER)) for a in after for m in a["modules"])  # type: ignore[attr-defined]
-        assert any("files sent by copy_files before are not in it" in r.getMessage() for r in caplog.records)
+        with open(os.path.join(folder, "table.txt")) as f:  # the new folder has the copied files again
+            assert f.read() == "the host needs this\n"
+        assert any("sent what copy_files had sent (1 archives) again" in r.getMessage() for r in caplog.records)
     assert not os.path.exists(folder)
     _settled(cluster, before)

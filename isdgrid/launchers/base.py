@@ -78,6 +78,9 @@ class DaemonHandle:
     output: SlotOutput | None = None
     command: list[str] = field(default_factory=list)
     respawns: int = 0
+    #: Bumped by a launcher each time it had to make the host's temp folder anew (a respawn
+    #: after the old one was removed): the grid then sends what ``copy_files`` sent again.
+    folder_generation: int = 0
 
     @property
     def host(self) -> Host:

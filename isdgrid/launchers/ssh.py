@@ -372,6 +372,7 @@ class SshLauncher(ProcessLauncher):
         self._lock = threading.Lock()
         self._reach_locks: dict[str, threading.Lock] = {}
         self._reached: dict[str, float] = {}
+        self._folder_generation: dict[str, int] = {}  # hosts whose folder was made anew, how often
         self._lingering: set[subprocess.Popen[bytes]] = set()
         self._socket_dir: str | None = None
 
@@ -452,6 +453,7 @@ class SshLauncher(ProcessLauncher):
             for (index, spec), result in zip(wave_items, results, strict=True):
                 if isinstance(result, DaemonHandle):
                     self._finish_handle(result)
+                    result.folder_generation = self._folder_generation.get(spec.host.name, 0)
                     if spec.slot == 0 and spec.remove_temp:
                         self._setups[spec.host.name].slot0_started = True
                 outcome[index] = result
@@ -531,13 +533,14 @@ class SshLauncher(ProcessLauncher):
         with self._lock:
             gone = self._setups.pop(host.name).temp_dir
         log.warning("%s: the grid's folder %s was removed (the host's daemons took the driver for gone); "
-                    "making it again: files sent by copy_files before are not in it", host.name, gone)
+                    "making it again (the grid sends what copy_files sent there again)", host.name, gone)
         try:
             setup = self._prepare(host, deadline)
         except LaunchError as exc:
             return exc
         with self._lock:
             self._setups[host.name] = setup
+            self._folder_generation[host.name] = self._folder_generation.get(host.name, 0) + 1
         self._reached[host.name] = time.monotonic()
         return None
 
