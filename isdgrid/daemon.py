@@ -29,7 +29,6 @@ import contextlib
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -45,6 +44,7 @@ from .agent import AGENT_ID, Agent, ControlEndpoint, Reply
 from .announce import announcement
 from .codec import Buffers
 from .errors import GridError
+from .folderusers import FolderUsers
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 from .output import TaggedOutput
 from .ticker import Ticker
@@ -52,6 +52,7 @@ from .ticker import Ticker
 __all__ = ["Listener", "main", "serve"]
 
 MAX_FRAME = 1 << 62  # the peer is authenticated; each side bounds what it sends
+LAST_USER_WAIT = 5.0  # how long slot 0 waits for the host's other daemons to end before it leaves the folder
 TAKEOVER = 0.005  # a batch running longer than this in a connection's thread gets a new reader
 
 log = logging.getLogger(__name__)
@@ -349,13 +350,15 @@ def serve(
         with open(tmp, "w") as fh:
             fh.write(f"{uri}\n")
         os.replace(tmp, uri_file)
+    users = FolderUsers(temp_path)
     with contextlib.ExitStack() as cleanup:
+        cleanup.callback(users.close)
         cleanup.callback(listener.close)
         if remove_temp:
             # Only once the driver is gone (stdin closed, heartbeat silence): not when a
-            # daemon crashes or the grid retires it, which would pull the folder from
-            # under the other slots of its host.
-            cleanup.callback(_remove_if_driver_gone, driver_gone, retired, temp_path, watch_stdin)
+            # daemon crashes or the grid retires it, and not while another daemon uses the
+            # folder: either would pull it from under the other slots of its host.
+            cleanup.callback(_remove_if_driver_gone, driver_gone, retired, users, watch_stdin)
         if unix_socket:
             cleanup.callback(_unlink, unix_socket)
         if nameserver:
@@ -378,12 +381,12 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _remove_if_driver_gone(
-    driver_gone: threading.Event, retired: threading.Event, path: str, watch_stdin: bool
+    driver_gone: threading.Event, retired: threading.Event, users: FolderUsers, watch_stdin: bool
 ) -> None:
     # A hung daemon that resumes may see heartbeat silence before it reads the grid's
     # "retire" on stdin: look at what stdin holds before taking the driver for gone.
     if driver_gone.is_set() and not retired.is_set() and not (watch_stdin and _stdin_says_retire()):
-        shutil.rmtree(path, ignore_errors=True)
+        users.remove_if_last(wait=LAST_USER_WAIT)
 
 
 def _stdin_says_retire() -> bool:
