@@ -30,11 +30,21 @@ class FolderUsers:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd: int | None = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        self._fd: int | None = None
+        self._locking = True
+        try:
+            self._fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError as exc:  # a file system without locks (some network mounts): remove as before
+            log.warning("%s: no lock on its users (%s); slot 0 removes it without checking for them", path, exc)
+            self.close()
+            self._locking = False
 
     def remove_if_last(self, wait: float) -> bool:
         """Remove the folder once no other process uses it, waiting at most ``wait`` seconds; True if removed."""
+        if not self._locking:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return True
         fd = self._fd
         if fd is None:
             return False
