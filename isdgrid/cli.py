@@ -155,24 +155,7 @@ def demo(
     checkpoint (taken every --checkpoint-every rounds). With --checkpoint FILE a killed
     run continues with --resume FILE.
     """
-    if engine == "openmm":  # isdgrid/examples/openmm_demo.py; --tmax counts only when given
-        from .examples import openmm_demo
-
-        if checkpoint_path is not None or resume_path is not None:
-            raise click.UsageError("--checkpoint and --resume are for the toy engine, not --engine openmm")
-        given = click.get_current_context().get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
-        hosts, t_max = openmm_demo.check_options(slots=slots, hosts_file=hosts_file, t_max=tmax if given else None)
-        log = _open_for_writing(log_path, "--log") if log_path is not None else None
-        try:
-            openmm_demo.run_cli(hosts, rounds=rounds, steps=steps, launcher=launcher, scheme=scheme, seed=seed,
-                                t_max=t_max, log=log)  # fmt: skip
-        finally:
-            if log is not None:
-                log.close()
-        return
-    from .examples.replica_exchange import format_report, run_demo
     from .examples.run_checkpoint import RunCheckpoint
-    from .grid import Grid
     from .hosts import Host, load_hosts
 
     # Every option is checked before a daemon starts (click checked the types and the launcher).
@@ -183,45 +166,81 @@ def demo(
     total_rounds = rounds
     if resume_path is not None:
         resume = _load_checkpoint(RunCheckpoint, resume_path)
-        _check_unchanged(ctx, resume.driver_state()["settings"], steps, scheme, seed, tmax, checkpoint_every)
+        settings = resume.driver_state()["settings"]
+        engine = _resumed_engine(ctx, engine, settings.get("engine", "toy"))
+        _check_unchanged(ctx, settings, steps, scheme, seed, tmax, checkpoint_every)
         if ctx.get_parameter_source("rounds") is click.core.ParameterSource.DEFAULT:
-            total_rounds = resume.driver_state()["settings"]["target_rounds"]
+            total_rounds = settings["target_rounds"]
         checkpoint_path = checkpoint_path or resume_path
         log_path = log_path or resume.log_path
     replicas = len(resume.snapshot.states) if resume is not None else None
-    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or replicas or 4)]
+    if engine == "openmm":  # isdgrid/examples/openmm_demo.py; --tmax (in K) counts only when given
+        from .examples import openmm_demo
+
+        given = ctx.get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
+        hosts, t_max = openmm_demo.check_options(
+            slots=slots or replicas, hosts_file=hosts_file, t_max=tmax if given else None
+        )
+    else:
+        hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or replicas or 4)]
+        t_max = tmax
     n_slots = sum(h.n_cpu for h in hosts)
     if replicas is not None and n_slots != replicas:
         raise click.UsageError(f"{resume_path} holds {replicas} replicas: give {replicas} slots in all, not {n_slots}")
     log_file: IO[str] | None = None
     if log_path is not None:
         log_file = _open_log_to_continue(log_path) if resume is not None else _open_for_writing(log_path, "--log")
+    if resume is not None:
+        click.echo(f"resuming {resume_path} at round {resume.rounds}", err=True)
     try:
-        click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
-        if resume is not None:
-            click.echo(f"resuming {resume_path} at round {resume.rounds}", err=True)
-        started = time.perf_counter()
-        with Grid(hosts, launcher, respawn=True) as grid:
-            startup = time.perf_counter() - started
-            with click.progressbar(length=total_rounds, label="replica exchange", file=sys.stderr) as bar:
-                if resume is not None:
-                    bar.update(resume.rounds)
-                report = run_demo(
-                    grid, rounds=total_rounds, steps=steps, scheme=scheme, seed=seed, t_max=tmax,
-                    log=log_file, progress=bar.update, startup_time=startup, checkpoint_every=checkpoint_every,
-                    checkpoint_path=checkpoint_path, resume=resume,
-                )
+        if engine == "openmm":
+            openmm_demo.run_cli(
+                hosts, rounds=total_rounds, steps=steps, launcher=launcher, scheme=scheme, seed=seed, t_max=t_max,
+                log=log_file, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
+            )
+            verdict = None
+        else:
+            verdict = _run_toy_demo(
+                hosts, launcher, rounds=total_rounds, steps=steps, scheme=scheme, seed=seed, t_max=t_max,
+                log=log_file, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
+            )
     finally:
         if log_file is not None:
             log_file.close()
-    for line in format_report(report):
-        click.echo(line)
     if log_path is not None:
         click.echo(f"replica log (replica at each temperature, per round): {log_path}")
     if checkpoint_path is not None:
         click.echo(f"run checkpoint (isdgrid demo --resume {checkpoint_path} --rounds N goes on): {checkpoint_path}")
-    if report.check is not None and report.check.verdict == "FAIL":
+    if verdict == "FAIL":
         raise click.ClickException("the sampled distribution does not match the Boltzmann distribution")
+
+
+def _run_toy_demo(hosts: Any, launcher: str, *, rounds: int, resume: Any, **options: Any) -> str | None:
+    """The Monte Carlo demo on a grid with a progress bar; prints the report, returns the check's verdict."""
+    from .examples.replica_exchange import format_report, run_demo
+    from .grid import Grid
+
+    n_slots = sum(h.n_cpu for h in hosts)
+    click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
+    started = time.perf_counter()
+    with Grid(hosts, launcher, respawn=True) as grid:
+        startup = time.perf_counter() - started
+        with click.progressbar(length=rounds, label="replica exchange", file=sys.stderr) as bar:
+            if resume is not None:
+                bar.update(resume.rounds)
+            report = run_demo(
+                grid, rounds=rounds, progress=bar.update, startup_time=startup, resume=resume, **options
+            )
+    for line in format_report(report):
+        click.echo(line)
+    return report.check.verdict if report.check is not None else None
+
+
+def _resumed_engine(ctx: click.Context, given: str, checkpointed: str) -> str:
+    """The engine of a resumed run: the checkpoint's; an --engine that differs is a usage error."""
+    if ctx.get_parameter_source("engine") is not click.core.ParameterSource.DEFAULT and given != checkpointed:
+        raise click.UsageError(f"--engine {given}: the checkpointed run is a {checkpointed} run")
+    return checkpointed
 
 
 def _check_unchanged(

@@ -24,6 +24,7 @@ from isdgrid.examples.openmm_demo import INSTALL_HINT, basin_populations, dipept
 from isdgrid.examples.openmm_peptide import PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, dihedral
 from isdgrid.examples.openmm_tempering import GridReplicas, SerialReplicas, Tempering
 from isdgrid.examples.replica_exchange import geometric_ladder
+from isdgrid.examples.run_checkpoint import RunCheckpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,3 +219,24 @@ def test_a_tempering_run_survives_a_killed_daemon(openmm: None) -> None:
     lines = [line for line in log.getvalue().splitlines() if not line.startswith("#")]
     assert [int(line.split()[0]) for line in lines] == list(range(1, 26))  # the log was cut back: no repeat
     assert sum(result.attempts) == 25 * 1 and len(result.energies) == 25
+
+
+def test_an_openmm_demo_run_resumes_from_its_checkpoint_file(openmm: None, tmp_path: Path) -> None:
+    def demo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "isdgrid", "demo", *args], capture_output=True, text=True, timeout=180,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT, "ISDGRID_RUN_DIR": str(tmp_path / "run")}, cwd=str(tmp_path),
+        )
+
+    first = demo("--engine", "openmm", "--slots", "2", "--rounds", "6", "--steps", "20", "--checkpoint", "md.ckpt",
+                 "--checkpoint-every", "4", "--log", "md.log")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert RunCheckpoint.load(tmp_path / "md.ckpt").rounds == 6  # the run's end is checkpointed too
+    wrong = demo("--resume", "md.ckpt", "--engine", "toy")
+    assert wrong.returncode == 2 and "the checkpointed run is a openmm run" in wrong.stderr
+    resumed = demo("--resume", "md.ckpt", "--rounds", "10")  # the engine, steps, log come from the checkpoint
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming md.ckpt at round 6" in resumed.stderr and "10 rounds x 20 steps" in resumed.stdout
+    rows = [line.split() for line in (tmp_path / "md.log").read_text().splitlines() if not line.startswith("#")]
+    assert [int(r[0]) for r in rows] == list(range(1, 11))  # continued, no gap, no repeat
+    assert RunCheckpoint.load(tmp_path / "md.ckpt").rounds == 10

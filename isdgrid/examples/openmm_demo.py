@@ -24,6 +24,7 @@ from ..hosts import Host, load_hosts
 from .openmm_peptide import BASINS, PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, make_system, minimize
 from .openmm_tempering import GridReplicas, OpenMMReplica, Tempering, TemperingResult
 from .replica_exchange import geometric_ladder
+from .run_checkpoint import RunCheckpoint
 
 __all__ = [
     "INSTALL_HINT",
@@ -101,20 +102,24 @@ def run_demo(
     progress: Callable[[int], None] | None = None,
     startup_time: float = 0.0,
     checkpoint_every: int | None = 10,
+    checkpoint_path: str | None = None,
+    resume: RunCheckpoint | None = None,
 ) -> DemoReport:
     """Temperature replica exchange of alanine dipeptide, one replica per slot of ``grid``.
 
     With ``checkpoint_every`` (and a grid with ``respawn=True``) the run survives lost
-    hosts, going back at most that many rounds (see :class:`Tempering`).
+    hosts, going back at most that many rounds (see :class:`Tempering`); ``checkpoint_path``
+    also writes each checkpoint there, and ``resume`` continues a checkpointed run (its
+    settings are the checkpoint's; ``rounds`` counts the whole run).
     """
     require_openmm()
     start = time.perf_counter()
     replicas = GridReplicas(grid, dipeptide_replica(solvent, platform))
     try:
-        ladder = geometric_ladder(replicas.n, t_min, t_max)
+        ladder = None if resume is not None else geometric_ladder(replicas.n, t_min, t_max)
         tempering = Tempering(
             replicas, ladder, scheme=scheme, steps=steps, thin=thin, seed=seed, log=log,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
         )
         result = tempering.run(rounds, progress)
     finally:
@@ -200,6 +205,9 @@ def run_cli(
     solvent: str = "obc",
     platform: str = "CPU",
     thin: int = 50,
+    checkpoint_every: int | None = 10,
+    checkpoint_path: str | None = None,
+    resume: RunCheckpoint | None = None,
 ) -> DemoReport:
     """What ``isdgrid demo --engine openmm`` runs after :func:`check_options`: the grid, a progress bar, the report."""
     import click
@@ -210,9 +218,12 @@ def run_cli(
     with Grid(hosts, launcher, respawn=True) as grid:
         startup = time.perf_counter() - started
         with click.progressbar(length=rounds, label="OpenMM tempering", file=sys.stderr) as bar:
+            if resume is not None:
+                bar.update(resume.rounds)
             report = run_demo(
                 grid, rounds=rounds, steps=steps, thin=thin, scheme=scheme, seed=seed, t_max=t_max,
                 solvent=solvent, platform=platform, log=log, progress=bar.update, startup_time=startup,
+                checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
             )  # fmt: skip
     for line in format_report(report):
         click.echo(line)

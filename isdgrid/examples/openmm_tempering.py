@@ -41,7 +41,7 @@ from ..grid import Grid
 from .exchange import ExchangeBook, Swap
 from .openmm_peptide import dihedral
 from .replica_exchange import ExchangeResult
-from .run_checkpoint import RunCheckpointer
+from .run_checkpoint import RunCheckpoint, RunCheckpointer, continue_log
 
 __all__ = [
     "GAS_CONSTANT",
@@ -351,7 +351,7 @@ class Tempering:
     def __init__(
         self,
         replicas: ReplicaSet,
-        temperatures: Sequence[float],
+        temperatures: Sequence[float] | None = None,
         *,
         scheme: str = "gromacs",
         steps: int = 500,
@@ -359,9 +359,22 @@ class Tempering:
         seed: int = 0,
         log: IO[str] | None = None,
         checkpoint_every: int | None = None,
+        checkpoint_path: str | None = None,
+        resume: RunCheckpoint | None = None,
     ) -> None:
-        if checkpoint_every is not None and (checkpoint_every < 1 or not isinstance(replicas, GridReplicas)):
-            raise ConfigError("checkpoint_every needs replicas on a grid (GridReplicas) and at least 1 round")
+        if resume is not None:
+            settings = resume.driver_state()["settings"]
+            temperatures, scheme, steps, thin, seed = (
+                settings["temperatures"], settings["scheme"], settings["steps"], settings["thin"], settings["seed"]
+            )
+            checkpoint_every = settings["checkpoint_every"] if checkpoint_every is None else checkpoint_every
+        if temperatures is None:
+            raise ConfigError("give the temperatures (or resume a checkpointed run)")
+        wants_grid = checkpoint_every is not None or checkpoint_path is not None or resume is not None
+        if wants_grid and not isinstance(replicas, GridReplicas):
+            raise ConfigError("checkpoints and resume need replicas on a grid (GridReplicas)")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be at least 1 round, not {checkpoint_every}")
         if len(temperatures) != replicas.n:
             raise ConfigError(f"{len(temperatures)} temperatures for {replicas.n} replicas (one per slot)")
         if list(temperatures) != sorted(temperatures) or temperatures[0] <= 0:
@@ -370,21 +383,33 @@ class Tempering:
             raise ConfigError("steps must be >= 1 and thin >= 0")
         self.replicas = replicas
         self.temperatures = list(temperatures)
-        self.steps, self.thin = steps, thin
+        self.steps, self.thin, self.seed, self.scheme = steps, thin, seed, scheme
+        self.target_rounds = 0
         self.rng = random.Random(seed)
         self.book = ExchangeBook([1.0 / (GAS_CONSTANT * t) for t in self.temperatures], scheme, self.rng)
         self.result = TemperingResult(
             self.temperatures, scheme, steps, attempts=self.book.attempts, accepted=self.book.accepted
         )
         self.log = log
+        self.checkpoint_every = checkpoint_every
+        self._checkpointer: RunCheckpointer | None = None
+        if isinstance(replicas, GridReplicas) and wants_grid:
+            self._checkpointer = RunCheckpointer(
+                replicas.grid, replicas.service_id, path=checkpoint_path, log=log, timeout=replicas.timeout,
+                last=resume,
+            )
+        if resume is not None and isinstance(replicas, GridReplicas):
+            replicas.grid.restore(replicas.service_id, resume.snapshot, timeout=replicas.timeout)
+            self._load(resume.driver_state())
+            self.result.rollbacks = []  # those of this process only
+            continue_log(log, resume.log_offset)
+            self.start_energies: list[Any] = []
+            return
         seeds = [self.rng.randrange(1, 2**31 - 1) for _ in range(replicas.n)]
         self.start_energies = replicas.scatter("reset", [(seeds[r], self.temperatures[r]) for r in range(replicas.n)])
         if log is not None:
             log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
-        self.checkpoint_every = checkpoint_every
-        self._checkpointer: RunCheckpointer | None = None
-        if checkpoint_every is not None and isinstance(replicas, GridReplicas):
-            self._checkpointer = RunCheckpointer(replicas.grid, replicas.service_id, log=log, timeout=replicas.timeout)
+        if self._checkpointer is not None and checkpoint_every is not None:
             self._checkpointer.take(0, self._state())
 
     def step(self) -> list[Swap]:
@@ -413,6 +438,7 @@ class Tempering:
 
         ``k`` is negative after a roll-back to a checkpoint (see the class doc).
         """
+        self.target_rounds = rounds
         shown = self.result.rounds
         while self.result.rounds < rounds:
             try:
@@ -431,12 +457,22 @@ class Tempering:
             if progress is not None and self.result.rounds != shown:
                 progress(self.result.rounds - shown)
             shown = self.result.rounds
+        checkpointer = self._checkpointer
+        final = checkpointer.last if checkpointer is not None else None
+        if checkpointer is not None and final is not None and final.rounds != self.result.rounds:
+            checkpointer.take(self.result.rounds, self._state())  # the end: a longer run resumes from here
         return self.result
 
     def _state(self) -> dict[str, Any]:
-        return {"book": self.book, "result": self.result}  # the book holds the random generator
+        settings = {
+            "engine": "openmm", "temperatures": self.temperatures, "scheme": self.scheme, "steps": self.steps,
+            "thin": self.thin, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
+            "target_rounds": self.target_rounds,
+        }
+        return {"settings": settings, "book": self.book, "result": self.result}  # the book holds the random generator
 
     def _load(self, state: dict[str, Any]) -> None:
         self.book = state["book"]
         self.rng = self.book.rng
         self.result = state["result"]
+        self.target_rounds = state["settings"]["target_rounds"]

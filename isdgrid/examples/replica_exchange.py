@@ -352,8 +352,8 @@ class ReplicaExchange:
         """The driver's part of a run checkpoint."""
         return {
             "settings": {
-                "model": self.model, "temperatures": self.temperatures, "scheme": self.scheme, "steps": self.steps,
-                "thin": self.thin, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
+                "engine": "toy", "model": self.model, "temperatures": self.temperatures, "scheme": self.scheme,
+                "steps": self.steps, "thin": self.thin, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
                 "target_rounds": self.target_rounds,
             },
             "book": self.book,  # with its random generator
