@@ -217,20 +217,15 @@ def demo(
 
 def _run_toy_demo(hosts: Any, launcher: str, *, rounds: int, resume: Any, **options: Any) -> str | None:
     """The Monte Carlo demo on a grid with a progress bar; prints the report, returns the check's verdict."""
+    from .examples.demo_grid import run_with_progress
     from .examples.replica_exchange import format_report, run_demo
-    from .grid import Grid
 
-    n_slots = sum(h.n_cpu for h in hosts)
-    click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
-    started = time.perf_counter()
-    with Grid(hosts, launcher, respawn=True) as grid:
-        startup = time.perf_counter() - started
-        with click.progressbar(length=rounds, label="replica exchange", file=sys.stderr) as bar:
-            if resume is not None:
-                bar.update(resume.rounds)
-            report = run_demo(
-                grid, rounds=rounds, progress=bar.update, startup_time=startup, resume=resume, **options
-            )
+    report = run_with_progress(
+        hosts, launcher, rounds=rounds, label="replica exchange", resume=resume,
+        run=lambda grid, progress, startup: run_demo(
+            grid, rounds=rounds, progress=progress, startup_time=startup, resume=resume, **options
+        ),
+    )
     for line in format_report(report):
         click.echo(line)
     return report.check.verdict if report.check is not None else None

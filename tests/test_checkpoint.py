@@ -20,7 +20,7 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from conftest import child_pids, wait_until
+from conftest import alive, child_pids, wait_until
 
 from isdgrid import CheckpointError, Grid, Host, HostLostError, Snapshot, statusfile
 from isdgrid.examples.boltzmann import check_boltzmann, exact_marginal
@@ -281,13 +281,6 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
     return out
 
 
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _science(report: str) -> list[str]:
     """The report lines that depend on the sampling, not on timing."""
     keep = ("replica exchange:", "temperatures:", "  0-1", "  1-2", "  2-3", "replica round trips", "Metropolis",
@@ -306,7 +299,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_as_if_never_stopped(tmp_pat
             return ckpt.exists() and 20 <= RunCheckpoint.load(ckpt).rounds < 250
 
         assert wait_until(mid_run, 120, step=0.005), "the driver never wrote a checkpoint mid-run"
-        daemons = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
+        daemons = psutil.Process(driver.pid).children(recursive=True)
         assert len(daemons) >= 3
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
@@ -317,7 +310,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_as_if_never_stopped(tmp_pat
         driver.stdout.close()  # type: ignore[union-attr]
         driver.stderr.close()  # type: ignore[union-attr]
     # The daemons see their driver gone (stdin closed) and exit: no orphan.
-    assert wait_until(lambda: not any(_running(p) for p in daemons), 60), "daemons outlived their killed driver"
+    assert wait_until(lambda: not alive(daemons), 60), "daemons outlived their killed driver"
     stopped_at = RunCheckpoint.load(ckpt).rounds
     assert stopped_at < int(rounds)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import require, wait_until
+from conftest import alive, require, wait_until
 
 from isdgrid import ConfigError, Host
 from isdgrid.launchers.sge import SgeLauncher, parse_pe_hostfile, pe_hosts, qrsh_command
@@ -192,17 +192,6 @@ def _line(output: Path, tag: str, timeout: float = 60) -> dict[str, Any]:
     return found[0]
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 def _job_processes(ready: dict[str, Any]) -> list[psutil.Process]:
     """Processes of the job's grid: daemons and qrsh name its folder on their command line."""
     marker = f"{ready['tmpdir']}/isdgrid-{ready['job']}-"
@@ -220,8 +209,8 @@ def _processes(ready: dict[str, Any]) -> list[psutil.Process]:
 
 
 def _no_process_left(ready: dict[str, Any], procs: list[psutil.Process], timeout: float = 20) -> None:
-    gone = wait_until(lambda: not _alive(procs) and not _job_processes(ready), timeout, step=0.2)
-    left = [f"{p.pid} {' '.join(p.cmdline())}" for p in _alive(procs) + _job_processes(ready)]
+    gone = wait_until(lambda: not alive(procs) and not _job_processes(ready), timeout, step=0.2)
+    left = [f"{p.pid} {' '.join(p.cmdline())}" for p in alive(procs) + _job_processes(ready)]
     assert gone, f"processes of job {ready['job']} left: {left}"
 
 
@@ -256,7 +245,7 @@ def test_replica_exchange_job_runs_on_qrsh_tasks(tmp_path: Path) -> None:
         for item in rounds:
             assert sorted(item["temperatures"]) == sorted(rounds[0]["temperatures"])
             assert len(item["energies"]) == 2 and all(e >= 0.0 for e in item["energies"])
-        assert not _alive([psutil.Process(r["pid"]) for r in replicas if psutil.pid_exists(r["pid"])])
+        assert not alive([psutil.Process(r["pid"]) for r in replicas if psutil.pid_exists(r["pid"])])
     finally:
         if job_id:
             _delete(job_id)
@@ -274,7 +263,7 @@ def test_qdel_ends_the_driver_and_every_task(tmp_path: Path) -> None:
         ready = _line(output, "READY")
         assert ready["job"] == job_id and ready["hosts"] == [[os.uname().nodename, 2]]
         procs = _processes(ready)
-        assert len(_alive(procs)) == 5, _read(output)  # driver, 2 daemons, 2 qrsh
+        assert len(alive(procs)) == 5, _read(output)  # driver, 2 daemons, 2 qrsh
         for proc in procs:  # the secret went over stdin, never on a command line
             assert secret not in " ".join(proc.cmdline())
         for pid in ready["launchers"]:  # one qrsh -inherit per slot, started by the driver
@@ -307,7 +296,7 @@ def test_killed_driver_leaves_no_task_and_the_job_runs_on(tmp_path: Path) -> Non
         # No task failed, so Grid Engine leaves the job alone: its script runs on, and the job
         # is not marked for deletion (as it is at once when a task fails) in the next 3 s.
         shell = psutil.Process(_line(output, "SHELL")["pid"])
-        disturbed = wait_until(lambda: "d" in _state(job_id) or not _alive([shell]), 3, step=0.2)
+        disturbed = wait_until(lambda: "d" in _state(job_id) or not alive([shell]), 3, step=0.2)
         assert not disturbed and _state(job_id) in ("r", "t"), f"{_state(job_id)}\n{_read(output)}"
     finally:
         _delete(job_id)

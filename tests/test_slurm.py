@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import require, wait_until
+from conftest import alive, require, wait_until
 
 from isdgrid import ConfigError, Host
 from isdgrid.launchers.base import SlotSpec
@@ -306,17 +306,6 @@ def _end(proc: subprocess.Popen[bytes], output: Path, job_id: str) -> None:
         pytest.fail(f"salloc did not end within 30 s of scancel:\n{output.read_text()}")
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 def _processes_named(marker: str) -> list[psutil.Process]:
     """Processes with ``marker`` on their command line (daemons name their job's folder)."""
     found = []
@@ -374,7 +363,7 @@ def test_scancel_of_the_job_ends_the_calls_with_host_lost(tmp_path: Path) -> Non
         for item in lost:
             assert item["time"] - cancelled < host_timeout, text
         proc.wait(timeout=30)  # the driver went on after the allocation was revoked, then ended
-        assert wait_until(lambda: not _alive(procs), 20), [p.pid for p in _alive(procs)]
+        assert wait_until(lambda: not alive(procs), 20), [p.pid for p in alive(procs)]
         assert not _processes_named(marker)
         assert _job_steps(job_id) == []
     finally:

@@ -12,7 +12,6 @@ the time went (OpenMM against the grid).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import IO
 from ..errors import ConfigError
 from ..grid import Grid
 from ..hosts import Host, load_hosts
+from .demo_grid import run_with_progress
 from .openmm_peptide import BASINS, PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, make_system, minimize
 from .openmm_tempering import GridReplicas, OpenMMReplica, Tempering, TemperingResult
 from .replica_exchange import geometric_ladder
@@ -212,19 +212,14 @@ def run_cli(
     """What ``isdgrid demo --engine openmm`` runs after :func:`check_options`: the grid, a progress bar, the report."""
     import click
 
-    n_slots = sum(h.n_cpu for h in hosts)
-    click.echo(f"starting {n_slots} slots on {len(hosts)} host(s) with the {launcher} launcher ...", err=True)
-    started = time.perf_counter()
-    with Grid(hosts, launcher, respawn=True) as grid:
-        startup = time.perf_counter() - started
-        with click.progressbar(length=rounds, label="OpenMM tempering", file=sys.stderr) as bar:
-            if resume is not None:
-                bar.update(resume.rounds)
-            report = run_demo(
-                grid, rounds=rounds, steps=steps, thin=thin, scheme=scheme, seed=seed, t_max=t_max,
-                solvent=solvent, platform=platform, log=log, progress=bar.update, startup_time=startup,
-                checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
-            )  # fmt: skip
+    report = run_with_progress(
+        hosts, launcher, rounds=rounds, label="OpenMM tempering", resume=resume,
+        run=lambda grid, progress, startup: run_demo(
+            grid, rounds=rounds, steps=steps, thin=thin, scheme=scheme, seed=seed, t_max=t_max,
+            solvent=solvent, platform=platform, log=log, progress=progress, startup_time=startup,
+            checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
+        ),
+    )  # fmt: skip
     for line in format_report(report):
         click.echo(line)
     return report
