@@ -6,6 +6,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import enum
+import itertools
 import logging
 import os
 import secrets
@@ -49,6 +50,9 @@ log = logging.getLogger("isdgrid")
 DEFAULT_MAX_MESSAGE_SIZE = 2 * 1024**3
 GATHER_SLICE = 0.05  # gather looks for a lost host at least this often while it reads a reply
 RESPAWN_POLL = 0.05  # how often wait_for_respawn looks (a respawn takes a daemon start: ~1 s)
+RESPAWN_FIRST_PAUSE = 1.0  # seconds between the first failed respawn attempts, doubled each time ...
+RESPAWN_MAX_PAUSE = 30.0  # ... up to this
+RESPAWN_MIN_ATTEMPTS = 3  # however short respawn_timeout is
 
 
 class GridState(enum.Enum):
@@ -86,7 +90,9 @@ class Grid:
     Daemons are watched with a heartbeat every ``heartbeat_interval`` seconds; a daemon
     silent for ``host_timeout`` seconds (or whose process ended) is lost, and every call
     on it fails with :class:`HostLostError`. With ``respawn=True`` a lost slot is started
-    again (at most ``max_respawns`` times per slot) and every service re-published on it from
+    again (at most ``max_respawns`` times per slot; a start that fails is tried again, with
+    pauses from 1 s doubling to 30 s, for ``respawn_timeout`` seconds) and every service
+    re-published on it from each server's latest snapshot (:meth:`checkpoint`), else from
     the driver's copy, so its servers serve again. A daemon started by the grid exits by itself
     ``daemon_timeout`` seconds after the driver stops talking to it, or at once when the
     driver's end of its stdin closes. Use as a context manager, or call :meth:`terminate`.
@@ -127,6 +133,7 @@ class Grid:
         min_hosts: int | None = None,
         respawn: bool = False,
         max_respawns: int = 10,
+        respawn_timeout: float = 600.0,
         log_dir: str | None = None,
         forward_output: bool = True,
         secret: str | None = None,
@@ -175,6 +182,8 @@ class Grid:
         self._host_timeout = host_timeout
         self._respawn = respawn
         self._max_respawns = max_respawns
+        self._respawn_timeout = respawn_timeout
+        self._terminated = threading.Event()  # wakes respawn threads that wait between attempts
         self._allow_python_mismatch = allow_python_mismatch
         self.respawn_count = 0
         self._services: dict[str, Service] = {}
@@ -709,18 +718,8 @@ class Grid:
             # the driver lives on, so it leaves the (maybe shared) temp folder alone.
             self._launcher.stop([old.handle], self._stop_timeout, retire=True)
             old.close()
-            for attempt in range(3):
-                if self._state is not GridState.RUNNING:
-                    return
-                outcome = self._launcher.start([old.handle.spec], self._secret, self._start_timeout)[0]
-                if isinstance(outcome, DaemonHandle):
-                    break
-                log.error("respawn of %s failed (attempt %d): %s", old.label, attempt + 1, outcome)
-                time.sleep(1.0 + attempt)
-            else:
-                log.error("giving up on %s: it stays lost", old.label)
-                with self._lock:
-                    self._given_up.add(old)
+            outcome = self._start_again(old)
+            if outcome is None:
                 return
             outcome.respawns = old.handle.respawns + 1
             with self._lock:
@@ -758,6 +757,28 @@ class Grid:
         finally:
             self._respawn_done(services)
 
+    def _start_again(self, old: Slot) -> DaemonHandle | None:
+        """Start a lost slot's daemon again, retrying with growing pauses; None if given up (or terminated)."""
+        deadline = time.monotonic() + self._respawn_timeout
+        pause = RESPAWN_FIRST_PAUSE
+        for attempt in itertools.count(1):
+            if self._state is not GridState.RUNNING:
+                return None
+            outcome = self._launcher.start([old.handle.spec], self._secret, self._start_timeout)[0]
+            if isinstance(outcome, DaemonHandle):
+                return outcome
+            if attempt >= RESPAWN_MIN_ATTEMPTS and time.monotonic() + pause > deadline:
+                log.error("giving up on %s after %d attempts in %.0f s: it stays lost (last: %s)",
+                          old.label, attempt, self._respawn_timeout, outcome)
+                with self._lock:
+                    self._given_up.add(old)
+                return None
+            log.error("respawn of %s failed (attempt %d; next in %.0f s): %s", old.label, attempt, pause, outcome)
+            if self._terminated.wait(pause):
+                return None
+            pause = min(2 * pause, RESPAWN_MAX_PAUSE)
+        return None  # not reached: itertools.count never ends
+
     # -- lifecycle -----------------------------------------------------------------------
     @property
     def state(self) -> GridState:
@@ -788,6 +809,7 @@ class Grid:
             if self._state is GridState.TERMINATED:
                 return
             self._state = GridState.TERMINATED
+            self._terminated.set()
             services = list(self._services.values())
             self._held.clear()
         if self._status_writer is not None:

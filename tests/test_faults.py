@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -231,3 +232,44 @@ def test_daemons_exit_when_heartbeats_stop_although_stdin_stays_open() -> None:
         driver.wait(timeout=30)
         if driver.stdout is not None:
             driver.stdout.close()
+
+
+def _failing_python(tmp_path: Path) -> tuple[str, Path]:
+    """An interpreter wrapper that fails to start while its flag file exists (a host that is down)."""
+    flag = tmp_path / "host-is-down"
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(
+        f'#!/bin/sh\n[ -e "{flag}" ] && {{ echo "host is down" >&2; exit 1; }}\nexec "{sys.executable}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper), flag
+
+
+def test_a_respawn_is_tried_again_until_the_host_is_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    python, flag = _failing_python(tmp_path)
+    with Grid([Host("localhost", n_cpu=2, python=python)], respawn=True, heartbeat_interval=0.2, host_timeout=5.0,
+              start_timeout=10.0) as grid:  # fmt: skip
+        sid = grid.publish(Recorder())
+        flag.touch()
+        os.kill(_daemon_pid(grid, 0), signal.SIGKILL)
+        assert wait_until(lambda: "attempt 3;" in caplog.text, 30), caplog.text  # three starts failed ...
+        flag.unlink()  # ... then the host comes back
+        grid.wait_for_respawn(sid, timeout=60)
+        assert grid.gather(grid.broadcast(sid, "add", "x"), timeout=30) == [1, 1]
+        assert grid.respawn_count == 1
+        grid.release_all(sid)
+
+
+def test_a_respawn_gives_up_after_respawn_timeout(tmp_path: Path) -> None:
+    python, flag = _failing_python(tmp_path)
+    with Grid([Host("localhost", n_cpu=2, python=python)], respawn=True, respawn_timeout=2.0, heartbeat_interval=0.2,
+              host_timeout=5.0, start_timeout=10.0) as grid:  # fmt: skip
+        sid = grid.publish(Recorder())
+        flag.touch()
+        os.kill(_daemon_pid(grid, 0), signal.SIGKILL)
+        assert wait_until(lambda: grid.slots[0].lost.is_set(), 30)
+        started = time.monotonic()
+        with pytest.raises(HostLostError, match="will not come back"):
+            grid.wait_for_respawn(sid, timeout=60)
+        assert time.monotonic() - started < 30  # three attempts (1 s and 2 s apart), then no more
+        assert grid.gather([grid.acquire_service(sid, timeout=10).add("y")], timeout=30) == [1]  # the other serves
