@@ -662,14 +662,18 @@ class SshLauncher(ProcessLauncher):
         proc = handle.process
         assert proc is not None
         try:
-            proc.wait(timeout=RETIRE_LINGER)
-        except subprocess.TimeoutExpired:
-            log.warning("%s: its ssh session did not end within %.0f s of 'retire'; killing it", handle.label,
-                        RETIRE_LINGER)
-            self._kill(proc)
-        with self._lock:
-            self._lingering.discard(proc)
-        self._reap(handle)
+            try:
+                proc.wait(timeout=RETIRE_LINGER)
+            except subprocess.TimeoutExpired:
+                log.warning("%s: its ssh session did not end within %.0f s of 'retire'; killing it", handle.label,
+                            RETIRE_LINGER)
+                self._kill(proc)
+            self._reap(handle)
+        except BaseException:  # noqa: BLE001 - this thread must not die silently
+            log.exception("%s: ending its replaced ssh session failed", handle.label)
+        finally:
+            with self._lock:
+                self._lingering.discard(proc)
 
     @staticmethod
     def _reap(handle: DaemonHandle) -> None:
