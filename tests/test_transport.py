@@ -196,3 +196,19 @@ def test_control_call_timeout_is_honoured(grid1_files: Grid) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
         channel.close()
+
+
+def test_private_library_names_appear_only_in_the_transport_fence() -> None:
+    """Underscored Pyro5 names live only in transport.py's helpers; concurrent.futures' privates nowhere."""
+    import re
+
+    import isdgrid
+
+    private = re.compile(r"\b_pyro\w*|\bconcurrent\.futures\._\w+|\brecv_stub\b|\b_header_size\b")
+    root = Path(isdgrid.__file__).parent
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        names = set(private.findall(path.read_text()))
+        if names:
+            found[str(path.relative_to(root))] = sorted(names)
+    assert found == {"transport.py": ["_pyroClaimOwnership", "_pyroSerializer", "_pyroTimeout"]}, found

@@ -81,16 +81,16 @@ UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 # The scripts run by ``sh -c`` on the host. One line each (a csh login shell rejects a
 # newline inside quotes); every host setting arrives as a positional argument.
 PREPARE_SCRIPT = (
-    'isdgrid_init=$1 isdgrid_py=$2 isdgrid_base=$3 isdgrid_name=$4 isdgrid_shared=$5 isdgrid_probe=$6; '
+    'isdgrid_init=$1 isdgrid_py=$2 isdgrid_parent=$3 isdgrid_name=$4 isdgrid_shared=$5 isdgrid_probe=$6; '
     'if [ -n "$isdgrid_init" ]; then eval "$isdgrid_init" '
     '|| { echo "ISDGRID-ERROR init_cmd failed: $isdgrid_init"; exit 3; }; fi; '
     'command -v "$isdgrid_py" >/dev/null 2>&1 '
     '|| { echo "ISDGRID-ERROR python not found: $isdgrid_py (PATH=$PATH)"; exit 4; }; '
-    '[ -n "$isdgrid_base" ] || isdgrid_base=${TMPDIR:-/tmp}; '
-    'case $isdgrid_base in "~") isdgrid_base=$HOME;; "~/"*) isdgrid_base=$HOME/${isdgrid_base#"~/"};; esac; '
-    'case $isdgrid_base in /*) ;; *) isdgrid_base=$PWD/$isdgrid_base;; esac; '
-    'isdgrid_dir=$isdgrid_base/$isdgrid_name; '
-    'mkdir -p -- "$isdgrid_base" && { mkdir -m 700 -- "$isdgrid_dir" 2>/dev/null '
+    '[ -n "$isdgrid_parent" ] || isdgrid_parent=${TMPDIR:-/tmp}; '
+    'case $isdgrid_parent in "~") isdgrid_parent=$HOME;; "~/"*) isdgrid_parent=$HOME/${isdgrid_parent#"~/"};; esac; '
+    'case $isdgrid_parent in /*) ;; *) isdgrid_parent=$PWD/$isdgrid_parent;; esac; '
+    'isdgrid_dir=$isdgrid_parent/$isdgrid_name; '
+    'mkdir -p -- "$isdgrid_parent" && { mkdir -m 700 -- "$isdgrid_dir" 2>/dev/null '
     '|| { [ "$isdgrid_shared" = 1 ] && [ -d "$isdgrid_dir" ]; }; } '
     '|| { echo "ISDGRID-ERROR cannot create folder $isdgrid_dir"; exit 5; }; '
     'echo "ISDGRID-DIR $isdgrid_dir"; echo "ISDGRID-SSH $SSH_CONNECTION"; '
