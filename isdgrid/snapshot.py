@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .server import Server
     from .service import Service
 
-__all__ = ["Snapshot", "restore_service", "snapshot_service", "write_atomically"]
+__all__ = ["Snapshot", "read_record", "restore_service", "snapshot_service", "write_atomically"]
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,7 @@ class Snapshot:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Snapshot:
         """Read a snapshot written by :meth:`save` (a pickle: load only files you wrote)."""
-        try:
-            with open(path, "rb") as f:
-                record = pickle.load(f)
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise CheckpointError(f"cannot read snapshot file {os.fspath(path)!r}: {exc}") from exc
-        return cls.from_record(record, str(os.fspath(path)))
+        return cls.from_record(read_record(path, "snapshot"), str(os.fspath(path)))
 
     @classmethod
     def from_record(cls, record: Any, where: str = "the record") -> Snapshot:
@@ -99,6 +94,18 @@ class Snapshot:
             f"<Snapshot of {self.service_id}: {len(self.states)} servers, {self.nbytes} bytes, "
             f"taken in {self.seconds * 1e3:.1f} ms>"
         )
+
+
+def read_record(path: str | os.PathLike[str], what: str) -> Any:
+    """Unpickle what a ``save`` wrote to ``path``; a :class:`CheckpointError` naming the file if it cannot."""
+    where = repr(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"no {what} file {where}") from None
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        raise CheckpointError(f"cannot read {what} file {where}: {exc}") from exc
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:

@@ -36,12 +36,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from ..errors import ConfigError, HostLostError
+from ..errors import ConfigError
 from ..grid import Grid
 from .exchange import ExchangeBook, Swap
 from .openmm_peptide import dihedral
 from .replica_exchange import ExchangeResult
-from .run_checkpoint import RunCheckpoint, RunCheckpointer, continue_log
+from .run_checkpoint import CheckpointedRun, RunCheckpoint, RunCheckpointer
 
 __all__ = [
     "GAS_CONSTANT",
@@ -331,7 +331,7 @@ class TemperingResult(ExchangeResult):
         return [a for chunk in self.angles[skip:] for a in chunk]
 
 
-class Tempering:
+class Tempering(CheckpointedRun):
     """Temperature replica exchange of :class:`OpenMMReplica` (see the module doc).
 
     ``replicas`` runs them (a grid or this process); ``temperatures`` in K, increasing, one
@@ -362,8 +362,9 @@ class Tempering:
         checkpoint_path: str | None = None,
         resume: RunCheckpoint | None = None,
     ) -> None:
-        if resume is not None:
-            settings = resume.driver_state()["settings"]
+        state = resume.driver_state() if resume is not None else None
+        if state is not None:
+            settings = state["settings"]
             temperatures, scheme, steps, thin, seed = (
                 settings["temperatures"], settings["scheme"], settings["steps"], settings["thin"], settings["seed"]
             )
@@ -398,11 +399,8 @@ class Tempering:
                 replicas.grid, replicas.service_id, path=checkpoint_path, log=log, timeout=replicas.timeout,
                 last=resume,
             )
-        if resume is not None and isinstance(replicas, GridReplicas):
-            replicas.grid.restore(replicas.service_id, resume.snapshot, timeout=replicas.timeout)
-            self._load(resume.driver_state())
-            self.result.rollbacks = []  # those of this process only
-            continue_log(log, resume.log_offset)
+        if resume is not None and state is not None:
+            self._continue_from(resume, state)
             self.start_energies: list[Any] = []
             return
         seeds = [self.rng.randrange(1, 2**31 - 1) for _ in range(replicas.n)]
@@ -410,7 +408,7 @@ class Tempering:
         if log is not None:
             log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
         if self._checkpointer is not None and checkpoint_every is not None:
-            self._checkpointer.take(0, self._state())
+            self.checkpoint()
 
     def step(self) -> list[Swap]:
         """One round: sample at the current temperatures, try swaps, log."""
@@ -438,29 +436,7 @@ class Tempering:
 
         ``k`` is negative after a roll-back to a checkpoint (see the class doc).
         """
-        self.target_rounds = rounds
-        shown = self.result.rounds
-        while self.result.rounds < rounds:
-            try:
-                self.step()
-                every = self.checkpoint_every
-                if self._checkpointer is not None and every is not None and self.result.rounds % every == 0:
-                    self._checkpointer.take(self.result.rounds, self._state())
-            except HostLostError as exc:
-                if self._checkpointer is None:
-                    raise
-                failed_at = self.result.rounds
-                last = self._checkpointer.back_to_last(exc)
-                rollbacks = self.result.rollbacks
-                self._load(last.driver_state())
-                self.result.rollbacks = [*rollbacks, (failed_at, last.rounds)]
-            if progress is not None and self.result.rounds != shown:
-                progress(self.result.rounds - shown)
-            shown = self.result.rounds
-        checkpointer = self._checkpointer
-        final = checkpointer.last if checkpointer is not None else None
-        if checkpointer is not None and final is not None and final.rounds != self.result.rounds:
-            checkpointer.take(self.result.rounds, self._state())  # the end: a longer run resumes from here
+        self.run_rounds(rounds, progress)
         return self.result
 
     def _state(self) -> dict[str, Any]:

@@ -31,12 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import ConfigError, HostLostError
+from ..errors import ConfigError
 from ..grid import Grid, ServerStatus
 from ..result import Result
 from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
 from .exchange import SCHEMES, ExchangeBook, exchange_pairs, geometric_ladder
-from .run_checkpoint import RunCheckpoint, RunCheckpointer, continue_log
+from .run_checkpoint import CheckpointedRun, RunCheckpoint, RunCheckpointer
 
 __all__ = [
     "SCHEMES",
@@ -173,7 +173,7 @@ class ExchangeResult:
         return [x for chunk in self.samples[skip:] for x in chunk]
 
 
-class ReplicaExchange:
+class ReplicaExchange(CheckpointedRun):
     """A parallel-tempering driver on a grid: one replica per slot (see the module doc).
 
     ``checkpoint_every=K`` takes a run checkpoint (every replica's snapshot and the
@@ -202,8 +202,9 @@ class ReplicaExchange:
         checkpoint_path: str | None = None,
         resume: RunCheckpoint | None = None,
     ) -> None:
-        if resume is not None:
-            settings = resume.driver_state()["settings"]
+        state = resume.driver_state() if resume is not None else None
+        if state is not None:
+            settings = state["settings"]
             model, scheme, steps, thin, seed = (
                 settings["model"], settings["scheme"], settings["steps"], settings["thin"], settings["seed"]
             )
@@ -233,7 +234,6 @@ class ReplicaExchange:
         self.scheme = scheme
         self.seed = seed
         self.checkpoint_every = checkpoint_every
-        self.checkpoint_path = checkpoint_path
         self.target_rounds = 0
         self.rng = random.Random(seed)
         self.log = log
@@ -243,14 +243,11 @@ class ReplicaExchange:
             self.temperatures, scheme, steps, attempts=self.book.attempts, accepted=self.book.accepted
         )
         self._mc_sum = [0.0] * n
-        self._checkpointer = RunCheckpointer(
+        self._checkpointer: RunCheckpointer | None = RunCheckpointer(
             grid, self.service_id, path=checkpoint_path, log=log, timeout=timeout, last=resume
         )
-        if resume is not None:
-            grid.restore(self.service_id, resume.snapshot, timeout=timeout)
-            self._load(resume)
-            self.result.checkpoints, self.result.rollbacks = [], []  # those of this process only
-            continue_log(self.log, resume.log_offset)
+        if resume is not None and state is not None:
+            self._continue_from(resume, state)
             return
         starts = [(self.rng.uniform(-1.5, 1.5), self.rng.uniform(-1.0, 1.0)) for _ in range(n)]
         seeds = [self.rng.randrange(2**31) for _ in range(n)]
@@ -297,43 +294,8 @@ class ReplicaExchange:
         a roll-back to a checkpoint). A lost host is survived as the class doc says when
         checkpoints are on; otherwise its :class:`HostLostError` ends the run.
         """
-        self.target_rounds = rounds
-        shown = self.result.rounds
-        while self.result.rounds < rounds:
-            try:
-                self.step()
-                if self.checkpoint_every is not None and self.result.rounds % self.checkpoint_every == 0:
-                    self.checkpoint()
-            except HostLostError as exc:
-                self.recover(exc)
-            if progress is not None and self.result.rounds != shown:
-                progress(self.result.rounds - shown)
-            shown = self.result.rounds
-        last = self._checkpointer.last
-        if self.checkpoint_every is not None and last is not None and last.rounds != self.result.rounds:
-            self.checkpoint()
+        self.run_rounds(rounds, progress)
         return self.finish()
-
-    def checkpoint(self) -> RunCheckpoint:
-        """Take a run checkpoint now (between rounds); written to ``checkpoint_path`` when set."""
-        started = time.perf_counter()
-        checkpoint = self._checkpointer.take(self.result.rounds, self._state())
-        self.result.checkpoints.append((time.perf_counter() - started, checkpoint.nbytes))
-        return checkpoint
-
-    def recover(self, error: HostLostError) -> int:
-        """After a lost host: wait for its respawn, go back to the last checkpoint; the rounds undone.
-
-        Re-raises ``error`` when there is no checkpoint, or when the host will not come back.
-        """
-        failed_at = self.result.rounds
-        last = self._checkpointer.back_to_last(error)
-        kept = self.result.rollbacks, self.result.checkpoints
-        self._load(last)
-        self.result.rollbacks, self.result.checkpoints = kept
-        self.result.rollbacks.append((failed_at, last.rounds))
-        self._pending = []
-        return failed_at - last.rounds
 
     def finish(self) -> ExchangeResult:
         """Wait for the last temperature moves and release the servers."""
@@ -361,13 +323,13 @@ class ReplicaExchange:
             "result": self.result,
         }
 
-    def _load(self, checkpoint: RunCheckpoint) -> None:
-        state = checkpoint.driver_state()
+    def _load(self, state: dict[str, Any]) -> None:
         self.book = state["book"]
         self.rng = self.book.rng
         self._mc_sum = state["mc_sum"]
         self.result = state["result"]
         self.target_rounds = state["settings"]["target_rounds"]
+        self._pending = []  # calls of rounds that were undone
 
 
 @dataclass

@@ -14,16 +14,17 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, HostLostError
-from ..snapshot import Snapshot, write_atomically
+from ..errors import CheckpointError, ConfigError, HostLostError
+from ..snapshot import Snapshot, read_record, write_atomically
 
 if TYPE_CHECKING:
     from ..grid import Grid
 
-__all__ = ["RunCheckpoint", "RunCheckpointer", "continue_log", "log_position"]
+__all__ = ["CheckpointedRun", "RunCheckpoint", "RunCheckpointer", "continue_log", "log_position"]
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,7 @@ class RunCheckpoint:
     def load(cls, path: str | os.PathLike[str]) -> RunCheckpoint:
         """Read a checkpoint written by :meth:`save` (a pickle: load only files you wrote)."""
         where = repr(os.fspath(path))
-        try:
-            with open(path, "rb") as f:
-                record = pickle.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"no checkpoint file {where}") from None
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
-            raise CheckpointError(f"cannot read checkpoint file {where}: {exc}") from exc
+        record = read_record(path, "checkpoint")
         if not isinstance(record, dict) or record.get("format") != _FORMAT:
             raise CheckpointError(f"{where} is not a replica-exchange run checkpoint")
         if record.get("version") != _VERSION:
@@ -161,6 +156,88 @@ class RunCheckpointer:
                 error = again
         continue_log(self.log, last.log_offset)
         return last
+
+
+class CheckpointedRun:
+    """The round loop of a replica-exchange driver that survives lost hosts and resumes.
+
+    A driver sets ``result`` (with ``rounds``, ``checkpoints``, ``rollbacks``),
+    ``checkpoint_every`` (None: no checkpoints), ``target_rounds`` and ``_checkpointer``
+    (a :class:`RunCheckpointer`, or None when it runs without a grid), and defines
+    ``step()`` (one round), ``_state()`` (its part of a checkpoint) and ``_load(state)``.
+    """
+
+    result: Any
+    checkpoint_every: int | None
+    target_rounds: int
+    _checkpointer: RunCheckpointer | None
+
+    def step(self) -> Any:
+        """One round."""
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def run_rounds(self, rounds: int, progress: Callable[[int], None] | None = None) -> None:
+        """Step until ``rounds`` rounds are done in all (a resumed run counts those before).
+
+        A checkpoint every ``checkpoint_every`` rounds and at the end; after a lost host,
+        back to the last one (:meth:`recover`). ``progress(k)``: the rounds done since its
+        last call (negative after a roll-back).
+        """
+        self.target_rounds = rounds
+        shown = self.result.rounds
+        while self.result.rounds < rounds:
+            try:
+                self.step()
+                every = self.checkpoint_every
+                if every is not None and self._checkpointer is not None and self.result.rounds % every == 0:
+                    self.checkpoint()
+            except HostLostError as exc:
+                self.recover(exc)
+            if progress is not None and self.result.rounds != shown:
+                progress(self.result.rounds - shown)
+            shown = self.result.rounds
+        last = self._checkpointer.last if self._checkpointer is not None else None
+        if self.checkpoint_every is not None and last is not None and last.rounds != self.result.rounds:
+            self.checkpoint()  # the end: a longer run resumes from here
+
+    def checkpoint(self) -> RunCheckpoint:
+        """Take a run checkpoint now (between rounds); its cost goes to ``result.checkpoints``."""
+        if self._checkpointer is None:
+            raise ConfigError("this run takes no checkpoints (its replicas are not on a grid)")
+        started = time.perf_counter()
+        checkpoint = self._checkpointer.take(self.result.rounds, self._state())
+        self.result.checkpoints.append((time.perf_counter() - started, checkpoint.nbytes))
+        return checkpoint
+
+    def recover(self, error: HostLostError) -> int:
+        """After a lost host: wait for its respawn, go back to the last checkpoint; the rounds undone.
+
+        Re-raises ``error`` when there is no checkpoint, or when the host will not come back.
+        """
+        if self._checkpointer is None:
+            raise error
+        failed_at = self.result.rounds
+        last = self._checkpointer.back_to_last(error)
+        kept = self.result.rollbacks, self.result.checkpoints
+        self._load(last.driver_state())
+        self.result.rollbacks, self.result.checkpoints = kept
+        self.result.rollbacks.append((failed_at, last.rounds))
+        return failed_at - last.rounds
+
+    def _continue_from(self, checkpoint: RunCheckpoint, state: dict[str, Any]) -> None:
+        """Start as the checkpointed run: its replicas restored, its state loaded, its log cut back."""
+        checkpointer = self._checkpointer
+        assert checkpointer is not None
+        checkpointer.grid.restore(checkpointer.service_id, checkpoint.snapshot, timeout=checkpointer.timeout)
+        self._load(state)
+        self.result.checkpoints, self.result.rollbacks = [], []  # those of this process only
+        continue_log(checkpointer.log, checkpoint.log_offset)
 
 
 def log_position(log: IO[str] | None) -> int | None:
