@@ -50,7 +50,6 @@ Op = tuple[bytes, codec.Buffers]
 @dataclass
 class _Service:
     obj: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
     last_seq: int = 0
     replies: dict[int, Reply] = field(default_factory=dict)  # the last MAX_FLIGHTS batches, for resends
     pending: deque[Any] = field(default_factory=deque)  # batches waiting to run, in order
@@ -153,7 +152,7 @@ class Agent:
                     return
                 seq, ops, max_reply, send = service.pending.popleft()
             try:
-                reply: Reply | BaseException = self.run(service, seq, ops, max_reply)
+                reply: Reply | BaseException = self._run(service, seq, ops, max_reply)
             except BaseException as exc:  # noqa: BLE001 - the service outlives any batch
                 log.exception("%s: batch %d of %s failed", self.label, seq, service_id)
                 reply = exc
@@ -162,28 +161,28 @@ class Agent:
             except BaseException:  # noqa: BLE001 - a dead connection: the driver resends
                 log.debug("%s: reply of batch %d of %s not sent", self.label, seq, service_id, exc_info=True)
 
-    def run(self, service: _Service, seq: int, ops: list[Op], max_reply: int) -> Reply:
+    def _run(self, service: _Service, seq: int, ops: list[Op], max_reply: int) -> Reply:
         """Apply operations in order to the object of ``service``; one reply item each.
 
         ``seq`` numbers the batches of one service; a batch with the number of one of the
         last ``codec.MAX_FLIGHTS`` is a resend after a lost reply and gets that reply again
-        (the driver never has more batches out at once).
+        (the driver never has more batches out at once). Only :meth:`_drain` calls it, one
+        thread per service at a time, so the record needs no lock of its own.
         """
-        with service.lock:
-            record = service.replies.get(seq)
-            if record is not None:
-                log.info("%s: batch %d resent; answering from record", self.label, seq)
-                return record
-            if seq <= service.last_seq:
-                err = LookupError(f"stale batch {seq} (last was {service.last_seq})")
-                return _failed(err, ops)
-            reply: Reply = [self._apply(service, data, buffers, max_reply) for data, buffers in ops]
-            service.replies[seq] = reply
-            for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
-                del service.replies[old]  # the driver has read it: it sent this batch after
-            service.last_seq = seq
-            self.touch()
-            return reply
+        record = service.replies.get(seq)
+        if record is not None:
+            log.info("%s: batch %d resent; answering from record", self.label, seq)
+            return record
+        if seq <= service.last_seq:
+            err = LookupError(f"stale batch {seq} (last was {service.last_seq})")
+            return _failed(err, ops)
+        reply: Reply = [self._apply(service, data, buffers, max_reply) for data, buffers in ops]
+        service.replies[seq] = reply
+        for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
+            del service.replies[old]  # the driver has read it: it sent this batch after
+        service.last_seq = seq
+        self.touch()
+        return reply
 
     def _apply(
         self, service: _Service, data: bytes, buffers: codec.Buffers, max_reply: int

@@ -50,7 +50,6 @@ __all__ = [
     "encode_error",
     "encode_op",
     "encode_value",
-    "inline_buffers",
     "is_plain",
     "loads",
     "pack",
@@ -188,10 +187,7 @@ def encode_op(
     kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, oob_min: int | None = None
 ) -> tuple[bytes, Buffers]:
     """Pickle one operation; its out-of-band buffers are views of the arguments (see ``Buffers.captured``)."""
-    op = (kind, name, args, kwargs or None)
-    if (not args or _scan(args, 1) == 1) and (not kwargs or _scan(kwargs, 1) == 1):
-        return pickle.dumps(op, protocol=PROTOCOL), _NO_BUFFERS  # the common case, made short
-    return pack(op, oob_min)
+    return pack((kind, name, args, kwargs or None), oob_min)
 
 
 def receive_buffer(size: int, kind: int) -> Any:
@@ -207,16 +203,6 @@ def receive_buffer(size: int, kind: int) -> Any:
             return bytearray(size)
         return numpy.empty(size, dtype=numpy.uint8)
     return bytearray(size)
-
-
-def inline_buffers(buffers: Sequence[Any], kinds: bytes) -> list[Any]:
-    """Writable copies of buffers that travelled inline (as ``bytes``)."""
-    out = []
-    for buf, kind in zip(buffers, kinds, strict=True):
-        copy = receive_buffer(len(buf), kind)
-        memoryview(copy).cast("B")[:] = buf
-        out.append(copy)
-    return out
 
 
 def describe(kind: str, name: str) -> str:

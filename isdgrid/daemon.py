@@ -51,7 +51,6 @@ from .ticker import Ticker
 
 __all__ = ["Listener", "main", "serve"]
 
-MAX_FRAME = 1 << 62  # the peer is authenticated; each side bounds what it sends
 LAST_USER_WAIT = 5.0  # how long slot 0 waits for the host's other daemons to end before it leaves the folder
 TAKEOVER = 0.005  # a batch running longer than this in a connection's thread gets a new reader
 
@@ -114,15 +113,14 @@ class Listener:
                     oldest = next(iter(self._unauthenticated))
                     del self._unauthenticated[oldest]
                     log.warning("%d handshakes under way: dropped the oldest", handshake.MAX_UNAUTHENTICATED)
-                    with contextlib.suppress(OSError):
-                        oldest.shutdown(socket.SHUT_RDWR)
+                    wire.shutdown_quietly(oldest)
                 self._unauthenticated[conn] = None
             try:
                 threading.Thread(target=self._serve, args=(conn,), name="conn", daemon=True).start()
             except BaseException:  # noqa: BLE001 - no thread: drop the connection, keep accepting
                 with self._lock:
                     self._unauthenticated.pop(conn, None)
-                _close(conn)
+                wire.close_quietly(conn)
 
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
@@ -150,17 +148,16 @@ class Listener:
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            _close(conn)
+            wire.close_quietly(conn)
 
     def close(self) -> None:
         """Stop accepting and cut every connection."""
         self._stop.set()
-        _close(self.sock)
+        wire.close_quietly(self.sock)
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+            wire.shutdown_quietly(conn)
 
 
 class _CallsChannel:
@@ -196,7 +193,7 @@ class _CallsChannel:
         try:
             while True:
                 try:
-                    kind, meta, buffers = self._frames.read(MAX_FRAME)
+                    kind, meta, buffers = self._frames.read()
                 except OSError:
                     self.closed.set()
                     return
@@ -274,11 +271,6 @@ def _serve_control(agent: Agent, sock: socket.socket, stop: threading.Event) -> 
         daemon.requestLoop(loopCondition=lambda: not stop.is_set())
     finally:
         daemon.close()
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 def _peer(conn: socket.socket) -> str:
@@ -363,11 +355,11 @@ def serve(
             cleanup.callback(_unlink, unix_socket)
         if nameserver:
             member = label or f"{socket.gethostname()}-{os.getpid()}"
-            cleanup.enter_context(registered(nameserver, entry_name(group, member), str(uri)))
+            cleanup.enter_context(registered(nameserver, entry_name(group, member), uri))
         listener.start()
         if on_ready is not None:
-            on_ready(str(uri))
-        sys.stdout.write(announcement(str(uri)) + "\n")
+            on_ready(uri)
+        sys.stdout.write(announcement(uri) + "\n")
         sys.stdout.flush()
         if tag_output:
             cleanup.enter_context(TaggedOutput())

@@ -42,8 +42,7 @@ class Ticker(Generic[T]):
         """Note activity of ``member``: tick from now on (until ``linger`` of quiet)."""
         with self._cond:
             self._watched = True
-            if member not in self._members:
-                self._members.add(member)
+            self._members.add(member)
             if not self._active:
                 self._active = True
                 if self._thread is None or not self._thread.is_alive():

@@ -22,7 +22,6 @@ reveals (``concurrent.futures.wait``), by the sweeper within :data:`GRACE` secon
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import select
 import socket
@@ -57,7 +56,6 @@ LINGER = 1.0  # the sweeper keeps ticking this long after the last flight, then 
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 SERIALIZER = "marshal"
 CONTROL_HEADROOM = 64 * 1024  # room for Pyro5's header and the other arguments of a control call
-MAX_FRAME = 1 << 62  # the daemon is authenticated; the grid bounds what it sends
 
 
 class ConnectionBroken(OSError):  # noqa: N818 - a state, not a user-facing error
@@ -100,10 +98,10 @@ def connect(address: Address, secret: str, channel: bytes, timeout: float, expec
     try:
         daemon_id = handshake.prove(sock, secret, channel, timeout, expected_id)
     except AuthenticationError:
-        _close(sock)
+        wire.close_quietly(sock)
         raise
     except OSError as exc:
-        _close(sock)
+        wire.close_quietly(sock)
         raise ConnectionBroken(f"handshake failed: {exc}") from exc
     return sock, daemon_id
 
@@ -147,10 +145,10 @@ class ControlChannel:
             self._proxy = Pyro5.client.Proxy("isdgrid.agent", connected_socket=self.sock)
             use_marshal(self._proxy)
         except (Pyro5.errors.PyroError, OSError) as exc:
-            _close(self.sock)
+            wire.close_quietly(self.sock)
             raise ConnectionBroken(f"control connection failed: {exc}") from exc
         except BaseException:
-            _close(self.sock)
+            wire.close_quietly(self.sock)
             raise
         self._lock = threading.Lock()
 
@@ -184,12 +182,11 @@ class ControlChannel:
 
     def cut(self) -> None:
         """Shut the socket down from any thread (wakes a thread blocked on it)."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        wire.shutdown_quietly(self.sock)
 
     def close(self) -> None:
         self.cut()
-        _close(self.sock)
+        wire.close_quietly(self.sock)
 
 
 class Flight(Protocol):
@@ -313,7 +310,7 @@ class CallsChannel:
                 if not ready:
                     return
             try:
-                frame = frames.read(MAX_FRAME)
+                frame = frames.read()
             except BaseException as exc:
                 # Part of a frame may be read: the stream is unusable. Reconnect and resend;
                 # the agent answers resends from its record.
@@ -430,8 +427,8 @@ class CallsChannel:
             self._bg.notify()
         if not self._closed:
             log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
-        _shutdown(sock)
-        _close(sock)
+        wire.shutdown_quietly(sock)
+        wire.close_quietly(sock)
 
     def _reconnect(self) -> None:
         attempt = 0
@@ -456,7 +453,7 @@ class CallsChannel:
                 continue
             with self._cond:
                 if self._closed or self._failed is not None:
-                    _close(sock)
+                    wire.close_quietly(sock)
                     return
                 flights = list(self._flights.values())
                 self._sock = sock
@@ -467,7 +464,7 @@ class CallsChannel:
                         wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers)
             except OSError as exc:
                 log.info("%s: resend failed (%s)", self.label, exc)
-                _close(sock)
+                wire.close_quietly(sock)
                 continue
             with self._cond:
                 self._broken = False
@@ -481,7 +478,7 @@ class CallsChannel:
         with self._cond:
             sock = self._sock
         if sock is not None:
-            _shutdown(sock)
+            wire.shutdown_quietly(sock)
         self.kick()
 
     def fail(self, error: BaseException) -> None:
@@ -496,7 +493,7 @@ class CallsChannel:
             self._cond.notify_all()
             self._bg.notify()
         if sock is not None:
-            _shutdown(sock)
+            wire.shutdown_quietly(sock)
         for flight in flights:
             flight.land(error)
 
@@ -511,7 +508,7 @@ class CallsChannel:
             self._cond.notify_all()
             self._bg.notify()
         if sock is not None:
-            _close(sock)
+            wire.close_quietly(sock)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
 
@@ -527,11 +524,3 @@ def _sweep(channel: CallsChannel, now: float) -> bool:
 _sweeper: Ticker[CallsChannel] = Ticker("isdgrid-sweeper", GRACE, _sweep, linger=LINGER)
 
 
-def _shutdown(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.close()

@@ -16,6 +16,7 @@ peer proved it holds the grid's secret.
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import socket
 import struct
@@ -24,7 +25,12 @@ from typing import Any
 
 from .codec import Buffers, receive_buffer
 
-__all__ = ["BATCH", "ERROR", "REPLY", "Frame", "FrameError", "FrameReader", "send_frame"]
+__all__ = [
+    "BATCH", "ERROR", "NO_LIMIT", "REPLY", "Frame", "FrameError", "FrameReader", "close_quietly", "send_frame",
+    "shutdown_quietly",
+]
+
+NO_LIMIT = 1 << 62  # frames between authenticated peers: each side bounds what it sends
 
 BATCH = b"B"  # driver -> daemon: (service id, number, [(pickle, buffer count), ...])
 REPLY = b"R"  # daemon -> driver: (service id, number, [(reply item, buffer count), ...])
@@ -42,13 +48,8 @@ class FrameError(OSError):
 Frame = tuple[bytes, Any, Buffers]
 
 
-def frame_size(meta: bytes, buffers: Sequence[Any]) -> int:
-    """Bytes a frame of ``meta`` and ``buffers`` takes on the wire."""
-    return _HEADER.size + 9 * len(buffers) + len(meta) + sum(memoryview(b).nbytes for b in buffers)
-
-
-def send_frame(sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[Any] = ()) -> int:
-    """Send one frame (the caller serialises senders); returns its size in bytes."""
+def send_frame(sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[Any] = ()) -> None:
+    """Send one frame (the caller serialises senders)."""
     data = marshal.dumps(meta)
     kinds = buffers.kinds if isinstance(buffers, Buffers) else b"b" * len(buffers)
     head = [_HEADER.pack(kind, len(buffers), len(data))]
@@ -58,7 +59,6 @@ def send_frame(sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[An
     sock.sendall(b"".join(head))
     for buf in buffers:
         sock.sendall(buf)
-    return frame_size(data, buffers)
 
 
 class FrameReader:
@@ -116,7 +116,7 @@ class FrameReader:
         if have < view.nbytes:
             _recv_into(self.sock, view[have:])
 
-    def read(self, max_size: int) -> Frame:
+    def read(self, max_size: int = NO_LIMIT) -> Frame:
         """Read one whole frame: ``(kind, meta, buffers)``.
 
         Raises :class:`FrameError` when the peer closes or sends a frame larger than
@@ -150,3 +150,15 @@ def _recv_into(sock: socket.socket, target: Any) -> None:
         if not n:
             raise FrameError("connection closed by the peer")
         got += n
+
+
+def shutdown_quietly(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways (wakes a thread blocked on it); an error means it is gone already."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def close_quietly(sock: socket.socket) -> None:
+    """Close ``sock``; an error means it is gone already."""
+    with contextlib.suppress(OSError):
+        sock.close()
