@@ -31,6 +31,7 @@ from ..hosts import Host
 
 __all__ = [
     "DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec", "close_stdin", "driver_folder",
+    "wait_for_exit",
 ]
 
 log = logging.getLogger("isdgrid.launcher")
@@ -359,7 +360,7 @@ class ProcessLauncher(Launcher):
             uri = output.wait_uri(max(0.0, deadline - time.monotonic()))
             if uri is None:
                 reason = f"daemon did not report its address within {timeout:.0f} s"
-                if proc.poll() is not None or _wait(proc, 0.5):
+                if proc.poll() is not None or wait_for_exit(proc, 0.5):
                     reason = f"daemon exited with code {proc.returncode} before serving"
                 self._kill(proc)
                 output.join(timeout=2.0)
@@ -379,14 +380,19 @@ class ProcessLauncher(Launcher):
             close_stdin(proc, retire)
         deadline = time.monotonic() + timeout
         for proc in procs:
-            if not _wait(proc, max(0.0, deadline - time.monotonic())):
+            if not wait_for_exit(proc, max(0.0, deadline - time.monotonic())):
                 log.warning("daemon pid %d did not exit after stdin closed; terminating it", proc.pid)
                 self._kill(proc)
         for handle in handles:
-            if handle.output is not None:
-                handle.output.join(timeout=2.0)
-            if handle.process is not None and handle.process.stdout is not None:
-                handle.process.stdout.close()
+            self._reap(handle)
+
+    @staticmethod
+    def _reap(handle: DaemonHandle) -> None:
+        """After its process ended: the rest of its output read, its pipe closed."""
+        if handle.output is not None:
+            handle.output.join(timeout=2.0)
+        if handle.process is not None and handle.process.stdout is not None:
+            handle.process.stdout.close()
 
     @staticmethod
     def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -401,7 +407,7 @@ class ProcessLauncher(Launcher):
                     proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
-            if _wait(proc, grace):
+            if wait_for_exit(proc, grace):
                 break
         if proc.poll() is None:
             log.error("daemon pid %d survived SIGKILL", proc.pid)
@@ -457,7 +463,8 @@ def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
                 pass
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+def wait_for_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait at most ``timeout`` seconds for ``proc`` to end; True if it did."""
     try:
         proc.wait(timeout=timeout)
         return True

@@ -91,13 +91,12 @@ class LocalLauncher(ProcessLauncher):
             made = host.temp_path is None
             if made:
                 path = tempfile.mkdtemp(prefix=f"isdgrid-{host.name}-")
-                self._made_dirs.append(path)
             else:
                 path = os.path.abspath(os.path.expanduser(str(host.temp_path)))
                 made = not os.path.isdir(path)
                 os.makedirs(path, exist_ok=True)
-                if made:
-                    self._made_dirs.append(path)
+            if made:
+                self._made_dirs.append(path)
             # Slot 0 removes a folder the grid made even if the driver dies without terminate().
             specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
         return specs

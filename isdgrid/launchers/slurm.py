@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
-from .base import DaemonHandle, SlotSpec
+from .base import SlotSpec
 from .batch import BatchLauncher
 
 __all__ = [
@@ -198,12 +198,9 @@ class SlurmLauncher(BatchLauncher):
         env["PYTHONPATH"] = self.python_path(spec)
         return env
 
-    def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
-        # No scancel of leftover steps here: it names every step of the grid, and this may
-        # end just some of them (a respawn, hosts dropped below min_hosts); close() does it.
-        super().stop(handles, timeout, retire=retire)
-
     def close(self) -> None:
+        # Leftover steps are cancelled here, not in stop(): scancel names every step of the
+        # grid, and stop() may end just some of them (a respawn, hosts below min_hosts).
         self.cancel_leftover_steps()
 
     def leftover_steps(self) -> list[str]:

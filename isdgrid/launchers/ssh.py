@@ -42,7 +42,7 @@ from Pyro5.core import URI
 from ..agent import AGENT_ID
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
-from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec, close_stdin
+from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec, close_stdin, wait_for_exit
 from .local import daemon_args
 
 __all__ = [
@@ -448,15 +448,19 @@ class SshLauncher(ProcessLauncher):
             while len(waves) <= wave:
                 waves.append([])
             waves[wave].append((index, spec))
-        for wave_items in waves:
-            results = self.start_processes([s for _, s in wave_items], secret, deadline, progress)
-            for (index, spec), result in zip(wave_items, results, strict=True):
-                if isinstance(result, DaemonHandle):
-                    self._finish_handle(result)
-                    result.folder_generation = self._folder_generation.get(spec.host.name, 0)
-                    if spec.slot == 0 and spec.remove_temp:
-                        self._setups[spec.host.name].slot0_started = True
-                outcome[index] = result
+        try:
+            for wave_items in waves:
+                results = self.start_processes([s for _, s in wave_items], secret, deadline, progress)
+                for (index, spec), result in zip(wave_items, results, strict=True):
+                    if isinstance(result, DaemonHandle):
+                        self._finish_handle(result)
+                        result.folder_generation = self._folder_generation.get(spec.host.name, 0)
+                        if spec.slot == 0 and spec.remove_temp:
+                            self._setups[spec.host.name].slot0_started = True
+                    outcome[index] = result
+        except BaseException:  # a later wave failed or was interrupted: end the sessions of earlier ones
+            ProcessLauncher.stop(self, [r for r in outcome.values() if isinstance(r, DaemonHandle)], self.stop_timeout)
+            raise
         return [outcome[i] for i in range(len(specs))]
 
     def _finish_handle(self, handle: DaemonHandle) -> None:
@@ -530,8 +534,8 @@ class SshLauncher(ProcessLauncher):
 
     def _prepare_again(self, host: Host, deadline: float) -> LaunchError | None:
         """Prepare a host whose grid folder was removed (its daemons took the driver for gone)."""
-        with self._lock:
-            gone = self._setups.pop(host.name).temp_dir
+        with self._lock:  # the old setup stays until the new one is made: a failure here is tried again
+            gone = self._setups[host.name].temp_dir
         log.warning("%s: the grid's folder %s was removed (the host's daemons took the driver for gone); "
                     "making it again (the grid sends what copy_files sent there again)", host.name, gone)
         try:
@@ -647,9 +651,7 @@ class SshLauncher(ProcessLauncher):
             proc = handle.process
             if proc is None:
                 continue
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if not wait_for_exit(proc, max(0.0, deadline - time.monotonic())):
                 log.info("%s: its ssh session is still open; it may take %.0f s to deliver 'retire'",
                          handle.label, RETIRE_LINGER)
                 with self._lock:
@@ -662,9 +664,7 @@ class SshLauncher(ProcessLauncher):
         proc = handle.process
         assert proc is not None
         try:
-            try:
-                proc.wait(timeout=RETIRE_LINGER)
-            except subprocess.TimeoutExpired:
+            if not wait_for_exit(proc, RETIRE_LINGER):
                 log.warning("%s: its ssh session did not end within %.0f s of 'retire'; killing it", handle.label,
                             RETIRE_LINGER)
                 self._kill(proc)
@@ -674,13 +674,6 @@ class SshLauncher(ProcessLauncher):
         finally:
             with self._lock:
                 self._lingering.discard(proc)
-
-    @staticmethod
-    def _reap(handle: DaemonHandle) -> None:
-        if handle.output is not None:
-            handle.output.join(timeout=2.0)
-        if handle.process is not None and handle.process.stdout is not None:
-            handle.process.stdout.close()
 
     def close(self) -> None:
         """End replaced slots' lingering sessions; remove folders no slot 0 removes, and local sockets."""
@@ -780,7 +773,7 @@ def _prepare_failure(host: Host, code: int, output: str) -> str:
             return line[len("ISDGRID-ERROR "):]
     if output.startswith("cannot run "):
         return output.splitlines()[0]
-    if code == 255:
+    if code == SSH_FAILED:
         return "cannot connect over ssh (exit code 255)"
     if code == 127:
         return f"python {host.python!r} not found (exit code 127)"
