@@ -155,13 +155,11 @@ def demo(
     checkpoint (taken every --checkpoint-every rounds). With --checkpoint FILE a killed
     run continues with --resume FILE.
     """
+    from .examples.demo_grid import demo_hosts
     from .examples.run_checkpoint import RunCheckpoint
-    from .hosts import Host, load_hosts
 
     # Every option is checked before a daemon starts (click checked the types and the launcher).
     ctx = click.get_current_context()
-    if hosts_file is not None and slots is not None:
-        raise click.UsageError("give --slots or --hosts, not both")
     resume = None
     total_rounds = rounds
     if resume_path is not None:
@@ -179,11 +177,10 @@ def demo(
 
         given = ctx.get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
         hosts, t_max = openmm_demo.check_options(
-            slots=slots or replicas, hosts_file=hosts_file, t_max=tmax if given else None
+            slots=slots, hosts_file=hosts_file, t_max=tmax if given else None, default_slots=replicas or 4
         )
     else:
-        hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or replicas or 4)]
-        t_max = tmax
+        hosts, t_max = demo_hosts(slots, hosts_file, default_slots=replicas or 4), tmax
     n_slots = sum(h.n_cpu for h in hosts)
     if replicas is not None and n_slots != replicas:
         raise click.UsageError(f"{resume_path} holds {replicas} replicas: give {replicas} slots in all, not {n_slots}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import codec
-from .errors import CheckpointError, GridError, HostLostError, RemoteError
+from .errors import CheckpointError, GridError, RemoteError
 from .result import Result
 
 if TYPE_CHECKING:
@@ -108,10 +108,11 @@ def read_record(path: str | os.PathLike[str], what: str) -> Any:
         raise CheckpointError(f"cannot read {what} file {where}: {exc}") from exc
 
 
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` by a rename: readers see the old file or the whole new one.
+def write_atomically(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` by a rename: readers see the old file or the whole new one (mode 0600).
 
-    The data is on disk (fsync) before the rename, and the rename before this returns.
+    ``durable``: the data is on disk (fsync) before the rename, and the rename before this
+    returns; a file rewritten every second for readers on this machine can skip that.
     """
     target = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(target)
@@ -119,13 +120,16 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     with contextlib.suppress(OSError):  # the rename itself on disk; not every file system allows it
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -138,10 +142,6 @@ def _submit(server: Server, kind: str, args: tuple[Any, ...]) -> Result:
     """Queue a snapshot or restore operation in the server's call stream."""
     data, buffers = codec.encode_op(kind, "", args, None, codec.OOB_MIN)
     result = Result(server, kind, "")
-    if server.lost:
-        result.set_running_or_notify_cancel()
-        result.set_exception(server.slot.lost_error(f"taking a {kind}"))
-        return result
     server.submit(data, buffers, result, counted=False)
     return result
 
@@ -182,20 +182,21 @@ def snapshot_service(service: Service, timeout: float | None) -> Snapshot:
             server.keep_snapshot(outcome, taken_at)
     for server, outcome in zip(servers, outcomes, strict=True):
         if isinstance(outcome, BaseException):
-            raise _snapshot_error(service, server, outcome)
+            raise _op_error(service, server, outcome, "checkpoint")
     snapshot = Snapshot(service.id, service.class_name, tuple(outcomes), taken_at, seconds)
     log.info("snapshot of %s: %d servers, %d bytes, %.1f ms", service.id, len(servers), snapshot.nbytes, seconds * 1e3)
     return snapshot
 
 
-def _snapshot_error(service: Service, server: Server, error: BaseException) -> BaseException:
+def _op_error(service: Service, server: Server, error: BaseException, verb: str) -> BaseException:
+    """The error a failed snapshot or restore operation raises: lost, terminated as they are, else a CheckpointError."""
     if isinstance(error, GridError) and not isinstance(error, RemoteError):
-        return error  # lost, terminated: as it is
+        return error
     text = str(error)
     cause = error.__cause__
     remote_tb = getattr(cause, "tb", "") or getattr(error, "remote_traceback", "") or ""
     err = CheckpointError(
-        f"cannot checkpoint service {service.id!r} on {server.slot.label}: {text}",
+        f"cannot {verb} service {service.id!r} on {server.slot.label}: {text}",
         host=server.host, slot=server.slot_index, class_name=service.class_name, remote_traceback=str(remote_tb),
     )
     err.__cause__ = error
@@ -226,11 +227,6 @@ def restore_service(service: Service, snapshot: Snapshot, timeout: float | None)
         if not isinstance(outcome, BaseException):
             server.keep_snapshot(state, snapshot.taken_at)
     for server, outcome in zip(servers, outcomes, strict=True):
-        if isinstance(outcome, HostLostError):
-            raise outcome
         if isinstance(outcome, BaseException):
-            raise CheckpointError(
-                f"cannot restore service {service.id!r} on {server.slot.label}: {outcome}",
-                host=server.host, slot=server.slot_index, class_name=service.class_name,
-            ) from outcome
+            raise _op_error(service, server, outcome, "restore")
     log.info("restored %s from the snapshot of %s (%d servers)", service.id, snapshot.service_id, len(servers))

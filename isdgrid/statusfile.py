@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
+
+from .snapshot import write_atomically
 
 if TYPE_CHECKING:
     from .grid import Grid
@@ -146,15 +147,7 @@ class StatusFileWriter:
             try:
                 os.makedirs(folder, mode=0o700, exist_ok=True)
                 text = json.dumps(snapshot(self._grid, self._started), indent=1)
-                fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".tmp", dir=folder)
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp makes it 0600
-                        fh.write(text)
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                write_atomically(self.path, text.encode("utf-8"), durable=False)
             except (OSError, TypeError, ValueError) as exc:
                 log.warning(
                     "cannot write the grid status file %s (%s); isdgrid status will not see this grid", self.path, exc

@@ -8,12 +8,24 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..grid import Grid
-from ..hosts import Host
+from ..hosts import Host, load_hosts
 from .run_checkpoint import RunCheckpoint
 
-__all__ = ["run_with_progress"]
+__all__ = ["demo_hosts", "run_with_progress"]
 
 R = TypeVar("R")
+
+
+def demo_hosts(slots: int | None, hosts_file: str | None, default_slots: int = 4) -> list[Host]:
+    """A demo's hosts: those of ``hosts_file``, else ``slots`` (or ``default_slots``) local slots.
+
+    Raises a ``click`` usage error when both are given.
+    """
+    import click
+
+    if hosts_file is not None and slots is not None:
+        raise click.UsageError("give --slots or --hosts, not both")
+    return load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or default_slots)]
 
 
 def run_with_progress(

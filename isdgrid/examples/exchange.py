@@ -16,9 +16,17 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["SCHEMES", "ExchangeBook", "Swap", "exchange_pairs", "geometric_ladder"]
+__all__ = ["LOG_HEADER", "SCHEMES", "ExchangeBook", "Swap", "check_scheme", "exchange_pairs", "geometric_ladder"]
 
 SCHEMES = ("gromacs", "evenodd", "random")
+#: The first line of a replica log (IMP.isd's replicanums); :meth:`ExchangeBook.log_row` the others.
+LOG_HEADER = "# round, then the replica (1-based) at each temperature, lowest first\n"
+
+
+def check_scheme(scheme: str) -> None:
+    """Raise :class:`ConfigError` for a scheme not in :data:`SCHEMES`."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
 
 
 def geometric_ladder(n: int, t_min: float = 1.0, t_max: float = 6.0) -> list[float]:
@@ -48,13 +56,13 @@ def exchange_pairs(scheme: str, n_states: int, round_index: int, rng: random.Ran
             if s not in free:
                 continue
             for t in sorted((s - 1, s + 1), key=lambda _: rng.random()):
-                if t in free and t != s:
+                if t in free:
                     free -= {s, t}
                     pairs.append((min(s, t), max(s, t)))
                     break
         return sorted(pairs)
     else:
-        raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        check_scheme(scheme)
     return [(s, s + 1) for s in range(parity, n_states - 1, 2)]
 
 
@@ -77,8 +85,7 @@ class ExchangeBook:
     """
 
     def __init__(self, betas: Sequence[float], scheme: str = "gromacs", rng: random.Random | None = None) -> None:
-        if scheme not in SCHEMES:
-            raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        check_scheme(scheme)
         self.betas = list(betas)
         self.n = len(self.betas)
         self.scheme = scheme
@@ -116,3 +123,7 @@ class ExchangeBook:
             elif s == 0:
                 self.round_trips += self._seen_top[r]
                 self._been_bottom[r], self._seen_top[r] = True, False
+
+    def log_row(self) -> str:
+        """The replica log's line for the round just done: its number, then the replica at each temperature."""
+        return f"{self.rounds:8d} " + " ".join(f"{r + 1:2d}" for r in self.replica_at_state) + "\n"

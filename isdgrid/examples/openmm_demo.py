@@ -19,8 +19,8 @@ from typing import IO
 
 from ..errors import ConfigError
 from ..grid import Grid
-from ..hosts import Host, load_hosts
-from .demo_grid import run_with_progress
+from ..hosts import Host
+from .demo_grid import demo_hosts, run_with_progress
 from .openmm_peptide import BASINS, PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, make_system, minimize
 from .openmm_tempering import GridReplicas, OpenMMReplica, Tempering, TemperingResult
 from .replica_exchange import geometric_ladder
@@ -171,7 +171,9 @@ def format_report(report: DemoReport) -> list[str]:
     return lines
 
 
-def check_options(*, slots: int | None, hosts_file: str | None, t_max: float | None) -> tuple[list[Host], float]:
+def check_options(
+    *, slots: int | None, hosts_file: str | None, t_max: float | None, default_slots: int = 4
+) -> tuple[list[Host], float]:
     """Check the demo's options before anything starts; the hosts and the highest temperature.
 
     Raises ``click`` usage errors, and a one-line ``ClickException`` with the install command
@@ -183,13 +185,10 @@ def check_options(*, slots: int | None, hosts_file: str | None, t_max: float | N
         require_openmm()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    if hosts_file is not None and slots is not None:
-        raise click.UsageError("give --slots or --hosts, not both")
     high = T_MAX if t_max is None else t_max
     if high < T_MIN:
         raise click.BadParameter(f"{high:g} K is below the lowest temperature, {T_MIN:g} K", param_hint="'--tmax'")
-    hosts = load_hosts(hosts_file) if hosts_file is not None else [Host("localhost", n_cpu=slots or 4)]
-    return hosts, high
+    return demo_hosts(slots, hosts_file, default_slots), high
 
 
 def run_cli(

@@ -38,7 +38,7 @@ from typing import IO, Any, Protocol
 
 from ..errors import ConfigError
 from ..grid import Grid
-from .exchange import ExchangeBook, Swap
+from .exchange import LOG_HEADER, ExchangeBook, Swap
 from .openmm_peptide import dihedral
 from .replica_exchange import ExchangeResult
 from .run_checkpoint import CheckpointedRun, RunCheckpoint, RunCheckpointer
@@ -406,7 +406,7 @@ class Tempering(CheckpointedRun):
         seeds = [self.rng.randrange(1, 2**31 - 1) for _ in range(replicas.n)]
         self.start_energies = replicas.scatter("reset", [(seeds[r], self.temperatures[r]) for r in range(replicas.n)])
         if log is not None:
-            log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
+            log.write(LOG_HEADER)
         if self._checkpointer is not None and checkpoint_every is not None:
             self.checkpoint()
 
@@ -427,7 +427,7 @@ class Tempering(CheckpointedRun):
         res.swaps += swaps
         res.rounds, res.round_trips = book.rounds, book.round_trips
         if self.log is not None:
-            self.log.write(f"{res.rounds:8d} " + " ".join(f"{r + 1:2d}" for r in book.replica_at_state) + "\n")
+            self.log.write(book.log_row())
         res.round_times.append(time.perf_counter() - start)
         return swaps
 

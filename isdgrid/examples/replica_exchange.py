@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..grid import Grid, ServerStatus
 from ..result import Result
 from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
-from .exchange import SCHEMES, ExchangeBook, exchange_pairs, geometric_ladder
+from .exchange import LOG_HEADER, SCHEMES, ExchangeBook, check_scheme, exchange_pairs, geometric_ladder
 from .run_checkpoint import CheckpointedRun, RunCheckpoint, RunCheckpointer
 
 __all__ = [
@@ -211,12 +211,13 @@ class ReplicaExchange(CheckpointedRun):
             temperatures = settings["temperatures"]
             if checkpoint_every is None:
                 checkpoint_every = settings["checkpoint_every"]
-        if scheme not in SCHEMES:
-            raise ConfigError(f"unknown exchange scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        check_scheme(scheme)
         if steps < 1 or thin < 1:
             raise ConfigError("steps and thin must be >= 1")
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 round, not {checkpoint_every}")
+        if temperatures is not None and sorted(temperatures) != list(temperatures):
+            raise ConfigError("temperatures must be in increasing order")
         self.grid = grid
         self.model = model or RuggedDoubleWell()
         self.service_id = grid.publish(Replica(self.model))
@@ -226,8 +227,6 @@ class ReplicaExchange(CheckpointedRun):
             what = "the checkpoint has" if resume is not None else "got"
             grid.terminate(self.service_id)
             raise ConfigError(f"{what} {len(self.temperatures)} temperatures for {n} replicas (one per slot)")
-        if sorted(self.temperatures) != self.temperatures:
-            raise ConfigError("temperatures must be in increasing order")
         self.betas = [1.0 / t for t in self.temperatures]
         self.n = n
         self.steps, self.thin, self.timeout = steps, thin, timeout
@@ -254,7 +253,7 @@ class ReplicaExchange(CheckpointedRun):
         args = [(seeds[r], self.temperatures[r], r == 0, *starts[r]) for r in range(n)]
         self._pending = grid.scatter(self.service_id, "reset", args)
         if self.log is not None:
-            self.log.write("# round, then the replica (1-based) at each temperature, lowest first\n")
+            self.log.write(LOG_HEADER)
         if self.checkpoint_every is not None:
             self.checkpoint()
 
@@ -282,7 +281,7 @@ class ReplicaExchange(CheckpointedRun):
         book.exchange([rep["energy"] for rep in reports])
         res.rounds, res.round_trips = book.rounds, book.round_trips
         if self.log is not None:
-            self.log.write(f"{res.rounds:8d} " + " ".join(f"{r + 1:2d}" for r in book.replica_at_state) + "\n")
+            self.log.write(book.log_row())
         args = [(self.temperatures[s], s == 0) for s in book.state_of_replica]
         self._pending = self.grid.scatter(self.service_id, "set_temperature", args)
         res.round_times.append(time.perf_counter() - start)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from .. import codec
 from ..errors import CheckpointError, ConfigError, HostLostError
 from ..snapshot import Snapshot, read_record, write_atomically
 
@@ -69,9 +70,9 @@ class RunCheckpoint:
             "rounds": self.rounds,
             "log_offset": self.log_offset,
             "log_path": self.log_path,
-            "written_at": time.time(),
+            "written_at": self.written_at,
         }
-        write_atomically(path, pickle.dumps(record, protocol=5))
+        write_atomically(path, pickle.dumps(record, protocol=codec.PROTOCOL))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunCheckpoint:
@@ -125,7 +126,7 @@ class RunCheckpointer:
         snapshot = self.grid.checkpoint(self.service_id, timeout=self.timeout)
         log_path = getattr(self.log, "name", None)
         checkpoint = RunCheckpoint(
-            snapshot, pickle.dumps(driver_state, protocol=5), rounds, log_position(self.log),
+            snapshot, pickle.dumps(driver_state, protocol=codec.PROTOCOL), rounds, log_position(self.log),
             log_path if isinstance(log_path, str) else None, time.time(),
         )
         if self.path is not None:
