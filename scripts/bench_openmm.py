@@ -86,14 +86,21 @@ def pickling_per_round(replica: OpenMMReplica, n: int, steps: int) -> tuple[floa
     """Seconds and bytes to encode one round's calls and decode its replies (driver side, isdgrid.codec)."""
     replica.reset(1, 300.0)
     reply = replica.sample(steps, 300.0)
-    args = [("sample", (steps, 300.0 + i, 0), {}) for i in range(n)]
+    args = [(steps, 300.0 + i, 0) for i in range(n)]
     loops = 2000
+    size = 0
     start = time.perf_counter()
-    for _ in range(loops):
-        blobs = [codec.dumps(a) for a in args] + [codec.dumps(reply) for _ in range(n)]
-        for blob in blobs:
-            codec.loads(blob)
-    return (time.perf_counter() - start) / loops, sum(len(b) for b in blobs)
+    for _ in range(loops):  # what the grid does: encode_op / loads for calls, encode_value / decode_reply for replies
+        size = 0
+        for a in args:
+            data, buffers = codec.encode_op(codec.CALL, "sample", a, None, codec.OOB_MIN)
+            codec.loads(data, buffers)
+            size += len(data)
+        for _ in range(n):
+            item, buffers = codec.encode_value(reply, 0.0, "sample()", codec.OOB_MIN)
+            codec.decode_reply(item, buffers)
+            size += len(item[1])
+    return (time.perf_counter() - start) / loops, size
 
 
 def main() -> None:

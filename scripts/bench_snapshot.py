@@ -24,16 +24,13 @@ import argparse
 import concurrent.futures
 import os
 import pickle
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import Pyro5.client
+from bench import Timed, interleaved  # scripts/ is on sys.path when a script in it runs
 
 from isdgrid import Grid, Host
 
@@ -66,18 +63,6 @@ class Holder:
         return pickle.dumps(self.__dict__, protocol=5)
 
 
-def median_times(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()  # warm up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def bench_size(grid: Grid, size: int, rounds: int, folder: str) -> dict[str, float]:
     sid = grid.publish(Holder(size))
     raws = [
@@ -107,15 +92,15 @@ def bench_size(grid: Grid, size: int, rounds: int, folder: str) -> dict[str, flo
         def by_hand() -> None:
             grid.gather(grid.broadcast(sid, "get_state"))
 
-        figures = median_times(
+        figures = interleaved(
             {
-                "checkpoint": lambda: grid.checkpoint(sid),
-                "checkpoint+file": lambda: grid.checkpoint(sid, path),
-                "restore": lambda: grid.restore(sid, snapshot),
-                "get_state": by_hand,
-                "raw": raw_fetch,
+                "checkpoint": Timed(lambda: grid.checkpoint(sid)),
+                "checkpoint+file": Timed(lambda: grid.checkpoint(sid, path)),
+                "restore": Timed(lambda: grid.restore(sid, snapshot)),
+                "get_state": Timed(by_hand),
+                "raw": Timed(raw_fetch),
             },
-            rounds,
+            block=1, rounds=rounds, warmup=1,
         )
         figures["bytes"] = float(snapshot.nbytes)
         grid.release_all(sid)
