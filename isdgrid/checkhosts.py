@@ -51,7 +51,7 @@ def describe_error(exc: BaseException) -> str:
 
 def check_host(
     host: Host,
-    launcher: str = "local",
+    launcher: str = "auto",
     *,
     start_timeout: float = 30.0,
     pings: int = 5,
@@ -86,7 +86,7 @@ def check_host(
 
 def check_hosts(
     hosts: Sequence[Host],
-    launcher: str = "local",
+    launcher: str = "auto",
     *,
     start_timeout: float = 30.0,
     pings: int = 5,

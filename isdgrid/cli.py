@@ -18,7 +18,7 @@ from .examples.replica_exchange import SCHEMES
 __all__ = ["cli", "main"]
 
 #: Launchers the commands can start daemons with (``attach`` is ``Grid.attach`` in a driver).
-LAUNCHERS = ("local", "ssh", "slurm", "sge")
+LAUNCHERS = ("auto", "local", "ssh", "slurm", "sge")
 
 
 def _check_launcher(ctx: click.Context, param: click.Parameter, name: str) -> str:
@@ -92,7 +92,7 @@ def _launcher_option(help_text: str) -> Any:
     return click.option(
         "--launcher",
         type=click.Choice(LAUNCHERS),
-        default="local",
+        default="auto",
         show_default=True,
         callback=_check_launcher,
         help=help_text,

@@ -39,7 +39,7 @@ from typing import Any
 
 import Pyro5.server
 
-from . import handshake, wire
+from . import handshake, importpath, wire
 from .agent import AGENT_ID, Agent, ControlEndpoint, Reply
 from .announce import announcement
 from .codec import Buffers
@@ -291,6 +291,7 @@ def serve(
     unix_socket: str | None = None,
     temp_path: str | None = None,
     remove_temp: bool = False,
+    import_paths: Sequence[str] = (),
     label: str = "",
     watch_stdin: bool = False,
     heartbeat_timeout: float = 0.0,
@@ -302,17 +303,28 @@ def serve(
 ) -> None:
     """Run a grid daemon until it is shut down or its driver is gone.
 
+    The daemon works in ``temp_path`` (default: the current folder), which must be a folder
+    only this user can write; it imports from there first, then from ``import_paths`` (the
+    driver script's folder), then the standard library, then site-packages
+    (:mod:`isdgrid.importpath`).
+
     With ``unix_socket`` the daemon listens on that Unix socket instead of ``host:port``
     (the ssh launcher's tunnel forwards a socket of the driver's machine to it).
 
     With ``nameserver`` (``HOST:PORT``) the agent URI is registered there under
     ``isdgrid.<group>.<label or host-pid>`` while the daemon serves.
     """
-    temp_path = os.path.abspath(temp_path or os.getcwd())
-    os.makedirs(temp_path, exist_ok=True)
+    start_folder = os.getcwd()
+    temp_path = os.path.abspath(temp_path or start_folder)
+    os.makedirs(temp_path, mode=0o700, exist_ok=True)
+    problem = importpath.private_problem(temp_path)
+    if problem is not None:
+        raise GridError(
+            f"the daemon's folder {temp_path} is not private: {problem}; its files would be imported, so "
+            "give --temp-path a folder only you can write (a grid makes one of its own under a host's temp_path)"
+        )
     os.chdir(temp_path)
-    if temp_path not in sys.path:
-        sys.path.insert(0, temp_path)
+    importpath.arrange(temp_path, import_paths, start_folder)
     agent = Agent(temp_path, label)
     listener = Listener(agent, secret, host=host, port=port, unix_socket=unix_socket)
     if not label:
@@ -425,20 +437,6 @@ def _watch_heartbeat(agent: Agent, timeout: float, stop: threading.Event, shut: 
             return
 
 
-def set_import_paths(paths: Sequence[str]) -> None:
-    """Put ``paths`` first on ``sys.path``, in place of the folder ``python -m`` put there.
-
-    The daemon then imports what the driver script imports from its own folder, whichever
-    folder the daemon was started in (the temp folder goes in front of them in serve()).
-    """
-    start = os.getcwd()
-    if sys.path and sys.path[0] == start:
-        del sys.path[0]
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-
-
 def _read_secret(args: argparse.Namespace) -> str:
     if args.secret_stdin:
         line = sys.stdin.readline().strip()
@@ -466,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--secret-file", help="read the secret from this file")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
     parser.add_argument("--heartbeat-timeout", type=float, default=0.0, help="exit after this many silent seconds")
-    parser.add_argument("--temp-path", help="working folder, put on sys.path")
+    parser.add_argument("--temp-path", help="working folder (only you may write it), first on sys.path")
     parser.add_argument("--remove-temp", action="store_true", help="remove the temp path at exit")
     parser.add_argument("--label", default="", help="name used in logs (host/slot)")
     parser.add_argument("--uri-file", help="also write the URI to this file")
@@ -476,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag-output", action="store_true",
                         help="once serving, mark each line written to stdout/stderr for the grid's launcher")
     parser.add_argument("--path", action="append", metavar="DIR",
-                        help="put DIR on sys.path, in place of the folder the daemon starts in (repeatable)")
+                        help="import from DIR after the working folder, before the standard library (repeatable)")
     return parser
 
 
@@ -488,8 +486,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     secret = _read_secret(args)
-    if args.path:
-        set_import_paths(args.path)
     if args.nameserver:
         try:
             check_group(args.group)
@@ -506,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             unix_socket=args.unix_socket,
             temp_path=args.temp_path,
             remove_temp=args.remove_temp,
+            import_paths=args.path or (),
             label=args.label,
             watch_stdin=args.watch_stdin,
             heartbeat_timeout=args.heartbeat_timeout,

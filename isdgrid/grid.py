@@ -35,6 +35,7 @@ from .files import DEFAULT_EXCLUDE, pack_files, select_files
 from .hints import load_failure_hint
 from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
+from .launchers.auto import allocation_launcher
 from .proxy import ServiceProxy
 from .result import Result
 from .server import Server, ServerState
@@ -84,9 +85,11 @@ class ServerStatus:
 class Grid:
     """A set of daemons on ``hosts`` and the services published on them.
 
-    ``launcher`` is ``"local"`` (default), ``"ssh"``, ``"slurm"``, ``"sge"`` or a
-    :class:`~isdgrid.launchers.Launcher`; with ``hosts=None`` the launcher supplies them
-    (the nodes of a SLURM or SGE allocation).
+    ``launcher`` is ``"auto"`` (default: this machine's own names, such as ``localhost``,
+    start local daemons, any other name is reached over ssh), ``"local"``, ``"ssh"``,
+    ``"slurm"``, ``"sge"`` or a :class:`~isdgrid.launchers.Launcher`; with ``hosts=None``
+    the launcher supplies them (the nodes of a SLURM or SGE allocation: ``"auto"`` then
+    picks ``"slurm"`` or ``"sge"`` inside such a job, and says so in the log).
     Daemons are watched with a heartbeat every ``heartbeat_interval`` seconds; a daemon
     silent for ``host_timeout`` seconds (or whose process ended) is lost, and every call
     on it fails with :class:`HostLostError`. With ``respawn=True`` a lost slot is started
@@ -120,7 +123,7 @@ class Grid:
     def __init__(
         self,
         hosts: Sequence[Host] | None,
-        launcher: str | Launcher = "local",
+        launcher: str | Launcher = "auto",
         *,
         shared_temp_path: bool = False,
         debug: bool = False,
@@ -151,6 +154,9 @@ class Grid:
         if attribute_timeout is not None and not attribute_timeout > 0:
             raise ConfigError(f"attribute_timeout must be positive seconds or None, not {attribute_timeout}")
         self.attribute_timeout = attribute_timeout
+        if launcher == "auto" and hosts is None and allocation_launcher():
+            launcher = allocation_launcher() or launcher
+            log.info("no hosts given: inside a %s job, the grid uses the %s launcher", launcher, launcher)
         if isinstance(launcher, Launcher):
             self._launcher = launcher
         else:

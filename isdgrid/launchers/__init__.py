@@ -1,4 +1,4 @@
-"""Launchers: how a grid's daemons are started and ended (local, ssh, slurm, sge, attach)."""
+"""Launchers: how a grid's daemons are started and ended (auto, local, ssh, slurm, sge, attach)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .attach import AttachLauncher
+from .auto import AutoLauncher
 from .base import DaemonHandle, Launcher, ProcessLauncher, SlotSpec
 from .local import LocalLauncher
 from .sge import SgeLauncher
@@ -14,6 +15,7 @@ from .ssh import SshLauncher
 
 __all__ = [
     "AttachLauncher",
+    "AutoLauncher",
     "DaemonHandle",
     "Launcher",
     "LocalLauncher",
@@ -26,6 +28,7 @@ __all__ = [
 ]
 
 _LAUNCHERS: dict[str, type[Launcher]] = {
+    "auto": AutoLauncher,
     "local": LocalLauncher,
     "ssh": SshLauncher,
     "slurm": SlurmLauncher,

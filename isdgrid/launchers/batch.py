@@ -60,10 +60,11 @@ class BatchLauncher(ProcessLauncher):
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
         specs = []
         for host in hosts:
-            made = host.temp_path is None
-            path = host.temp_path or job_temp_path(self.temp_root, self.job_id, self.tag, host.name)
-            # Slot 0 removes a folder the grid chose when it exits (the nodes are not ours to clean).
-            specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
+            # A folder of the grid's own under the host's temp_path (made 0700 by the daemons,
+            # which refuse one another user could write); slot 0 removes it when it exits.
+            name = "shared" if self.shared_temp_path else host.name
+            path = job_temp_path(host.temp_path or self.temp_root, self.job_id, self.tag, name)
+            specs += [SlotSpec(host, slot, path, remove_temp=slot == 0) for slot in range(host.n_cpu)]
         return specs
 
     def bind_address(self, spec: SlotSpec) -> str:
@@ -81,7 +82,7 @@ class BatchLauncher(ProcessLauncher):
 
     def python_path(self, spec: SlotSpec) -> str:
         """``PYTHONPATH`` for the daemon: the driver's isdgrid first, then the driver's own."""
-        paths = [package_root(), spec.temp_path]
+        paths = [package_root()]
         if self.environ.get("PYTHONPATH"):
             paths.append(self.environ["PYTHONPATH"])
         return os.pathsep.join(paths)

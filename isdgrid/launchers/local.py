@@ -85,19 +85,24 @@ class LocalLauncher(ProcessLauncher):
 
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
         specs = []
+        shared: dict[str | None, str] = {}  # with shared_temp_path: one folder per temp_path
         for host in hosts:
-            # A folder made here is recorded at once: close() removes it however the start ends
-            # (an error, Ctrl-C); the daemons are ended before that (see ProcessLauncher.start).
-            made = host.temp_path is None
-            if made:
-                path = tempfile.mkdtemp(prefix=f"isdgrid-{host.name}-")
-            else:
-                path = os.path.abspath(os.path.expanduser(str(host.temp_path)))
-                made = not os.path.isdir(path)
-                os.makedirs(path, exist_ok=True)
-            if made:
+            # Each host's daemons work in a private folder (0700) the grid makes under the
+            # host's temp_path ($TMPDIR when None): never in a folder others may write. A
+            # folder made here is recorded at once: close() removes it however the start
+            # ends (an error, Ctrl-C); the daemons are ended before that.
+            path = shared.get(host.temp_path) if self.shared_temp_path else None
+            made = path is None
+            if path is None:
+                parent = None
+                if host.temp_path is not None:
+                    parent = os.path.abspath(os.path.expanduser(str(host.temp_path)))
+                    os.makedirs(parent, exist_ok=True)
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in host.name)
+                path = tempfile.mkdtemp(prefix=f"isdgrid-{safe}-", dir=parent)
                 self._made_dirs.append(path)
-            # Slot 0 removes a folder the grid made even if the driver dies without terminate().
+                shared[host.temp_path] = path
+            # Slot 0 removes the folder even if the driver dies without terminate().
             specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
         return specs
 
@@ -113,7 +118,7 @@ class LocalLauncher(ProcessLauncher):
 
     def environment(self, spec: SlotSpec) -> dict[str, str]:
         env = dict(os.environ)
-        paths = [package_root(), spec.temp_path]
+        paths = [package_root()]  # the daemon puts its folder first itself (isdgrid.importpath)
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
