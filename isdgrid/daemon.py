@@ -197,6 +197,15 @@ class _CallsChannel:
                 except OSError:
                     self.closed.set()
                     return
+                if kind == wire.PING:  # the driver's heartbeat: answered at once
+                    self.agent.touch()
+                    try:
+                        with self._send_lock:
+                            wire.send_frame(self.sock, wire.PONG, meta)
+                    except OSError:
+                        self.closed.set()
+                        return
+                    continue
                 if kind != wire.BATCH:
                     log.warning("unexpected frame %r on a calls connection; closing it", kind)
                     self.closed.set()

@@ -43,6 +43,7 @@ from .service import Service
 from .slot import Slot
 from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
+from .workers import Workers
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
 
@@ -202,9 +203,6 @@ class Grid:
         self._lock = threading.RLock()
         self._state = GridState.STARTING
         self._status_writer: StatusFileWriter | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(32, 1 + sum(h.n_cpu for h in hosts)), thread_name_prefix="isdgrid-control"
-        )
         _live_grids.add(self)
         try:
             self._start(min_hosts)
@@ -386,7 +384,7 @@ class Grid:
 
     def _fan_out(self, slots: Sequence[Slot], method: str, *args: Any) -> list[Any]:
         """Call an agent method on every slot at once; each outcome is a value or an error."""
-        futures = [self._executor.submit(slot.control, method, *args) for slot in slots]
+        futures = [_CONTROL.submit(slot.control, method, *args) for slot in slots]
         outcomes: list[Any] = []
         for future in futures:
             try:
@@ -706,8 +704,8 @@ class Grid:
             service.queue.wake()
         if respawn:
             try:
-                self._executor.submit(self._respawn_slot, slot, services)
-            except RuntimeError:  # the executor is shut down: the grid is terminating
+                _RESPAWNS.submit(self._respawn_slot, slot, services)
+            except RuntimeError:  # no thread could be started: the interpreter is exiting
                 self._respawn_done(services)
 
     def _respawn_done(self, services: list[Service]) -> None:
@@ -828,7 +826,6 @@ class Grid:
         for service in services:
             for server in service.servers:
                 server.join(timeout=2.0)
-        self._executor.shutdown(wait=False, cancel_futures=True)
         self._launcher.close()
         _live_grids.discard(self)
         log.info("grid terminated")
@@ -891,6 +888,12 @@ def _raise_lost(results: list[concurrent.futures.Future[Any]]) -> None:
 
 
 _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
+
+# Control calls (publish, copy_files, info) to many slots at once, and respawns: a few
+# threads for the whole driver, never one per slot; respawns (which may wait minutes for
+# a host) have their own, so they never hold up control calls.
+_CONTROL = Workers("isdgrid-control", 4)
+_RESPAWNS = Workers("isdgrid-respawn", 2)
 
 
 @atexit.register

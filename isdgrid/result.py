@@ -7,6 +7,8 @@ import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .ioloop import get_loop
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -23,9 +25,9 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
     Results, from any threads. ``get(timeout)`` is the original grid's way to read it: the
     value, or the remote exception re-raised with the remote traceback as its cause.
 
-    A thread that waits through ``result``/``get``/``exception`` reads the reply from the
-    connection itself when nobody else is reading (no thread switch for a synchronous
-    call); the other ways of waiting have the slot's reader thread read it.
+    The driver's I/O loop settles it the moment its reply lands, so every way of waiting
+    sees it at once; a done-callback runs in that loop's thread (keep it short: one that
+    waits for another Result is served, but holds up every other reply meanwhile).
 
     In a coroutine, ``await result`` gives the value (``asyncio.gather`` takes Results too).
     """
@@ -47,38 +49,22 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
             return what
         return f"{server.service.class_name}.{what} on {server.slot.label}"
 
-    def _help(self, timeout: float | None) -> float | None:
-        """Read replies in this thread until this one is here (or ``timeout``); the time left."""
-        server = self._server
-        if server is None or concurrent.futures.Future.done(self):
+    def _in_loop_wait(self, timeout: float | None) -> float | None:
+        """In the I/O loop's own thread (a done-callback that waits): serve the loop meanwhile."""
+        loop = get_loop()
+        if concurrent.futures.Future.done(self) or not loop.in_loop():
             return timeout
         started = time.monotonic()
-        server.wait_for(self, None if timeout is None else started + timeout)
-        if timeout is None:
-            return None
-        return max(0.0, timeout - (time.monotonic() - started))
+        loop.run_until(lambda: concurrent.futures.Future.done(self), None if timeout is None else started + timeout)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
     def result(self, timeout: float | None = None) -> Any:
         """As :meth:`concurrent.futures.Future.result`."""
-        return super().result(self._help(timeout))
+        return super().result(self._in_loop_wait(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As :meth:`concurrent.futures.Future.exception`."""
-        return super().exception(self._help(timeout))
-
-    def done(self) -> bool:
-        """As :meth:`concurrent.futures.Future.done`; a caller that polls gets its reply read."""
-        if super().done():
-            return True
-        if self._server is not None:
-            self._server.kick()
-        return False
-
-    def add_done_callback(self, fn: Any) -> None:
-        """As :meth:`concurrent.futures.Future.add_done_callback` (the reply is read at once)."""
-        super().add_done_callback(fn)
-        if self._server is not None and not super().done():
-            self._server.kick()
+        return super().exception(self._in_loop_wait(timeout))
 
     def get(self, timeout: float | None = None) -> Any:
         """The value of the call; waits at most ``timeout`` seconds (None: no limit).

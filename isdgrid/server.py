@@ -56,7 +56,7 @@ class _Call:
 class _Batch:
     """A batch on the wire (the transport's ``Flight``)."""
 
-    __slots__ = ("server", "key", "meta", "buffers", "sent_at", "calls", "gen", "landed")
+    __slots__ = ("server", "key", "meta", "buffers", "sent_at", "conn", "calls", "gen", "landed")
 
     def __init__(self, server: Server, seq: int, calls: list[_Call], max_reply: int) -> None:
         self.server = server
@@ -69,6 +69,7 @@ class _Batch:
             buffers.extend(call.buffers)
         self.buffers = buffers
         self.sent_at = 0.0
+        self.conn = 0  # the calls connection it was last sent on
         self.landed = False  # a batch lands once (a reply, or the error that ends it)
 
     def land(self, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
@@ -197,19 +198,7 @@ class Server:
             self.state = ServerState.RELEASING
             self.holder = None
             self._releasing = True
-            pending = bool(self._open)
-        if pending:
-            self.kick()
-        else:
-            self._release_if_done()
-
-    def wait_for(self, result: Result, deadline: float | None) -> None:
-        """Read replies in the calling thread until ``result`` is settled or ``deadline``."""
-        self.slot.calls.wait_for(lambda: concurrent.futures.Future.done(result), deadline)
-
-    def kick(self) -> None:
-        """Have replies read now by the slot's reader thread."""
-        self.slot.calls.kick()
+        self._release_if_done()
 
     def attach(self, slot: Slot) -> None:
         """Serve from a new slot (after a respawn); the server is free again."""

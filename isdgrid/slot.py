@@ -2,7 +2,9 @@
 
 A slot is lost only when its daemon's process has ended (as its launcher sees it), when
 its heartbeat has been silent for ``host_timeout``, or when something else answers at its
-address. A broken connection alone is not loss: the calls channel reconnects.
+address. A broken connection alone is not loss: the calls channel reconnects. The
+heartbeat is a timer of the I/O loop that pings on the calls connection (the daemon
+answers at once, even while calls run); a slot has no thread of its own.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ from collections.abc import Callable
 from typing import Any
 
 from . import handshake
-from .errors import AuthenticationError, GridError, HostLostError
+from .errors import AuthenticationError, HostLostError
+from .ioloop import Timer, get_loop
 from .launchers.base import DaemonHandle
 from .transport import CallsChannel, ConnectionBroken, ControlChannel, address_of, connect
+from .workers import Workers
 
 __all__ = ["Slot"]
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+EXIT_CHECKS = (0.01, 0.05, 0.2, 0.5)  # after a connection broke: has the process ended?
+
+# Where a lost slot is handed to the grid (respawn, queues): out of the I/O loop's thread.
+_LOSSES = Workers("isdgrid-loss", 1)
 
 
 class Slot:
@@ -55,9 +63,10 @@ class Slot:
         self._control: ControlChannel | None = None
         self._control_lock = threading.Lock()
         self._stop = threading.Event()
-        self._monitor: threading.Thread | None = None
         self._lost_lock = threading.Lock()
-        self.calls = CallsChannel(self.label, self._open_calls, self._alive, self._refused)
+        self._loop = get_loop()
+        self._timer: Timer | None = None
+        self.calls = CallsChannel(self.label, self._open_calls, self._alive, self._refused, self._broken)
 
     def __repr__(self) -> str:
         state = "lost" if self.lost.is_set() else "up"
@@ -65,10 +74,10 @@ class Slot:
 
     def open(self) -> None:
         """Connect the channels (the first connection learns the daemon's id)."""
-        control = self._new_control()
-        with self._control_lock:
-            self._control = control
-        self.calls.start(self._open_calls())
+        sock, self.daemon_id = connect(
+            self._address, self.secret, handshake.CHANNEL_CALLS, self._connect_timeout, self.daemon_id
+        )
+        self.calls.start(sock)  # the control connection is made on the first control call
 
     def _alive(self) -> bool:
         return not self.lost.is_set() and self.handle.exited() is None
@@ -131,50 +140,40 @@ class Slot:
                 raise
 
     def start_monitor(self) -> None:
-        """Start the heartbeat thread."""
-        self._monitor = threading.Thread(target=self._watch, name=f"isdgrid-heartbeat-{self.label}", daemon=True)
-        self._monitor.start()
+        """Start the heartbeat: a timer of the I/O loop, every ``heartbeat_interval``."""
+        self._timer = self._loop.call_later(self.heartbeat_interval, self._beat)
 
-    def _watch(self) -> None:
-        pinger: list[ControlChannel] = []
-        try:
-            self._heartbeat(pinger)
-        finally:
-            for channel in pinger:
-                channel.close()
+    def _beat(self) -> None:
+        """One heartbeat (in the I/O loop): has the process ended, has the daemon gone silent?"""
+        if self._stop.is_set() or self.lost.is_set():
+            return
+        code = self.handle.exited()
+        if code is not None:
+            self.mark_lost(f"daemon process exited with code {code}")
+            return
+        heard = max(self.calls.last_heard, self.calls.last_sent)
+        silent = time.monotonic() - heard
+        if silent >= self.host_timeout:
+            self.mark_lost(f"no answer to heartbeat for {silent:.1f} s")
+            return
+        self.calls.ping()
+        self._timer = self._loop.call_later(self.heartbeat_interval, self._beat)
 
-    def _heartbeat(self, pinger_box: list[ControlChannel]) -> None:
-        pinger: ControlChannel | None = None
-        last_ok = time.monotonic()
-        while not self._stop.wait(self.heartbeat_interval):
-            try:
-                code = self.handle.exited()
-                if code is not None:
-                    self.mark_lost(f"daemon process exited with code {code}")
-                    return
-                # A ping may take until the slot's deadline, no longer: a silent daemon is
-                # declared lost host_timeout after its last answer.
-                left = max(0.2, last_ok + self.host_timeout - time.monotonic())
-                try:
-                    if pinger is None:
-                        pinger = self._new_control(left)
-                        pinger_box[:] = [pinger]
-                    pinger.call("ping", timeout=left)
-                    last_ok = time.monotonic()
-                except (ConnectionBroken, GridError) as exc:
-                    if pinger is not None:
-                        pinger.close()
-                    pinger = None
-                    silent = time.monotonic() - last_ok
-                    log.debug("%s: heartbeat failed after %.1f s silent: %s", self.label, silent, exc)
-                    if isinstance(exc, AuthenticationError):
-                        self._refused(str(exc))
-                        return
-                    if silent >= self.host_timeout and not self._stop.is_set():
-                        self.mark_lost(f"no answer to heartbeat for {silent:.1f} s ({exc})")
-                        return
-            except BaseException:  # noqa: BLE001 - the monitor outlives any error
-                log.exception("%s: heartbeat error", self.label)
+    def _broken(self) -> None:
+        """The calls connection broke (in any thread): look at the process at once, and soon again.
+
+        A daemon that died closes its connections as it exits: its loss is seen within
+        milliseconds, not at the next heartbeat.
+        """
+        for delay in EXIT_CHECKS:
+            self._loop.call_later(delay, self._exit_check)
+
+    def _exit_check(self) -> None:
+        if self._stop.is_set() or self.lost.is_set():
+            return
+        code = self.handle.exited()
+        if code is not None:
+            self.mark_lost(f"daemon process exited with code {code}")
 
     def cut_connections(self) -> None:
         """Cut the slot's connections, as a network glitch would; they are made again."""
@@ -191,19 +190,23 @@ class Slot:
             self.lost_reason = reason
             self.lost.set()
         log.warning("host %s lost: %s", self.label, reason)
+        if self._timer is not None:
+            self._timer.cancel()
         self.calls.fail(self.lost_error("a call was out"))
         with self._control_lock:
             if self._control is not None:
                 self._control.cut()
-        self._on_lost(self)
+        # The grid's part (respawn, queues) takes the grid's locks: never in the I/O loop,
+        # whose thread settles the Results that a thread holding them may wait for.
+        _LOSSES.submit(self._on_lost, self)
 
     def close(self, error: BaseException | None = None) -> None:
         """Stop the heartbeat and close the channels (the daemon is being stopped)."""
         self._stop.set()
+        if self._timer is not None:
+            self._timer.cancel()
         self.calls.close(error or HostLostError(f"{self.label} was closed", host=self.host.name, slot=self.index))
         with self._control_lock:
             if self._control is not None:
                 self._control.close()
             self._control = None
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join(timeout=self.heartbeat_interval + 6.0)

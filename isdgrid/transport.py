@@ -13,20 +13,18 @@ Errors are classified here, once, by type: a connection that breaks is
 that it is lost), a failed proof is :class:`~isdgrid.AuthenticationError`, and an error
 raised on the host by a control method comes back as its own type.
 
-Who reads replies: a thread waiting for a result (:meth:`CallsChannel.wait_for`) takes the
-channel's *read role* and reads frames itself, so a synchronous call involves no other
-thread. Replies nobody waits for that way are read by the channel's background thread,
-woken by a kick (``done()``, callbacks, a release) or, for waits that no public hook
-reveals (``concurrent.futures.wait``), by the sweeper within :data:`GRACE` seconds.
+Who reads replies: the process's one I/O loop (:mod:`isdgrid.ioloop`) reads every calls
+connection and settles each batch's Results as its reply lands; a caller sends its own
+batches and waits on its Result like on any Future.
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,10 +35,10 @@ from Pyro5 import config as pyro_config
 
 from . import codec, handshake, wire
 from .errors import AuthenticationError, GridError, PayloadTooLargeError, RemoteError
-from .ticker import Ticker
+from .ioloop import get_loop
+from .workers import Workers
 
 __all__ = [
-    "GRACE",
     "CallsChannel",
     "ConnectionBroken",
     "ControlChannel",
@@ -51,8 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GRACE = 0.002  # a reply nobody waits for is read by the background thread about this late
-LINGER = 1.0  # the sweeper keeps ticking this long after the last flight, then sleeps
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 SERIALIZER = "marshal"
 CONTROL_HEADROOM = 64 * 1024  # room for Pyro5's header and the other arguments of a control call
@@ -196,6 +192,7 @@ class Flight(Protocol):
     meta: Any
     buffers: codec.Buffers
     sent_at: float
+    conn: int  # the connection it was last sent on (0: none yet)
 
     def land(self, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
         """Take the reply (items and buffers) or the error that ends this batch; never raises."""
@@ -204,10 +201,16 @@ class Flight(Protocol):
 class CallsChannel:
     """The calls connection of one slot, shared by every service on it.
 
-    ``send`` puts a batch on the wire (or keeps it for after a reconnect); replies are
-    matched to their batch by ``(service id, number)``. A broken connection is made again
-    by the background thread while ``alive()`` says the daemon runs; every batch not yet
-    answered is then resent under its number (the agent answers a resend from its record).
+    ``send`` puts a batch on the wire in the calling thread (or keeps it for after a
+    reconnect); the process's I/O loop (:mod:`isdgrid.ioloop`) reads every reply as it
+    lands and matches it to its batch by ``(service id, number)``. A broken connection is
+    made again (in a worker thread, with back-off timers in the loop) while ``alive()``
+    says the daemon runs; every batch not yet answered is then resent under its number
+    (the agent answers a resend from its record), each batch on one connection once.
+
+    :attr:`last_heard` is when the daemon was last heard from (any byte of any frame), and
+    :attr:`last_sent` when a chunk of a large batch last went out to it (a daemon that
+    stopped reading stops that); :meth:`ping` sends the heartbeat it answers at once.
     """
 
     def __init__(
@@ -216,311 +219,243 @@ class CallsChannel:
         open_socket: Callable[[], socket.socket],
         alive: Callable[[], bool],
         on_refused: Callable[[str], None],
+        on_broken: Callable[[], None] = lambda: None,
     ) -> None:
         self.label = label
         self._open = open_socket
         self._alive = alive
         self._on_refused = on_refused
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # threads waiting for results
-        self._bg = threading.Condition(self._lock)  # the background thread
+        self._on_broken = on_broken
+        self._loop = get_loop()
+        self._lock = threading.Lock()  # the flights, the socket and the state below
+        self._send_lock = threading.Lock()  # one sender at a time on the socket
         self._sock: socket.socket | None = None
-        self._frames: wire.FrameReader | None = None
+        self._parser = wire.FrameParser()
+        self._conn = 0  # numbers the connections; a flight is sent once on each
         self._flights: dict[tuple[str, int], Flight] = {}
-        self._reader: int | None = None  # thread holding the read role
-        self._send_lock = threading.Lock()
+        self._ready: deque[wire.Frame] = deque()  # replies read, not yet landed (the loop's)
         self._broken = True
-        self._kicked = False
+        self._reconnecting = False
         self._closed = False
         self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._background, name=f"isdgrid-reader-{label}", daemon=True)
+        self._pings = 0
+        self.last_heard = time.monotonic()
+        self.last_sent = 0.0  # when the last chunk of a large batch went out
 
     def start(self, sock: socket.socket) -> None:
         """Start serving on an authenticated socket."""
-        with self._cond:
-            self._sock = sock
-            self._frames = wire.FrameReader(sock)
-            self._broken = False
-        self._thread.start()
+        with self._lock:
+            self._install(sock)
 
-    # -- sending ---------------------------------------------------------------------------
+    def _install(self, sock: socket.socket) -> None:
+        """Make ``sock`` the connection (lock held)."""
+        self._sock = sock
+        self._parser = wire.FrameParser()
+        self._conn += 1
+        self._broken = False
+        self.last_heard = time.monotonic()
+        conn = self._conn
+        self._loop.add_reader(sock, lambda: self._on_readable(sock, conn))
+
+    # -- sending (any thread) ----------------------------------------------------------------
     def send(self, flight: Flight) -> None:
         """Send a batch now, or keep it for the reconnect; fails it if the channel is closed."""
-        with self._cond:
+        with self._lock:
             failed = self._failed
             if failed is None:
                 self._flights[flight.key] = flight
-                sock = None if self._broken else self._sock
-                if self._kicked:  # the background thread is reading: it must see this one too
-                    self._bg.notify()
         if failed is not None:
             flight.land(failed)
             return
         flight.sent_at = time.monotonic()
-        _sweeper.watch(self)
-        if sock is None:
-            self.kick()
+        with self._send_lock:
+            with self._lock:
+                sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
+                if sock is None or flight.conn == conn or flight.key not in self._flights:
+                    return  # the reconnect sends it (or sent it already, or it landed)
+                flight.conn = conn
+            try:
+                wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
+            except OSError as exc:
+                failure: str | None = f"sending failed: {exc}"
+            else:
+                failure = None
+        if failure is not None:
+            self._break(sock, failure)
+
+    def ping(self) -> None:
+        """Send a heartbeat, unless a send is under way (its progress tells that the daemon reads)."""
+        if not self._send_lock.acquire(blocking=False):
             return
         try:
-            with self._send_lock:
-                wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers)
-        except OSError as exc:
-            self._break(sock, f"sending failed: {exc}")
-
-    # -- reading ---------------------------------------------------------------------------
-    def wait_for(self, done: Callable[[], bool], deadline: float | None) -> None:
-        """Read replies in the calling thread until ``done()`` or ``deadline``.
-
-        Takes the read role when it is free; otherwise waits for whoever holds it. Returns
-        at the deadline without touching the connection (a reply that is not there yet
-        stays on the wire for the next reader).
-        """
-        while not done():
-            with self._cond:
-                if done():
-                    return
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                if self._reader is not None or self._broken or not self._flights or self._sock is None:
-                    if self._failed is not None:
-                        return
-                    self._cond.wait(left if left is not None and left < 1.0 else 1.0)
-                    continue
-                self._reader = threading.get_ident()
-                sock, frames = self._sock, self._frames
-            # In slices: a reply that another thread lands meanwhile is noticed within one.
-            self._read_one(sock, frames, 1.0 if left is None else min(left, 1.0))
-
-    def _read_one(self, sock: socket.socket, frames: Any, timeout: float | None) -> None:
-        """Read one frame (read role held) and land its batch; gives the role back.
-
-        The batch leaves the list under the same lock that gives the role back: a thread
-        that takes the role next never waits on the wire for a reply already read.
-        """
-        frame = None
-        flight: Flight | None = None
-        try:
-            if not frames.buffered:
-                try:
-                    ready, _, _ = select.select([sock], [], [], timeout)
-                except (OSError, ValueError) as exc:  # closed under us
-                    self._break(sock, f"connection closed: {exc}")
-                    return
-                if not ready:
-                    return
-            try:
-                frame = frames.read()
-            except BaseException as exc:
-                # Part of a frame may be read: the stream is unusable. Reconnect and resend;
-                # the agent answers resends from its record.
-                self._break(sock, f"reading a reply failed: {exc!r}")
-                if not isinstance(exc, (OSError, ValueError, EOFError)):
-                    raise
+            with self._lock:
+                sock = None if self._broken else self._sock
+            if sock is None:
                 return
-        finally:
+            self._pings += 1
             try:
-                with self._cond:
-                    if frame is not None:  # listed batches are exactly those awaiting a reply
-                        flight = self._flights.pop((frame[1][0], frame[1][1]), None)
-                    self._reader = None
-                    self._cond.notify_all()
-                    if self._kicked and self._flights:
-                        self._bg.notify()
-            except BaseException:
-                if frame is not None:  # interrupted with a reply in hand: have it resent
-                    if flight is not None:
-                        with self._cond:
-                            self._flights.setdefault(flight.key, flight)
-                    self._break(sock, "interrupted while taking a reply")
-                raise
-        if frame is None:
-            return
-        if flight is None:
-            log.debug("%s: reply to unknown batch %s ignored", self.label, frame[1][:2])
-            return
+                wire.send_frame(sock, wire.PING, (self._pings,))
+            except OSError as exc:
+                failure: str | None = f"sending a heartbeat failed: {exc}"
+            else:
+                failure = None
+        finally:
+            self._send_lock.release()
+        if failure is not None:
+            self._break(sock, failure)
+
+    def _sent_some(self) -> None:
+        self.last_sent = time.monotonic()
+
+    # -- reading (the I/O loop) --------------------------------------------------------------
+    def _on_readable(self, sock: socket.socket, conn: int) -> None:
+        with self._lock:
+            if self._sock is not sock or self._conn != conn or self._broken:
+                return
+            parser = self._parser
         try:
-            self._dispatch(frame, flight)
-        except BaseException:
-            # Interrupted (KeyboardInterrupt) before its batch landed: it was listed again,
-            # so the reconnect resends it and the agent answers from its record.
-            self._break(sock, "interrupted while taking a reply")
-            raise
+            frames = parser.read_from(sock)
+        except (OSError, ValueError, EOFError) as exc:
+            self._break(sock, f"reading a reply failed: {exc!r}")
+            return
+        self.last_heard = time.monotonic()
+        for frame in frames:
+            if frame[0] not in (wire.REPLY, wire.ERROR, wire.PONG):
+                self._break(sock, f"unexpected frame {frame[0]!r} from the daemon")
+                return
+        self._ready.extend(f for f in frames if f[0] != wire.PONG)
+        self._land_ready()
+
+    def _land_ready(self) -> None:
+        """Land the replies read, one at a time (in the loop thread).
+
+        Before each, the rest are handed to the loop again: a done-callback that waits for
+        a Result whose reply came in the same read gets it landed by the loop it runs.
+        """
+        while self._ready:
+            frame = self._ready.popleft()
+            if self._ready:
+                self._loop.call_soon(self._land_ready)
+            meta = frame[1]
+            with self._lock:
+                flight = self._flights.pop((meta[0], meta[1]), None)
+            if flight is None:
+                log.debug("%s: reply to unknown batch %s ignored", self.label, meta[:2])
+                continue
+            try:
+                self._dispatch(frame, flight)
+            except BaseException:  # noqa: BLE001 - the batch landed; the others of this read still do
+                log.exception("%s: landing a reply failed", self.label)
 
     def _dispatch(self, frame: wire.Frame, flight: Flight) -> None:
         kind, meta, buffers = frame
-        key = flight.key
-        try:
-            if kind == wire.ERROR:
-                flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
-            else:
-                flight.land((meta[2], buffers))
-        except BaseException:
-            # Interrupted before it landed: list it again, so that the reconnect resends it
-            # (a batch lands once: a second reply to a landed batch is ignored).
-            with self._cond:
-                self._flights.setdefault(key, flight)
-            raise
-        finally:
-            with self._cond:  # threads waiting for a result of this batch look again
-                if not self._flights:  # (landing may have sent the next batch: then read on)
-                    self._kicked = False
-                self._cond.notify_all()
-
-    def kick(self) -> None:
-        """Have the background thread read the replies in flight now."""
-        with self._cond:
-            if not self._kicked:
-                self._kicked = True
-                self._bg.notify()
-
-    def due(self, now: float) -> bool:
-        """True when a reply has waited longer than GRACE with nobody reading (sweeper)."""
-        if self._kicked or self._reader is not None or not self._flights:
-            return False
-        try:
-            oldest = next(iter(self._flights.values())).sent_at
-        except (StopIteration, RuntimeError):  # changed meanwhile: look next time
-            return False
-        return now - oldest >= GRACE / 2
+        if kind == wire.ERROR:
+            flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
+        else:
+            flight.land((meta[2], buffers))
 
     @property
     def idle(self) -> bool:
         """No batch out."""
         return not self._flights
 
-    def _background(self) -> None:
-        while True:
-            try:
-                if not self._background_step():
-                    return
-            except BaseException:  # noqa: BLE001 - this thread outlives any error
-                log.exception("%s: reader thread error", self.label)
-                time.sleep(0.05)
-
-    def _background_step(self) -> bool:
-        with self._cond:
-            while True:
-                if self._closed:
-                    return False
-                if self._broken and self._failed is None:
-                    break
-                if self._kicked and self._flights and self._reader is None and not self._broken:
-                    self._reader = threading.get_ident()
-                    sock, frames = self._sock, self._frames
-                    break
-                self._bg.wait(None if not self._flights else 1.0)
-        if self._broken:
-            self._reconnect()
-            return True
-        assert sock is not None
-        self._read_one(sock, frames, 1.0)
-        return True
-
     # -- breaking and reconnecting ------------------------------------------------------------
-    def _break(self, sock: socket.socket, why: str) -> None:
-        with self._cond:
-            if self._sock is not sock or self._broken:
+    def _break(self, sock: socket.socket | None, why: str) -> None:
+        with self._lock:
+            if sock is None or self._sock is not sock or self._broken:
                 return
             self._broken = True
-            self._cond.notify_all()
-            self._bg.notify()
-        if not self._closed:
-            log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
+            closed = self._closed
+        self._loop.remove_reader(sock)
         wire.shutdown_quietly(sock)
-        wire.close_quietly(sock)
+        self._loop.call_soon(wire.close_quietly, sock)  # after the loop unregistered it
+        if closed or self._failed is not None:
+            return
+        log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
+        try:
+            self._on_broken()
+        finally:
+            self._schedule_reconnect(0.0, 0)
 
-    def _reconnect(self) -> None:
-        attempt = 0
-        while True:
-            with self._cond:
-                if self._closed or self._failed is not None:
-                    return
-            if not self._alive():
-                with self._cond:  # the heartbeat monitor declares the loss; wait for it
-                    self._bg.wait(0.2)
-                continue
-            try:
-                sock = self._open()
-            except AuthenticationError as exc:
-                self._on_refused(str(exc))
+    def _schedule_reconnect(self, delay: float, attempt: int) -> None:
+        with self._lock:
+            if self._closed or self._failed is not None or self._reconnecting:
                 return
-            except (ConnectionBroken, GridError) as exc:
-                log.info("%s: reconnect failed (%s)", self.label, exc)
-                with self._cond:
-                    self._bg.wait(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
-                attempt += 1
-                continue
-            with self._cond:
+            self._reconnecting = True
+        self._loop.call_later(delay, _BLOCKING.submit, self._reconnect, attempt)
+
+    def _reconnect(self, attempt: int) -> None:
+        """One attempt (a worker thread): connect, resend, install; else try again later."""
+        with self._lock:
+            self._reconnecting = False
+            if self._closed or self._failed is not None or not self._broken:
+                return
+        if not self._alive():  # the slot's heartbeat declares the loss, or the process comes back
+            self._schedule_reconnect(0.2, attempt)
+            return
+        try:
+            sock = self._open()
+        except AuthenticationError as exc:
+            self._on_refused(str(exc))
+            return
+        except (ConnectionBroken, GridError) as exc:
+            log.info("%s: reconnect failed (%s)", self.label, exc)
+            self._schedule_reconnect(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)], attempt + 1)
+            return
+        with self._send_lock:
+            with self._lock:
                 if self._closed or self._failed is not None:
                     wire.close_quietly(sock)
                     return
-                flights = list(self._flights.values())
-                self._sock = sock
-                self._frames = wire.FrameReader(sock)
+                flights = sorted(self._flights.values(), key=lambda f: f.sent_at)  # in the order first sent
+                conn = self._conn + 1
             try:
-                with self._send_lock:
-                    for flight in flights:  # in the order they were first sent
-                        wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers)
+                for flight in flights:
+                    flight.conn = conn
+                    wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
             except OSError as exc:
                 log.info("%s: resend failed (%s)", self.label, exc)
                 wire.close_quietly(sock)
-                continue
-            with self._cond:
-                self._broken = False
-                self._kicked = bool(self._flights)
-                self._cond.notify_all()
-            log.info("%s: reconnected; %d batches resent", self.label, len(flights))
-            return
+                for flight in flights:
+                    flight.conn = 0
+                self._schedule_reconnect(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)], attempt + 1)
+                return
+            with self._lock:
+                self._install(sock)
+        log.info("%s: reconnected; %d batches resent", self.label, len(flights))
 
     def cut(self) -> None:
         """Shut the connection down (from any thread); the channel reconnects and resends."""
-        with self._cond:
+        with self._lock:
             sock = self._sock
         if sock is not None:
             wire.shutdown_quietly(sock)
-        self.kick()
 
     def fail(self, error: BaseException) -> None:
         """End the channel: every batch out, and every later one, fails with ``error``."""
-        with self._cond:
+        with self._lock:
             if self._failed is None:
                 self._failed = error
             flights = list(self._flights.values())
             self._flights.clear()
-            sock = self._sock
-            self._broken = True
-            self._cond.notify_all()
-            self._bg.notify()
+            sock = None if self._broken else self._sock
         if sock is not None:
-            wire.shutdown_quietly(sock)
+            self._break(sock, "the slot was lost")
         for flight in flights:
             flight.land(error)
 
     def close(self, error: BaseException) -> None:
-        """Fail what is out with ``error`` and stop the background thread."""
-        _sweeper.forget(self)
-        with self._cond:
+        """Fail what is out with ``error`` and let go of the connection."""
+        with self._lock:
             self._closed = True
         self.fail(error)
-        with self._cond:
+        with self._lock:
             sock = self._sock
-            self._cond.notify_all()
-            self._bg.notify()
         if sock is not None:
-            wire.close_quietly(sock)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
+            self._loop.remove_reader(sock)
+            wire.shutdown_quietly(sock)
+            self._loop.call_soon(wire.close_quietly, sock)
 
 
-def _sweep(channel: CallsChannel, now: float) -> bool:
-    """The sweeper's look at one channel: kick its reader when a reply waits unread."""
-    if channel.due(now):
-        channel.kick()
-    return not channel.idle
-
-
-# One thread for every calls channel: kicks the readers of replies nobody waits for.
-_sweeper: Ticker[CallsChannel] = Ticker("isdgrid-sweeper", GRACE, _sweep, linger=LINGER)
-
-
+# The threads that connect and authenticate again (blocking work the I/O loop must not do).
+_BLOCKING = Workers("isdgrid-connect", 2)

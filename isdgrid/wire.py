@@ -20,14 +20,14 @@ import contextlib
 import marshal
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .codec import Buffers, receive_buffer
 
 __all__ = [
-    "BATCH", "ERROR", "NO_LIMIT", "REPLY", "Frame", "FrameError", "FrameReader", "close_quietly", "send_frame",
-    "shutdown_quietly",
+    "BATCH", "ERROR", "NO_LIMIT", "PING", "PONG", "REPLY", "Frame", "FrameError", "FrameParser", "FrameReader",
+    "close_quietly", "send_frame", "shutdown_quietly",
 ]
 
 NO_LIMIT = 1 << 62  # frames between authenticated peers: each side bounds what it sends
@@ -35,7 +35,9 @@ NO_LIMIT = 1 << 62  # frames between authenticated peers: each side bounds what 
 BATCH = b"B"  # driver -> daemon: (service id, number, [(pickle, buffer count), ...])
 REPLY = b"R"  # daemon -> driver: (service id, number, [(reply item, buffer count), ...])
 ERROR = b"E"  # daemon -> driver: (service id, number, type name, message): the batch could not run
-KINDS = (BATCH, REPLY, ERROR)
+PING = b"P"  # driver -> daemon: (number,): the heartbeat; answered at once, even while calls run
+PONG = b"Q"  # daemon -> driver: (number,)
+KINDS = (BATCH, REPLY, ERROR, PING, PONG)
 
 _HEADER = struct.Struct("!cIQ")
 _MAX_BUFFERS = 1 << 20
@@ -48,8 +50,13 @@ class FrameError(OSError):
 Frame = tuple[bytes, Any, Buffers]
 
 
-def send_frame(sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[Any] = ()) -> None:
-    """Send one frame (the caller serialises senders)."""
+SEND_CHUNK = 1024 * 1024  # a large buffer goes out in pieces of this size when progress is watched
+
+
+def send_frame(
+    sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[Any] = (), progress: Callable[[], None] | None = None
+) -> None:
+    """Send one frame (the caller serialises senders); ``progress()`` after each piece of a large buffer."""
     data = marshal.dumps(meta)
     kinds = buffers.kinds if isinstance(buffers, Buffers) else b"b" * len(buffers)
     head = [_HEADER.pack(kind, len(buffers), len(data))]
@@ -58,7 +65,13 @@ def send_frame(sock: socket.socket, kind: bytes, meta: Any, buffers: Sequence[An
     head.append(data)
     sock.sendall(b"".join(head))
     for buf in buffers:
-        sock.sendall(buf)
+        view = memoryview(buf).cast("B")
+        if progress is None or view.nbytes <= SEND_CHUNK:
+            sock.sendall(view)
+            continue
+        for at in range(0, view.nbytes, SEND_CHUNK):
+            sock.sendall(view[at: at + SEND_CHUNK])
+            progress()
 
 
 class FrameReader:
@@ -139,6 +152,120 @@ class FrameReader:
             self._take_into(buf)
             buffers.append(buf)
         return kind, meta, buffers
+
+
+class FrameParser:
+    """Reads frames from a socket without ever blocking: the driver's I/O loop reads with it.
+
+    :meth:`read_from` takes what the socket holds now (``MSG_DONTWAIT``: the socket itself
+    stays blocking for the threads that send on it) and returns the frames it completed;
+    a part of a frame stays here for the next call. Large buffers are received straight
+    into their own memory, as :class:`FrameReader` does.
+    """
+
+    CHUNK = 256 * 1024
+    MAX_PER_CALL = 8 * 1024 * 1024  # then return, so one busy connection does not starve the others
+
+    def __init__(self, max_size: int = NO_LIMIT) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._head: tuple[bytes, int, int] | None = None  # kind, buffer count, meta length
+        self._sizes: list[int] = []
+        self._kinds = b""
+        self._meta: Any = None
+        self._have_meta = False
+        self._buffers = Buffers()
+        self._target: memoryview | None = None  # a large buffer being received in place
+        self._got = 0
+
+    def read_from(self, sock: socket.socket) -> list[Frame]:
+        """The frames completed by what ``sock`` holds now; raises FrameError at its end."""
+        frames: list[Frame] = []
+        taken = 0
+        while taken < self.MAX_PER_CALL:
+            if self._target is not None:
+                try:
+                    n = sock.recv_into(self._target[self._got:], 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return frames
+                if not n:
+                    raise FrameError("connection closed by the peer")
+                taken += n
+                self._got += n
+                if self._got == self._target.nbytes:
+                    self._target = None
+                    self._parse(frames)
+                continue
+            try:
+                chunk = sock.recv(self.CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return frames
+            if not chunk:
+                raise FrameError("connection closed by the peer")
+            taken += len(chunk)
+            if self._pos and self._pos == len(self._buf):
+                self._buf.clear()
+                self._pos = 0
+            self._buf += chunk
+            self._parse(frames)
+            if len(chunk) < self.CHUNK:
+                return frames  # drained for now; the loop calls again when more comes
+        return frames
+
+    def _avail(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[self._pos: self._pos + n])
+        self._pos += n
+        return data
+
+    def _parse(self, frames: list[Frame]) -> None:
+        while self._target is None:
+            if self._head is None:
+                if self._avail() < _HEADER.size:
+                    break
+                kind, count, meta_len = _HEADER.unpack(self._take(_HEADER.size))
+                if kind not in KINDS:
+                    raise FrameError(f"unknown frame kind {kind!r}")
+                if count > _MAX_BUFFERS:
+                    raise FrameError(f"frame with {count} buffers")
+                self._head = (kind, count, meta_len)
+                self._sizes = []
+            kind, count, meta_len = self._head
+            if count and not self._sizes:
+                if self._avail() < 9 * count:
+                    break
+                layout = self._take(9 * count)
+                self._sizes = [struct.unpack_from("!Q", layout, 9 * i)[0] for i in range(count)]
+                self._kinds = bytes(layout[9 * i + 8] for i in range(count))
+                total = meta_len + sum(self._sizes)
+                if total > self.max_size:
+                    raise FrameError(f"frame of {total} bytes exceeds the limit of {self.max_size}")
+            if not self._have_meta:
+                if self._avail() < meta_len:
+                    break
+                self._meta = marshal.loads(self._take(meta_len))
+                self._have_meta = True
+                self._buffers = Buffers([], self._kinds if count else b"")
+            while len(self._buffers) < count:
+                i = len(self._buffers)
+                size = self._sizes[i]
+                buf = receive_buffer(size, self._kinds[i])
+                view = memoryview(buf).cast("B")
+                have = min(self._avail(), size)
+                view[:have] = self._buf[self._pos: self._pos + have]
+                self._pos += have
+                self._buffers.append(buf)
+                if have < size:
+                    self._target, self._got = view, have
+                    return
+            frames.append((kind, self._meta, self._buffers))
+            self._head, self._meta, self._have_meta, self._sizes = None, None, False, []
+        if self._pos > self.CHUNK and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
 
 
 def _recv_into(sock: socket.socket, target: Any) -> None:

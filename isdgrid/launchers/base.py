@@ -16,7 +16,9 @@ import contextlib
 import logging
 import os
 import queue
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -133,50 +135,85 @@ class Launcher(abc.ABC):
         """Release what the launcher itself holds (after the last stop)."""
 
 
-class SlotOutput(threading.Thread):
-    """Reads one daemon's output: first the URI line, then every line until the end.
+class SlotOutput:
+    """One daemon's output: first the URI line, then every line until the end.
 
     Lines the daemon marked as its objects' stdout or stderr go, prefixed ``[host/slot]``,
     to the driver's ``sys.stdout`` or ``sys.stderr`` (``forward=True``) or else to the
     ``isdgrid.remote`` logger; unmarked lines (the daemon's own log, ssh's messages) go to
     that logger. Every line also goes to the slot's log file under ``log_dir``, made
-    readable by the user only. The thread reads on whatever happens to a line, so the
-    daemon never waits on a full pipe for long.
+    readable by the user only. One thread reads every daemon's output (:class:`_OutputReader`),
+    whatever happens to a line, so no daemon waits on a full pipe for long.
     """
 
     def __init__(self, spec: SlotSpec, stream: IO[bytes], log_dir: str | None, forward: bool = True) -> None:
-        super().__init__(name=f"isdgrid-output-{spec.label}", daemon=True)
+        self.name = f"isdgrid-output-{spec.label}"
         self.spec = spec
         self.forward = forward
         self._stream = stream
         self._uri: queue.Queue[str | None] = queue.Queue(maxsize=1)
         self.early_lines: list[str] = []
+        self._seen_uri = False
+        self._partial = b""
+        self._done = threading.Event()
         self._log_file: IO[str] | None = None
         if log_dir:
             self._log_file = _open_log(log_dir, f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_"))
 
-    def run(self) -> None:
-        seen_uri = False
+    def start(self) -> None:
+        """Start reading (in the driver's one output thread)."""
+        _output_reader().add(self)
+
+    def is_alive(self) -> bool:
+        """True until the daemon's output has ended and been read."""
+        return not self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout`` seconds) until the output has ended and been read."""
+        self._done.wait(timeout)
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def read_some(self) -> bool:
+        """Read what the pipe holds now and handle its whole lines; False at its end."""
         try:
-            for raw in iter(self._stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                uri = None if seen_uri else parse_announcement(line)
-                if uri is not None:
-                    seen_uri = True
-                    self._uri.put(uri)
-                    continue
-                kind, text = split_output(line)
-                if not seen_uri:
-                    self.early_lines.append(text)
-                    del self.early_lines[:-200]
-                self._forward(kind, text)
+            data = os.read(self._stream.fileno(), 65536)
+        except (BlockingIOError, InterruptedError):
+            return True
         except (OSError, ValueError):
-            pass
-        finally:
-            if not seen_uri:
-                self._uri.put(None)
-            if self._log_file is not None:
-                self._log_file.close()
+            data = b""
+        if not data:
+            if self._partial:
+                self._line(self._partial)
+                self._partial = b""
+            return False
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            self._line(raw)
+        return True
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        uri = None if self._seen_uri else parse_announcement(line)
+        if uri is not None:
+            self._seen_uri = True
+            self._uri.put(uri)
+            return
+        kind, text = split_output(line)
+        if not self._seen_uri:
+            self.early_lines.append(text)
+            del self.early_lines[:-200]
+        self._forward(kind, text)
+
+    def finish(self) -> None:
+        """The output ended: no URI will come, the log file is closed."""
+        if not self._seen_uri:
+            self._uri.put(None)
+        if self._log_file is not None:
+            self._log_file.close()
+        self._done.set()
 
     def _forward(self, kind: str | None, text: str) -> None:
         if self._log_file is not None:
@@ -194,6 +231,81 @@ class SlotOutput(threading.Thread):
             return self._uri.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+class _OutputReader:
+    """The driver's one thread that reads the output pipes of every daemon it started."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._new: list[SlotOutput] = []
+        threading.Thread(target=self._run, name="isdgrid-output", daemon=True).start()
+
+    def add(self, output: SlotOutput) -> None:
+        os.set_blocking(output.fileno(), False)
+        with self._lock:
+            self._new.append(output)
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._step()
+            except BaseException:  # noqa: BLE001 - the reader outlives any error
+                log.exception("isdgrid output reader error")
+                time.sleep(0.05)
+
+    def _step(self) -> None:
+        for key, _ in self._selector.select(1.0):
+            output = key.data
+            if output is None:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    while self._wake_r.recv(4096):
+                        pass
+                with self._lock:
+                    new, self._new = self._new, []
+                for added in new:
+                    try:
+                        self._selector.register(added.fileno(), selectors.EVENT_READ, added)
+                    except (ValueError, OSError):
+                        added.finish()
+                continue
+            try:
+                more = output.read_some()
+            except BaseException:  # noqa: BLE001 - one daemon's line never stops the others
+                log.exception("%s: reading its output failed", output.spec.label)
+                more = True
+            if not more:
+                self._selector.unregister(key.fileobj)
+                output.finish()
+
+
+_reader: _OutputReader | None = None
+_reader_lock = threading.Lock()
+
+
+def _output_reader() -> _OutputReader:
+    global _reader
+    with _reader_lock:
+        if _reader is None:
+            _reader = _OutputReader()
+        return _reader
+
+
+def _forget_reader_in_child() -> None:
+    global _reader, _reader_lock
+    _reader = None
+    _reader_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_reader_in_child)
 
 
 def _open_log(log_dir: str, name: str) -> IO[str]:
