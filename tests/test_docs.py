@@ -338,6 +338,38 @@ def test_readme_first_command_works_as_written(runs: dict[str, concurrent.future
     assert rc == 0 and "Boltzmann check" in out, f"README's first command {command!r} failed ({rc}):\n{out[-4000:]}"
 
 
+# -- (a2) the example drivers the docs tell users to copy run once copied ------------------
+
+# "The full driver to copy from is [`isdgrid/examples/x.py`]", "`isdgrid/examples/x.py` is a
+# complete driver ... to copy from": every example file a page says to copy.
+COPY_MENTION = re.compile(
+    r"cop(?:y|ied)[^.`]*`(isdgrid/examples/\w+\.py)`|`(isdgrid/examples/\w+\.py)`[^.]*?\bto copy\b", re.I
+)
+COPIED_DRIVERS = sorted({a or b for page in PAGES for a, b in COPY_MENTION.findall(PARSED[page][2])})
+
+
+def test_the_docs_name_a_driver_to_copy() -> None:
+    assert "isdgrid/examples/replica_exchange.py" in COPIED_DRIVERS, COPIED_DRIVERS
+
+
+@pytest.mark.timeout(BLOCK_TIMEOUT * 3)
+@pytest.mark.parametrize("driver", COPIED_DRIVERS)
+def test_a_copied_driver_runs_as_a_script(driver: str, tmp_path: Path) -> None:
+    """``cp isdgrid/examples/x.py my_x.py && python my_x.py``, edited: it runs this copy's code."""
+    copy = tmp_path / f"my_{Path(driver).name}"
+    code = (ROOT / driver).read_text()
+    assert "replica exchange: " in code
+    copy.write_text(code.replace("replica exchange: ", "my edited replica exchange: "))
+    env = dict(os.environ, ISDGRID_RUN_DIR=str(tmp_path / "run"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    rc, out = _run(
+        [sys.executable, copy.name, "--slots", "2", "--rounds", "3", "--steps", "20"], tmp_path, env, BLOCK_TIMEOUT
+    )
+    assert rc == 0, f"python {copy.name} {'timed out' if rc is None else f'exited with {rc}'}:\n{out[-4000:]}"
+    assert "my edited replica exchange: 2 replicas on 2 slots" in out  # the copy's own code ran
+    assert "3 rounds x 20 steps" in out and "Boltzmann check" in out
+
+
 # -- (b) api.md has every public name, and its signatures are the code's ------------------
 
 
