@@ -91,6 +91,21 @@ class Sampler:
         raise TimeoutError("a remote property's own")
 
 
+class Particle:
+    """A method that takes one list (issue 20: scatter unpacks a list item)."""
+
+    def __init__(self) -> None:
+        self.label = "particle"
+        self.pos = [0.0, 0.0, 0.0]
+
+    def set_pos(self, pos: list[float]) -> list[float]:
+        self.pos = list(pos)
+        return self.pos
+
+    def add(self, a: Any, b: Any) -> Any:
+        return a + b
+
+
 class Dynamic:
     """Answers names dynamically: the proxy does not check them."""
 
@@ -242,6 +257,31 @@ def test_exception_with_its_own_init_comes_back_as_its_type(ugrid: Grid, sampler
         proxy.raise_called_process().get(timeout=T)
     assert (called.value.returncode, called.value.output) == (2, "the output")
     ugrid.release_service(proxy)
+
+
+def test_scatter_of_a_list_that_does_not_fit_the_method_says_it_was_unpacked(ugrid: Grid) -> None:
+    sid = ugrid.publish(Particle())
+    try:
+        with pytest.raises(TypeError) as info:
+            ugrid.gather(ugrid.scatter(sid, "set_pos", [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]), timeout=T)
+        text = str(info.value)
+        assert "set_pos() takes 2 positional arguments but 4 were given" in text  # the remote message, kept
+        assert "scatter unpacks a list or tuple item as positional arguments" in text
+        assert "item 0, [0.1, 0.2, 0.3], became 3 arguments" in text and "[([0.1, 0.2, 0.3],), ...]" in text
+        remote = info.value.__cause__
+        assert type(remote) is TypeError and isinstance(remote.__cause__, isdgrid.RemoteTraceback)
+        assert "set_pos" in str(remote.__cause__)  # the remote traceback
+        # what the message says to do works
+        wrapped = [([0.1, 0.2, 0.3],), ([0.4, 0.5, 0.6],)]
+        assert ugrid.gather(ugrid.scatter(sid, "set_pos", wrapped), timeout=T) == [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+        # a TypeError of the method's own work is not about the unpacking: it arrives untouched
+        with pytest.raises(TypeError) as own:
+            ugrid.gather(ugrid.scatter(sid, "add", [(1, "x"), (2, 3)]), timeout=T)
+        assert "unsupported operand" in str(own.value) and "scatter unpacks" not in str(own.value)
+        assert isinstance(own.value.__cause__, isdgrid.RemoteTraceback)
+    finally:
+        ugrid.release_all(sid)
+        ugrid.terminate(sid)
 
 
 def test_remote_system_exit_and_keyboard_interrupt_arrive_as_remote_error(
