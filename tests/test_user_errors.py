@@ -232,6 +232,21 @@ def test_a_name_the_class_lacks_is_an_attribute_error_at_once(ugrid: Grid, sampl
     assert ugrid.queues[sampler_sid].qsize() == free  # refused before any server was taken
 
 
+def test_setting_a_misspelt_attribute_warns_with_the_close_name(ugrid: Grid, acquire: Acquire) -> None:
+    proxy = acquire(ugrid.publish(Particle()))
+    with pytest.warns(UserWarning, match=r"'lable'.*did you mean 'label'\?") as record:
+        proxy.lable = "x"
+    assert len(record) == 1 and record[0].filename == __file__  # the warning points at the user's line
+    assert proxy.lable == "x" and proxy.label == "particle"  # set as asked, beside the real one
+    proxy.lable = "y"  # known now: no second warning (pytest turns warnings into errors here)
+    proxy.label = "z"  # a name the object has
+    proxy.temperature = 300.0  # a new name close to none: a plain new attribute
+    assert (proxy.label, proxy.temperature) == ("z", 300.0)
+    with pytest.raises(AttributeError, match="did you mean 'pos'"):  # reading a misspelt name
+        proxy.poss  # noqa: B018
+    ugrid.release_service(proxy)
+
+
 def test_dynamic_classes_and_check_names_false_are_not_checked(ugrid: Grid, acquire: Acquire) -> None:
     dynamic = acquire(ugrid.publish(Dynamic()))
     assert dynamic.dyn_anything == "DYN_ANYTHING"
