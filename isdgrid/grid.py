@@ -32,7 +32,7 @@ from .errors import (
     UnknownServiceError,
 )
 from .files import DEFAULT_EXCLUDE, pack_files, select_files
-from .hints import load_failure_hint
+from .hints import load_failure_hint, scatter_unpacking_hint
 from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
@@ -194,6 +194,11 @@ class Grid:
         self.respawn_count = 0
         self._services: dict[str, Service] = {}
         self._held: dict[str, list[ServiceProxy]] = {}
+        # Results of scatter calls made from an unpacked list or tuple: (name, index, item), for
+        # gather's hint when such a call fails on its arguments.
+        self._unpacked: weakref.WeakKeyDictionary[concurrent.futures.Future[Any], tuple[str, int, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._slots: list[Slot] = []
         self._given_up: set[Slot] = set()  # lost slots that will not be respawned
         self._copies: list[tuple[bytes, frozenset[str]]] = []  # copy_files archives, the hosts they went to
@@ -498,7 +503,9 @@ class Grid:
         """Call ``name`` on server ``i`` with ``arglist[i]`` (and ``kwlist[i]``).
 
         A tuple or list item is unpacked as positional arguments; any other item (a dict
-        included) is passed as the one argument. ``timeout`` as for :meth:`broadcast`.
+        included) is passed as the one argument: to pass a list as one argument, wrap it in
+        a 1-tuple (``[([0.1, 0.2],), ...]``). When an unpacked call fails on its arguments,
+        :meth:`gather` says so in the ``TypeError`` it raises. ``timeout`` as for :meth:`broadcast`.
         """
         service = self._service(service_id)
         service.check_name(name)
@@ -514,6 +521,8 @@ class Grid:
             args = tuple(item) if isinstance(item, (tuple, list)) else (item,)
             kwargs = dict(kwlist[i]) if kwlist is not None else {}
             results.append(proxy._isdgrid_call(name, args, kwargs))
+            if isinstance(item, (tuple, list)):
+                self._unpacked[results[-1]] = (name, i, item)  # one dict operation: no lock needed
         return results
 
     def gather(self, results: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> list[Any]:
@@ -538,8 +547,12 @@ class Grid:
                     _raise_lost(results)  # a slice passed: has another host been lost meanwhile?
         _raise_lost(results)
         for result in results:
-            if not result.cancelled() and result.exception() is not None:
-                raise result.exception()  # type: ignore[misc]
+            if not result.cancelled() and (error := result.exception()) is not None:
+                unpacked = self._unpacked.get(result)
+                hint = scatter_unpacking_hint(error, *unpacked) if unpacked is not None else ""
+                if hint:
+                    raise TypeError(hint) from error  # the remote TypeError, with its traceback, as the cause
+                raise error
         return [result.result() for result in results]
 
     def release_all(self, service_id: str | None = None) -> None:

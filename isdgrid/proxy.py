@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import codec
@@ -27,7 +28,8 @@ class ServiceProxy:
     (non-callable) attribute returns its **value**, as the original grid's proxy did: it
     waits for the proxy's earlier calls, at most the grid's ``attribute_timeout`` seconds
     (then :class:`TimeoutError`); :func:`read_attribute` reads it without waiting, as a
-    :class:`Result`. ``proxy.attr = v`` sets it remotely. All keep call order. A name the
+    :class:`Result`. ``proxy.attr = v`` sets it remotely (a name the object lacks but close to
+    one it has, a likely misspelling, gives a :class:`UserWarning`). All keep call order. A name the
     published object does not have is an :class:`AttributeError` at once (see
     :meth:`isdgrid.service.Service.check_name`). Arguments are pickled when the call is
     made, so later changes to them in the driver do not reach the call.
@@ -57,6 +59,16 @@ class ServiceProxy:
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("__") or name.startswith("_isdgrid_"):
             raise AttributeError(f"cannot set {name!r} on a service proxy")
+        service = self._isdgrid_server.service
+        if not service.dynamic and name not in service.attributes and name not in service.methods:
+            close = service.close_name(name)
+            if close is not None:  # a new name next to a known one: most likely a misspelling
+                warnings.warn(
+                    f"setting {name!r} on {service.class_name} (service {service.id}), which has no attribute "
+                    f"{name!r}: did you mean {close!r}? (the new attribute is set as asked)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         result = self._isdgrid_submit(codec.SETATTR, name, (value,), None)
         result.add_done_callback(_log_failed_setattr)
         self._isdgrid_server.service.attributes.add(name)  # readable from now on

@@ -122,13 +122,17 @@ class Service:
             return
         raise AttributeError(self.unknown_name(name), name=name)
 
+    def close_name(self, name: str) -> str | None:
+        """The known name closest to ``name`` (a likely misspelling of it), if any."""
+        close = difflib.get_close_matches(name, sorted(self.methods | self.attributes), n=1)
+        return close[0] if close else None
+
     def unknown_name(self, name: str) -> str:
         """The message for a name the published object does not have."""
-        known = sorted(self.methods | self.attributes)
-        close = difflib.get_close_matches(name, known, n=1)
+        close = self.close_name(name)
         text = f"{self.class_name!r} object (service {self.id}) has no attribute {name!r}"
         if close:
-            text += f"; did you mean {close[0]!r}?"
+            text += f"; did you mean {close!r}?"
         text += f"\n  methods: {_listing(self.methods)}"
         text += f"\n  attributes: {_listing(self.attributes)}"
         text += (

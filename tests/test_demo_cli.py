@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from isdgrid.cli import cli, main
+from isdgrid.examples.run_checkpoint import RunCheckpoint
 from isdgrid.statusfile import RUN_DIR_ENV, read_status_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +74,40 @@ def test_demo_runs_end_to_end(tmp_path: Path, run_dir: Path) -> None:
     assert all(sorted(r[1:]) == ["1", "2"] for r in rows)
     assert "replica exchange" in proc.stderr  # the progress bar's label goes to stderr
     assert not list(run_dir.glob("*.json"))  # the status file went with the grid
+
+
+def _grid_figures(report: str) -> list[str]:
+    keep = ("calls made:", "time per round:", "remote compute per round", "grid overhead per round:")
+    return [line for line in report.splitlines() if line.startswith(keep)]
+
+
+def test_a_resumed_demo_reports_the_whole_run(tmp_path: Path, run_dir: Path) -> None:
+    """The grid's figures after --resume count the rounds of the earlier sessions too."""
+    ckpt = tmp_path / "run.ckpt"
+    common = ("--slots", "2", "--steps", "50")
+    first = _isdgrid("demo", *common, "--rounds", "6", "--checkpoint", str(ckpt), run_dir=run_dir)
+    assert first.returncode == 0, first.stderr
+    assert "calls made: 26 on 2 servers" in first.stdout  # (1 reset + 6 sample + 6 set_temperature) x 2
+    # The run is finished: this session runs no round, and reports the run's figures as they were.
+    again = _isdgrid("demo", "--resume", str(ckpt), "--slots", "2", run_dir=run_dir)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and "6 rounds x 50 steps" in again.stdout
+    assert len(_grid_figures(first.stdout)) == 4
+    assert _grid_figures(again.stdout) == _grid_figures(first.stdout)
+    longer = _isdgrid("demo", "--resume", str(ckpt), "--slots", "2", "--rounds", "10", run_dir=run_dir)
+    assert longer.returncode == 0, longer.stderr
+    assert "10 rounds x 50 steps" in longer.stdout
+    assert "calls made: 42 on 2 servers" in longer.stdout  # the whole run: (1 + 10 + 10) x 2
+    assert "figures below cover" not in longer.stdout  # they cover the whole run: nothing to say
+    # A checkpoint without counters (an older isdgrid's): the report says which rounds it covers.
+    old = RunCheckpoint.load(ckpt)
+    state = old.driver_state()
+    del state["remote_work"]
+    dataclasses.replace(old, driver=pickle.dumps(state)).save(ckpt)
+    older = _isdgrid("demo", "--resume", str(ckpt), "--slots", "2", "--rounds", "12", run_dir=run_dir)
+    assert older.returncode == 0, older.stderr
+    assert "the figures below cover rounds 11..12 (the checkpoint resumed holds none" in older.stdout
+    assert "calls made: 8 on 2 servers" in older.stdout  # (2 sample + 2 set_temperature) x 2
 
 
 def test_demo_and_status_help_in_process() -> None:

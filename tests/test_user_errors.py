@@ -91,6 +91,21 @@ class Sampler:
         raise TimeoutError("a remote property's own")
 
 
+class Particle:
+    """A method that takes one list (issue 20: scatter unpacks a list item)."""
+
+    def __init__(self) -> None:
+        self.label = "particle"
+        self.pos = [0.0, 0.0, 0.0]
+
+    def set_pos(self, pos: list[float]) -> list[float]:
+        self.pos = list(pos)
+        return self.pos
+
+    def add(self, a: Any, b: Any) -> Any:
+        return a + b
+
+
 class Dynamic:
     """Answers names dynamically: the proxy does not check them."""
 
@@ -217,6 +232,21 @@ def test_a_name_the_class_lacks_is_an_attribute_error_at_once(ugrid: Grid, sampl
     assert ugrid.queues[sampler_sid].qsize() == free  # refused before any server was taken
 
 
+def test_setting_a_misspelt_attribute_warns_with_the_close_name(ugrid: Grid, acquire: Acquire) -> None:
+    proxy = acquire(ugrid.publish(Particle()))
+    with pytest.warns(UserWarning, match=r"'lable'.*did you mean 'label'\?") as record:
+        proxy.lable = "x"
+    assert len(record) == 1 and record[0].filename == __file__  # the warning points at the user's line
+    assert proxy.lable == "x" and proxy.label == "particle"  # set as asked, beside the real one
+    proxy.lable = "y"  # known now: no second warning (pytest turns warnings into errors here)
+    proxy.label = "z"  # a name the object has
+    proxy.temperature = 300.0  # a new name close to none: a plain new attribute
+    assert (proxy.label, proxy.temperature) == ("z", 300.0)
+    with pytest.raises(AttributeError, match="did you mean 'pos'"):  # reading a misspelt name
+        proxy.poss  # noqa: B018
+    ugrid.release_service(proxy)
+
+
 def test_dynamic_classes_and_check_names_false_are_not_checked(ugrid: Grid, acquire: Acquire) -> None:
     dynamic = acquire(ugrid.publish(Dynamic()))
     assert dynamic.dyn_anything == "DYN_ANYTHING"
@@ -242,6 +272,31 @@ def test_exception_with_its_own_init_comes_back_as_its_type(ugrid: Grid, sampler
         proxy.raise_called_process().get(timeout=T)
     assert (called.value.returncode, called.value.output) == (2, "the output")
     ugrid.release_service(proxy)
+
+
+def test_scatter_of_a_list_that_does_not_fit_the_method_says_it_was_unpacked(ugrid: Grid) -> None:
+    sid = ugrid.publish(Particle())
+    try:
+        with pytest.raises(TypeError) as info:
+            ugrid.gather(ugrid.scatter(sid, "set_pos", [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]), timeout=T)
+        text = str(info.value)
+        assert "set_pos() takes 2 positional arguments but 4 were given" in text  # the remote message, kept
+        assert "scatter unpacks a list or tuple item as positional arguments" in text
+        assert "item 0, [0.1, 0.2, 0.3], became 3 arguments" in text and "[([0.1, 0.2, 0.3],), ...]" in text
+        remote = info.value.__cause__
+        assert type(remote) is TypeError and isinstance(remote.__cause__, isdgrid.RemoteTraceback)
+        assert "set_pos" in str(remote.__cause__)  # the remote traceback
+        # what the message says to do works
+        wrapped = [([0.1, 0.2, 0.3],), ([0.4, 0.5, 0.6],)]
+        assert ugrid.gather(ugrid.scatter(sid, "set_pos", wrapped), timeout=T) == [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+        # a TypeError of the method's own work is not about the unpacking: it arrives untouched
+        with pytest.raises(TypeError) as own:
+            ugrid.gather(ugrid.scatter(sid, "add", [(1, "x"), (2, 3)]), timeout=T)
+        assert "unsupported operand" in str(own.value) and "scatter unpacks" not in str(own.value)
+        assert isinstance(own.value.__cause__, isdgrid.RemoteTraceback)
+    finally:
+        ugrid.release_all(sid)
+        ugrid.terminate(sid)
 
 
 def test_remote_system_exit_and_keyboard_interrupt_arrive_as_remote_error(
