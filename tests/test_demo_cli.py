@@ -183,7 +183,7 @@ def test_status_json_while_a_driver_runs(driver: tuple[subprocess.Popen[str], st
     docs = _wait_for_calls(run_dir, 3)
     assert len(docs) == 1
     doc = docs[0]
-    assert doc["pid"] == proc.pid and doc["launcher"] == "local" and doc["state"] == "running"
+    assert doc["pid"] == proc.pid and doc["launcher"] == "auto" and doc["state"] == "running"
     assert doc["hosts"] == [{"name": "localhost", "n_cpu": 2, "python": "python3"}]
     assert [(s["host"], s["slot"], s["lost"]) for s in doc["slots"]] == [
         ("localhost", 0, False),
@@ -230,7 +230,8 @@ def test_status_files_of_dead_drivers_are_ignored_and_removed(run_dir: Path) -> 
 def test_check_reports_each_host(tmp_path: Path, run_dir: Path) -> None:
     hosts = tmp_path / "hosts.toml"
     hosts.write_text(
-        '[[host]]\nname = "localhost"\nn_cpu = 2\n\n[[host]]\nname = "broken"\npython = "/nonexistent/bin/python3"\n'
+        '[[host]]\nname = "localhost"\nn_cpu = 2\n\n[[host]]\nname = "127.0.0.2"\npython = "/nonexistent/bin/python3"\n'
+        '\n[[host]]\nname = "broken.invalid"\n'
     )
     proc = _isdgrid("check", str(hosts), run_dir=run_dir)
     assert proc.returncode == 1
@@ -238,8 +239,11 @@ def test_check_reports_each_host(tmp_path: Path, run_dir: Path) -> None:
     ok = [line for line in proc.stdout.splitlines() if line.startswith("ok")]
     assert len(ok) == 1 and ok[0].startswith("ok    localhost: python 3.") and " ms" in ok[0]
     fail = [line for line in proc.stderr.splitlines() if line.startswith("FAIL")]
-    assert fail == ["FAIL  broken: cannot run command: [Errno 2] No such file or directory: '/nonexistent/bin/python3'"]
-    assert proc.stderr.splitlines()[-1] == "isdgrid: error: 1 of 2 hosts failed: broken"
+    assert fail[0] == (
+        "FAIL  127.0.0.2: cannot run command: [Errno 2] No such file or directory: '/nonexistent/bin/python3'"
+    )
+    assert fail[1].startswith("FAIL  broken.invalid: cannot connect over ssh"), fail  # never run here
+    assert proc.stderr.splitlines()[-1] == "isdgrid: error: 2 of 3 hosts failed: 127.0.0.2, broken.invalid"
 
     good = tmp_path / "good.toml"
     good.write_text('[[host]]\nname = "localhost"\n')
@@ -258,14 +262,21 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path: Path, run_dir: Path
     assert line.startswith(f"isdgrid: error: {bad}: invalid TOML") and "line 3" in line
 
     unreachable = tmp_path / "unreachable.toml"
-    unreachable.write_text('[[host]]\nname = "far"\npython = "/nonexistent/bin/python3"\n')
+    unreachable.write_text('[[host]]\nname = "127.0.0.3"\npython = "/nonexistent/bin/python3"\n')
     proc = _isdgrid("demo", "--hosts", str(unreachable), "--rounds", "2", run_dir=run_dir)
     line = [entry for entry in proc.stderr.splitlines() if entry.startswith("isdgrid: error")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert line == [
-        "isdgrid: error: host 'far': cannot run command: [Errno 2] No such file or directory: "
+        "isdgrid: error: host '127.0.0.3': cannot run command: [Errno 2] No such file or directory: "
         "'/nonexistent/bin/python3'"
     ]
+
+    far = tmp_path / "far.toml"
+    far.write_text('[[host]]\nname = "far.invalid"\n')  # another machine's name: over ssh, never here
+    proc = _isdgrid("demo", "--hosts", str(far), "--rounds", "2", run_dir=run_dir)
+    line = [entry for entry in proc.stderr.splitlines() if entry.startswith("isdgrid: error")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(line) == 1 and line[0].startswith("isdgrid: error: host 'far.invalid': cannot connect over ssh"), line
 
 
 @pytest.mark.parametrize(
