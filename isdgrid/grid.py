@@ -929,7 +929,8 @@ def _mark_forked() -> None:
         grid._forked = True
 
 
-os.register_at_fork(after_in_child=_mark_forked)
+if hasattr(os, "register_at_fork"):  # POSIX: where os.fork exists
+    os.register_at_fork(after_in_child=_mark_forked)
 
 
 @atexit.register
