@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import enum
@@ -173,6 +174,7 @@ class Grid:
             raise ConfigError("a grid needs at least one host")
         if not all(isinstance(h, Host) for h in hosts):
             raise ConfigError("hosts must be isdgrid.Host objects (see create_host_list and load_hosts)")
+        _refuse_duplicate_hosts(hosts)
         self.hosts: list[Host] = hosts
         self.shared_temp_path = shared_temp_path
         self.servers: dict[str, list[Server]] = {}
@@ -210,6 +212,8 @@ class Grid:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, 1 + sum(h.n_cpu for h in hosts)), thread_name_prefix="isdgrid-control"
         )
+        self._pid = os.getpid()  # the process that owns the daemons and connections
+        self._forked = False  # set in a forked child (_mark_forked): the grid is the parent's
         _live_grids.add(self)
         try:
             self._start(min_hosts)
@@ -422,7 +426,7 @@ class Grid:
         server.state = ServerState.ACQUIRED
         server.holder = me
         log.debug("acquired %r", server)
-        return ServiceProxy(server)
+        return ServiceProxy(server, self)
 
     def release_service(self, proxy: ServiceProxy) -> None:
         """Give the proxy's server back once its last pending call has finished.
@@ -432,6 +436,12 @@ class Grid:
         """
         if not isinstance(proxy, ServiceProxy):
             raise TypeError(f"release_service needs a proxy from acquire_service, got {type(proxy).__name__}")
+        self._check_process()
+        if proxy._isdgrid_grid is not self:
+            raise GridError(
+                f"{proxy!r} belongs to another grid ({proxy._isdgrid_grid!r}): release it with that grid's "
+                "release_service"
+            )
         proxy._isdgrid_release()
 
     # -- collective calls ----------------------------------------------------------------
@@ -469,7 +479,7 @@ class Grid:
                 for server in taken:
                     server.submit_release()
                 raise
-            held = [ServiceProxy(server) for server in service.servers]  # a lost one's calls fail at once
+            held = [ServiceProxy(server, self) for server in service.servers]  # a lost one's calls fail at once
             with self._lock:
                 self._check_running()
                 self._held[service_id] = held
@@ -532,6 +542,7 @@ class Grid:
         except that a :class:`HostLostError` is raised as soon as it happens. The replies
         are read by the calling thread itself, as they come.
         """
+        self._check_process()
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
         for result in results:
@@ -557,6 +568,7 @@ class Grid:
 
     def release_all(self, service_id: str | None = None) -> None:
         """Release the servers taken by broadcast/scatter (of one service, or of all)."""
+        self._check_process()
         with self._lock:
             ids = [service_id] if service_id is not None else list(self._held)
             for sid in ids:
@@ -674,6 +686,7 @@ class Grid:
     # -- status --------------------------------------------------------------------------
     def status(self) -> list[ServerStatus]:
         """One :class:`ServerStatus` per server of every service."""
+        self._check_process()
         with self._lock:
             services = list(self._services.values())
         rows = []
@@ -821,6 +834,7 @@ class Grid:
 
         Calls still pending fail with :class:`GridTerminatedError`. Idempotent.
         """
+        self._check_process()
         if service_id is not None:
             self._terminate_service(self._service(service_id), unpublish=True)
             return
@@ -873,8 +887,18 @@ class Grid:
             return service
 
     def _check_running(self) -> None:
+        self._check_process()
         if self._state is GridState.TERMINATED:
             raise GridTerminatedError("this grid was terminated")
+
+    def _check_process(self) -> None:
+        """Refuse use in a forked child: the daemons, connections and threads are the parent's."""
+        if self._forked:
+            raise GridError(
+                f"this grid belongs to process {self._pid}; it cannot be used in a forked child "
+                f"(this is process {os.getpid()}): make a new Grid in the child, or start children "
+                "with multiprocessing's 'spawn' or 'forkserver' method"
+            )
 
     def __enter__(self) -> Grid:
         return self
@@ -903,12 +927,36 @@ def _raise_lost(results: list[concurrent.futures.Future[Any]]) -> None:
                 raise exc
 
 
+def _refuse_duplicate_hosts(hosts: Sequence[Host]) -> None:
+    """A host listed twice would give two slots the same label (and share its temp folder)."""
+    counts = collections.Counter(h.name for h in hosts)
+    for name, count in counts.items():
+        if count > 1:
+            total = sum(h.n_cpu for h in hosts if h.name == name)
+            raise ConfigError(
+                f"host {name!r} is listed {count} times: list it once, with n_cpu for several slots "
+                f"(Host({name!r}, n_cpu={total}))"
+            )
+
+
 _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    """In a forked child: the parent's grids are not this process's to use or to end."""
+    for grid in list(_live_grids):
+        grid._forked = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: where os.fork exists
+    os.register_at_fork(after_in_child=_mark_forked)
 
 
 @atexit.register
 def _terminate_live_grids() -> None:
     for grid in list(_live_grids):
+        if grid._forked or grid._pid != os.getpid():
+            continue  # the parent's grid (a forked child): the parent ends it
         try:
             grid.terminate()
         except Exception:  # noqa: BLE001 - interpreter exit: end what can be ended

@@ -13,6 +13,7 @@ from .errors import ServiceReleasedError
 from .result import Result
 
 if TYPE_CHECKING:
+    from .grid import Grid
     from .server import Server
 
 __all__ = ["RemoteMethod", "ServiceProxy", "read_attribute"]
@@ -32,13 +33,18 @@ class ServiceProxy:
     one it has, a likely misspelling, gives a :class:`UserWarning`). All keep call order. A name the
     published object does not have is an :class:`AttributeError` at once (see
     :meth:`isdgrid.service.Service.check_name`). Arguments are pickled when the call is
-    made, so later changes to them in the driver do not reach the call.
+    made, so later changes to them in the driver do not reach the call. In a forked child
+    of the driver every use raises :class:`GridError` before anything is sent (the
+    connections are the parent's).
     """
 
-    __slots__ = ("_isdgrid_server", "_isdgrid_released", "_isdgrid_lock", "_isdgrid_methods", "__weakref__")
+    __slots__ = (
+        "_isdgrid_server", "_isdgrid_grid", "_isdgrid_released", "_isdgrid_lock", "_isdgrid_methods", "__weakref__"
+    )
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, grid: Grid) -> None:
         object.__setattr__(self, "_isdgrid_server", server)
+        object.__setattr__(self, "_isdgrid_grid", grid)
         object.__setattr__(self, "_isdgrid_released", False)
         object.__setattr__(self, "_isdgrid_lock", threading.Lock())
         object.__setattr__(self, "_isdgrid_methods", {})
@@ -102,6 +108,7 @@ class ServiceProxy:
         return self._isdgrid_submit(codec.GETATTR, name, (), None)
 
     def _isdgrid_submit(self, kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Result:
+        self._isdgrid_grid._check_process()  # before anything goes on a connection a forked child inherited
         server: Server = self._isdgrid_server
         try:
             data, buffers = codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
@@ -116,6 +123,7 @@ class ServiceProxy:
         return result
 
     def _isdgrid_release(self) -> None:
+        self._isdgrid_grid._check_process()
         with self._isdgrid_lock:
             if self._isdgrid_released:
                 server = self._isdgrid_server
