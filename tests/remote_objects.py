@@ -43,6 +43,17 @@ class Recorder:
         time.sleep(seconds)
         return seconds
 
+    def hold(self, started: str, release: str, limit: float = 120.0) -> str:
+        """Make the file ``started``, then run until the file ``release`` exists (conftest.Gate)."""
+        with open(started, "w"):
+            pass
+        deadline = time.monotonic() + limit
+        while not os.path.exists(release):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{release} never appeared")
+            time.sleep(0.01)
+        return "released"
+
     def fail(self, kind: str, message: str = "boom") -> None:
         if kind == "value":
             raise ValueError(message)
