@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Gate
+from conftest import Gate, require
 from remote_objects import Recorder
 
 import isdgrid
@@ -664,8 +664,7 @@ class Interrupter:
 
 @contextlib.contextmanager
 def default_sigint() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("needs the main thread")
+    require(threading.current_thread() is threading.main_thread(), "needs the main thread")
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
@@ -802,7 +801,7 @@ def test_expired_get_timeouts_do_not_reconnect(svc: Service, tmp_path: Path) -> 
 # -- gather ------------------------------------------------------------------------------------
 
 
-def test_gather_over_results_some_already_finished(svc: Service) -> None:
+def test_gather_over_results_some_already_finished(svc: Service, tmp_path: Path) -> None:
     grid = svc.grid
     a, b = svc.acquire(), svc.acquire()
     first = a.ident(1)
@@ -817,8 +816,12 @@ def test_gather_over_results_some_already_finished(svc: Service) -> None:
     check_error(bad, "gathered")
     with pytest.raises(ValueError, match="gathered"):
         grid.gather([first, bad, b.sleep(0.2)], timeout=T)
+    gate = Gate(tmp_path)
+    held = b.hold(*gate.args)
     with pytest.raises(TimeoutError):
-        grid.gather([first, b.sleep(1.0)], timeout=0.2)
+        grid.gather([first, held], timeout=0.2)
+    gate.open()
+    assert grid.gather([first, held], timeout=T) == [1, "released"]
     svc.release(a)
     svc.release(b)
     svc.wait_idle()
