@@ -216,6 +216,7 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
+@pytest.mark.slow  # a long stress test: the main pytest stage only
 def test_replica_exchange_survives_killed_daemons_and_ends_as_an_undisturbed_run() -> None:
     rounds, every = 300, 10
     with Grid([Host("localhost", n_cpu=4)], **FAST_LOSS) as grid:
@@ -353,6 +354,7 @@ def test_a_run_resumes_on_other_hosts(tmp_path: Path) -> None:
     assert RunCheckpoint.load(tmp_path / "moved.ckpt").rounds == 15
 
 
+@pytest.mark.slow  # a long stress test: the main pytest stage only
 def test_snapshots_taken_while_many_threads_call_are_each_a_point_in_call_order() -> None:
     """8 threads call 4 servers while another thread checkpoints 30 times: each state is a prefix of the history."""
     with Grid([Host("localhost", n_cpu=4)]) as grid:

@@ -13,12 +13,16 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import pytest
+from conftest import Gate
+from remote_objects import hold
 
 import isdgrid
 from isdgrid import (
@@ -58,8 +62,10 @@ class Sampler:
         self.steps = 0
         self.scale = abs  # a callable instance attribute: called remotely
 
-    def step(self, seconds: float = 0.0) -> int:
+    def step(self, seconds: float = 0.0, gate: tuple[str, str] | None = None) -> int:
         time.sleep(seconds)
+        if gate is not None:  # run until the test opens the gate (conftest.Gate)
+            hold(*gate)
         self.steps += 1
         self.converged = self.steps >= self.limit
         return self.steps
@@ -165,16 +171,21 @@ def test_attribute_read_returns_the_value_after_earlier_calls(ugrid: Grid, acqui
 
 
 def test_attribute_read_is_bounded_and_names_attribute_and_slot(
-    ugrid: Grid, sampler_sid: str, acquire: Acquire
+    ugrid: Grid, sampler_sid: str, acquire: Acquire, tmp_path: Path
 ) -> None:
     proxy = acquire(sampler_sid)
     label = proxy._isdgrid_server.slot.label
-    proxy.step(2.5)
+    gate = Gate(tmp_path)
+    proxy.step(gate=gate.args)
+    gate.wait_started(T)
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError) as info:
-        proxy.steps  # noqa: B018
-    waited = time.monotonic() - t0
-    assert 0.9 < waited < 2.0  # Grid(attribute_timeout=1.0)
+    try:
+        with pytest.raises(TimeoutError) as info:
+            proxy.steps  # noqa: B018
+        waited = time.monotonic() - t0
+    finally:
+        gate.open()
+    assert 0.9 < waited < 6.0  # Grid(attribute_timeout=1.0); generous above, for a loaded machine
     text = str(info.value)
     assert "'steps'" in text and label in text and "attribute_timeout" in text and "read_attribute" in text
     read_attribute(proxy, "steps").get(timeout=T)  # the slow step is over
@@ -184,13 +195,17 @@ def test_attribute_read_is_bounded_and_names_attribute_and_slot(
     ugrid.release_service(proxy)
 
 
-def test_read_attribute_returns_a_result_at_once(ugrid: Grid, sampler_sid: str, acquire: Acquire) -> None:
+def test_read_attribute_returns_a_result_at_once(
+    ugrid: Grid, sampler_sid: str, acquire: Acquire, tmp_path: Path
+) -> None:
     proxy = acquire(sampler_sid)
     before = read_attribute(proxy, "steps")
-    proxy.step(0.5)
+    gate = Gate(tmp_path)
+    proxy.step(gate=gate.args)
     t0 = time.monotonic()
     after = read_attribute(proxy, "steps")
-    assert time.monotonic() - t0 < 0.3 and isinstance(after, Result) and not after.done()
+    assert time.monotonic() - t0 < 5.0 and isinstance(after, Result) and not after.done()
+    gate.open()
     assert after.get(timeout=T) == before.get(timeout=T) + 1
     with pytest.raises(TypeError, match="'step' is a method of Sampler"):
         read_attribute(proxy, "step")
@@ -205,13 +220,22 @@ def test_read_attribute_returns_a_result_at_once(ugrid: Grid, sampler_sid: str, 
 # -- misspelt names -------------------------------------------------------------------------
 
 
-def test_a_name_the_class_lacks_is_an_attribute_error_at_once(ugrid: Grid, sampler_sid: str, acquire: Acquire) -> None:
+def test_a_name_the_class_lacks_is_an_attribute_error_at_once(
+    ugrid: Grid, sampler_sid: str, acquire: Acquire, tmp_path: Path
+) -> None:
     proxy = acquire(sampler_sid)
-    proxy.step(1.0)  # a busy server: the error must not wait for it
+    gate = Gate(tmp_path)
+    proxy.step(gate=gate.args)  # a busy server, until the gate opens: the error must not wait for it
+    backstop = threading.Timer(20.0, gate.open)  # an error that waited for the server would come then
+    backstop.start()
     t0 = time.monotonic()
-    with pytest.raises(AttributeError) as info:
-        proxy.no_such_method(1)
-    assert time.monotonic() - t0 < 0.3
+    try:
+        with pytest.raises(AttributeError) as info:
+            proxy.no_such_method(1)
+        assert time.monotonic() - t0 < 10.0, "the error waited for the busy server"
+    finally:
+        backstop.cancel()
+        gate.open()
     text = str(info.value)
     assert "'no_such_method'" in text and "Sampler" in text
     assert "step" in text and "raise_kw" in text and "make_later" in text  # the public methods
