@@ -6,7 +6,12 @@ after it, pickles the published object there (as ``publish`` shipped it: the obj
 ``__getstate__`` decides what goes in) and sends the bytes back. The driver keeps the
 latest bytes of each server (a respawned slot starts from them) and hands the whole set
 back as a :class:`Snapshot`, which can be saved to a file and restored, in place or on
-another grid, by a *restore operation* in the same call stream.
+another grid, by a *restore operation* in the same call stream. A restore is all or
+nothing (each host keeps the object it replaced until the grid says done or undo), and
+what it restored is what a respawn brings back.
+
+A file is a header (magic line, format, length, SHA-256) and the pickled record; loading
+checks the checksum before unpickling and refuses files other users could have written.
 """
 
 from __future__ import annotations
