@@ -49,6 +49,7 @@ log = logging.getLogger("isdgrid")
 
 DEFAULT_MAX_MESSAGE_SIZE = 2 * 1024**3
 GATHER_SLICE = 0.05  # gather looks for a lost host at least this often while it reads a reply
+GATHER_NAMED = 5  # a gather TimeoutError names at most this many of the results it waited for
 RESPAWN_POLL = 0.05  # how often wait_for_respawn looks (a respawn takes a daemon start: ~1 s)
 RESPAWN_FIRST_PAUSE = 1.0  # seconds between the first failed respawn attempts, doubled each time ...
 RESPAWN_MAX_PAUSE = 30.0  # ... up to this
@@ -547,8 +548,12 @@ class Grid:
             while not concurrent.futures.Future.done(result):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    waiting = sum(not concurrent.futures.Future.done(r) for r in results)
-                    raise TimeoutError(f"gather: {waiting} of {len(results)} results not ready within {timeout} s")
+                    waiting = [r for r in results if not concurrent.futures.Future.done(r)]
+                    names = ", ".join(getattr(r, "description", repr(r)) for r in waiting[:GATHER_NAMED])
+                    more = f", ... ({len(waiting) - GATHER_NAMED} more)" if len(waiting) > GATHER_NAMED else ""
+                    raise TimeoutError(
+                        f"gather: {len(waiting)} of {len(results)} results not ready within {timeout} s: {names}{more}"
+                    )
                 step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
                 with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                     result.exception(step)

@@ -135,7 +135,7 @@ class Service:
                 key = "released, waiting for their pending calls"
                 label += f", {server.pending} pending)"
             else:
-                key = f"held by {server.holder or 'a released proxy'}"
+                key = f"held by {server.holder or 'an unnamed holder'}"
                 label += ")"
             groups.setdefault(key, []).append(label)
         if not groups:
