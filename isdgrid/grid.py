@@ -23,7 +23,6 @@ from typing import Any
 from . import codec
 from .errors import (
     ConfigError,
-    DeadlockError,
     GridError,
     GridTerminatedError,
     HostLostError,
@@ -44,6 +43,7 @@ from .service import Service
 from .slot import Slot
 from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
+from .timeouts import check_timeout
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
 
@@ -51,10 +51,12 @@ log = logging.getLogger("isdgrid")
 
 DEFAULT_MAX_MESSAGE_SIZE = 2 * 1024**3
 GATHER_SLICE = 0.05  # gather looks for a lost host at least this often while it reads a reply
+GATHER_NAMED = 5  # a gather TimeoutError names at most this many of the results it waited for
 RESPAWN_POLL = 0.05  # how often wait_for_respawn looks (a respawn takes a daemon start: ~1 s)
 RESPAWN_FIRST_PAUSE = 1.0  # seconds between the first failed respawn attempts, doubled each time ...
 RESPAWN_MAX_PAUSE = 30.0  # ... up to this
 RESPAWN_MIN_ATTEMPTS = 3  # however short respawn_timeout is
+WAIT_WARN_EVERY = 30.0  # a broadcast waiting this long for another broadcast's lock logs who holds what
 
 
 class GridState(enum.Enum):
@@ -408,23 +410,20 @@ class Grid:
     def acquire_service(self, service_id: str, timeout: float | None = None) -> ServiceProxy:
         """A proxy to a free server of ``service_id``; waits while all are busy.
 
-        Servers are handed out first come, first served. Raises
-        :class:`UnknownServiceError` at once for an unknown id, ``TimeoutError`` after
-        ``timeout`` seconds, :class:`ServiceUnavailableError` when every server of the
-        service is lost, and :class:`DeadlockError` at once when every busy server is held
-        by the calling thread itself (nothing could ever free one).
+        Servers are handed out first come, first served. The wait is never refused for who
+        holds the servers (the calling thread included: another thread may release them,
+        a lost one may be respawned); ``timeout`` (seconds, a number >= 0; None or
+        ``math.inf``: no limit) bounds it. Raises :class:`UnknownServiceError` at once for
+        an unknown id, ``TimeoutError`` after ``timeout`` seconds (saying which threads
+        hold which servers; a wait without a limit logs that as a warning every 30 s),
+        :class:`ServiceUnavailableError` when every server of the service is lost, and
+        ``TypeError``/``ValueError`` at once for a timeout that is not a number >= 0.
         """
+        timeout = check_timeout(timeout, "acquire_service")
         service = self._service(service_id)
-        me = threading.get_ident()
-        live = [s for s in service.servers if not s.lost]
-        if live and all(s.state is ServerState.ACQUIRED and s.holder == me for s in live):
-            raise DeadlockError(
-                f"acquire_service({service_id!r}) would wait forever: the calling thread holds every server of it "
-                "(release one first, or release_all() after a broadcast)"
-            )
         server = service.queue.get(timeout)
         server.state = ServerState.ACQUIRED
-        server.holder = me
+        server.holder = f"thread {threading.current_thread().name!r}"
         log.debug("acquired %r", server)
         return ServiceProxy(server, self)
 
@@ -446,22 +445,22 @@ class Grid:
 
     # -- collective calls ----------------------------------------------------------------
     def _hold(self, service_id: str, timeout: float | None) -> list[ServiceProxy]:
-        """Every server of the service, in server order, kept until release_all."""
+        """Every server of the service, in server order, kept until release_all.
+
+        Waits (at most ``timeout``) for each server in turn, whoever holds it.
+        """
         service = self._service(service_id)
         with self._lock:
             held = self._held.get(service_id)
         if held is not None:
             return held
-        me = threading.get_ident()
-        mine = [s for s in service.servers if s.state is ServerState.ACQUIRED and s.holder == me]
-        if mine:
-            raise DeadlockError(
-                f"broadcast/scatter on {service_id!r} would wait forever: the calling thread holds "
-                f"{len(mine)} of its servers (release them first)"
-            )
+        me = f"a broadcast/scatter of thread {threading.current_thread().name!r} (until release_all)"
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not service.hold_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise TimeoutError(f"another thread is taking the servers of {service_id!r} for a broadcast")
+        if not self._take_hold_lock(service, deadline):
+            raise TimeoutError(
+                f"broadcast/scatter on {service_id!r}: another thread was still taking its servers for a "
+                f"broadcast after {timeout} s; {service.holders()}"
+            )
         try:
             with self._lock:
                 held = self._held.get(service_id)
@@ -475,6 +474,13 @@ class Grid:
                         taken.append(server)
                         server.state = ServerState.ACQUIRED
                         server.holder = me
+            except TimeoutError:
+                waited = f"server {server.index} ({server.slot.label})"
+                for server in taken:
+                    server.submit_release()
+                raise TimeoutError(
+                    f"broadcast/scatter on {service_id!r}: {waited} not free within {timeout} s; {service.holders()}"
+                ) from None
             except BaseException:
                 for server in taken:
                     server.submit_release()
@@ -487,6 +493,19 @@ class Grid:
         finally:
             service.hold_lock.release()
 
+    @staticmethod
+    def _take_hold_lock(service: Service, deadline: float | None) -> bool:
+        """Take the service's broadcast lock by ``deadline``, warning every 30 s of waiting."""
+        started = time.monotonic()
+        while True:
+            left = WAIT_WARN_EVERY if deadline is None else min(WAIT_WARN_EVERY, deadline - time.monotonic())
+            if service.hold_lock.acquire(timeout=max(0.0, left)):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            log.warning("broadcast/scatter on %r still waiting after %.0f s for another thread taking its "
+                        "servers; %s", service.id, time.monotonic() - started, service.holders())
+
     def broadcast(
         self, service_id: str, name: str, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> list[Result]:
@@ -495,10 +514,13 @@ class Grid:
         A plain (non-callable) attribute named ``name`` is read when no arguments are given.
         The first broadcast or scatter takes every server of the service, in server order,
         and keeps them until :meth:`release_all`, so result ``i`` always comes from server ``i``.
-        ``timeout`` bounds the wait for busy servers (``TimeoutError``); it is the grid's,
-        not passed on (give a remote ``timeout`` argument through :meth:`scatter`'s ``kwlist``).
-        Raises :class:`DeadlockError` at once when the calling thread holds a server of it.
+        ``timeout`` bounds the wait for busy servers, whoever holds them (the calling thread
+        included: another thread may release them); after it, ``TimeoutError`` says which
+        threads hold which servers. It is the grid's, not passed on (give a remote
+        ``timeout`` argument through :meth:`scatter`'s ``kwlist``); it is checked as for
+        :meth:`acquire_service`.
         """
+        timeout = check_timeout(timeout, "broadcast")
         self._service(service_id).check_name(name)
         return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id, timeout)]
 
@@ -517,6 +539,7 @@ class Grid:
         a 1-tuple (``[([0.1, 0.2],), ...]``). When an unpacked call fails on its arguments,
         :meth:`gather` says so in the ``TypeError`` it raises. ``timeout`` as for :meth:`broadcast`.
         """
+        timeout = check_timeout(timeout, "scatter")
         service = self._service(service_id)
         service.check_name(name)
         n = len(service.servers)
@@ -540,17 +563,23 @@ class Grid:
 
         Waits for every result (at most ``timeout`` seconds, then ``TimeoutError``),
         except that a :class:`HostLostError` is raised as soon as it happens. The replies
-        are read by the calling thread itself, as they come.
+        are read by the calling thread itself, as they come. ``timeout`` is checked as
+        for :meth:`acquire_service`.
         """
         self._check_process()
+        timeout = check_timeout(timeout, "gather")
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
         for result in results:
             while not concurrent.futures.Future.done(result):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    waiting = sum(not concurrent.futures.Future.done(r) for r in results)
-                    raise TimeoutError(f"gather: {waiting} of {len(results)} results not ready within {timeout} s")
+                    waiting = [r for r in results if not concurrent.futures.Future.done(r)]
+                    names = ", ".join(getattr(r, "description", repr(r)) for r in waiting[:GATHER_NAMED])
+                    more = f", ... ({len(waiting) - GATHER_NAMED} more)" if len(waiting) > GATHER_NAMED else ""
+                    raise TimeoutError(
+                        f"gather: {len(waiting)} of {len(results)} results not ready within {timeout} s: {names}{more}"
+                    )
                 step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
                 with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                     result.exception(step)
@@ -641,8 +670,9 @@ class Grid:
         back with it instead of the object as published. ``path`` also saves the snapshot
         there, atomically. Raises :class:`CheckpointError` (naming the class and the host)
         for an object that cannot be pickled, :class:`HostLostError` for a lost server,
-        ``TimeoutError`` after ``timeout`` seconds.
+        ``TimeoutError`` after ``timeout`` seconds (checked as for :meth:`acquire_service`).
         """
+        timeout = check_timeout(timeout, "checkpoint")
         snapshot = snapshot_service(self._service(service_id), timeout)
         if path is not None:
             snapshot.save(path)
@@ -654,8 +684,9 @@ class Grid:
         The snapshot may come from this grid or another (a resumed run: publish the same
         class on a grid with as many slots, then restore). Raises :class:`CheckpointError`
         for a snapshot of another class or number of servers, :class:`HostLostError`,
-        ``TimeoutError``.
+        ``TimeoutError`` (``timeout`` checked as for :meth:`acquire_service`).
         """
+        timeout = check_timeout(timeout, "restore")
         restore_service(self._service(service_id), snapshot, timeout)
 
     def wait_for_respawn(self, service_id: str, timeout: float | None = None) -> None:
@@ -663,8 +694,9 @@ class Grid:
 
         Returns at once when none is lost. Raises the :class:`HostLostError` of a server
         that will not come back (``respawn`` off, ``max_respawns`` reached, or its start
-        failed), ``TimeoutError`` after ``timeout`` seconds.
+        failed), ``TimeoutError`` after ``timeout`` seconds (checked as for :meth:`acquire_service`).
         """
+        timeout = check_timeout(timeout, "wait_for_respawn")
         service = self._service(service_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

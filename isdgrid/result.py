@@ -7,6 +7,8 @@ import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .timeouts import check_timeout
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -60,10 +62,12 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         """As :meth:`concurrent.futures.Future.result`."""
+        timeout = check_timeout(timeout, "Result.result")
         return super().result(self._help(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As :meth:`concurrent.futures.Future.exception`."""
+        timeout = check_timeout(timeout, "Result.exception")
         return super().exception(self._help(timeout))
 
     def done(self) -> bool:
@@ -86,6 +90,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         Raises :class:`TimeoutError` if it is not ready in time, and the remote
         exception (or a :class:`~isdgrid.RemoteError`) if the call failed.
         """
+        timeout = check_timeout(timeout, "Result.get")
         try:
             return self.result(timeout)
         except concurrent.futures.TimeoutError:

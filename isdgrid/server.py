@@ -84,7 +84,7 @@ class Server:
         self.index = index
         self.max_message_size = max_message_size
         self.state = ServerState.FREE
-        self.holder: int | None = None  # the thread that acquired it (None: a broadcast, or free)
+        self.holder: str | None = None  # who acquired it, for messages ("thread 'worker-1'"; None: free)
         self.calls = 0
         self.errors = 0
         self.total_time = 0.0
