@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start a dedicated OpenSSH server on loopback for the ssh launcher tests (tests/test_ssh.py).
 #
-# Idempotent; runs as root on a fresh Debian. Everything lives in one folder
+# Idempotent (a running server is reused only if the pid file names an sshd started with
+# this folder's config and it listens on the port file's port); runs as root on a fresh
+# Debian. Everything lives in one folder
 # ($ISDGRID_SSHD_DIR, default /tmp/isdgrid-sshd): a host key, a client key the tests log
 # in with, sshd_config, the port (file `port`) and the pid file (`sshd.pid`). The server
 # listens on 127.0.0.1 only, on the first free port from 2222 up, and accepts only the
@@ -16,9 +18,27 @@ if ! command -v /usr/sbin/sshd >/dev/null 2>&1 || ! command -v ssh >/dev/null 2>
     apt-get install -y -qq openssh-server openssh-client >/dev/null
 fi
 
-if [ -f "$DIR/sshd.pid" ] && kill -0 "$(cat "$DIR/sshd.pid")" 2>/dev/null; then
-    echo "setup-ssh: sshd already running (pid $(cat "$DIR/sshd.pid"), port $(cat "$DIR/port"))"
-    exit 0
+ours() {  # ours PID: PID is an sshd started with this folder's sshd_config
+    local cmdline
+    [[ "$1" =~ ^[0-9]+$ ]] || return 1
+    # sshd may rewrite its title into one string ("sshd: /usr/sbin/sshd -f ... [listener]")
+    cmdline="$(tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null)" || return 1
+    [[ "$cmdline" == *sshd*" -f $DIR/sshd_config "* ]]
+}
+
+# Reuse a running server only if the pid file names our own sshd and it listens on the
+# port of the port file: a pid file can outlive its server, and the pid go to another process.
+pid="$(cat "$DIR/sshd.pid" 2>/dev/null || true)"
+port="$(cat "$DIR/port" 2>/dev/null || true)"
+if ours "$pid"; then
+    if [[ "$port" =~ ^[0-9]+$ ]] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "setup-ssh: sshd already running (pid $pid, port $port)"
+        exit 0
+    fi
+    echo "setup-ssh: stopping our sshd (pid $pid), which does not listen on the port file's port ('$port')"
+    kill "$pid" 2>/dev/null || true
+elif [ -n "$pid" ]; then
+    echo "setup-ssh: $DIR/sshd.pid names pid $pid, which is not our sshd; starting one"
 fi
 
 mkdir -p "$DIR" /run/sshd

@@ -1,12 +1,17 @@
 """isdgrid: a Pyro5 remote object grid for simulation drivers (a rebuild of IMP.isd's grid).
 
 >>> from isdgrid import Grid, Host
->>> with Grid([Host("localhost", n_cpu=4)]) as grid:      # doctest: +SKIP
-...     sid = grid.publish(Replica(T=1.0))
-...     proxy = grid.acquire_service(sid)
-...     result = proxy.sample(100)                          # a Result, at once
-...     grid.release_service(proxy)
-...     print(result.get(timeout=60))
+>>> from isdgrid.examples.replica_exchange import Replica  # a Metropolis sampler
+>>> with Grid([Host("localhost", n_cpu=2)]) as grid:
+...     sid = grid.publish(Replica())                     # a copy on every slot
+...     proxy = grid.acquire_service(sid)                 # a free server
+...     energy = proxy.reset(7, 1.0, False, 0.5, 0.0)     # a Result, at once
+...     sampled = proxy.sample(100)                       # runs after reset(), in call order
+...     grid.release_service(proxy)                       # back in the queue after sample()
+...     temperatures = grid.gather(grid.scatter(sid, "set_temperature", [1.0, 2.5]), timeout=60)
+...     grid.release_all()
+...     print(energy.get(timeout=60), sorted(sampled.get(timeout=60)), temperatures)
+3.75 ['acceptance', 'energy', 'xs'] [1.0, 2.5]
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ _LAZY = {
     "AuthenticationError": "errors",
     "CheckpointError": "errors",
     "ConfigError": "errors",
-    "DeadlockError": "errors",
     "PayloadTooLargeError": "errors",
     "GridError": "errors",
     "GridTerminatedError": "errors",
@@ -53,7 +57,6 @@ if _TYPE_CHECKING:
         AuthenticationError,
         CheckpointError,
         ConfigError,
-        DeadlockError,
         GridError,
         GridTerminatedError,
         HostLostError,
@@ -94,7 +97,6 @@ __all__ = [
     "AuthenticationError",
     "CheckpointError",
     "ConfigError",
-    "DeadlockError",
     "Grid",
     "GridError",
     "GridState",

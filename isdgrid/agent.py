@@ -55,6 +55,7 @@ class _Service:
     pending: deque[Any] = field(default_factory=deque)  # batches waiting to run, in order
     busy: bool = False  # a thread is running this service's batches
     queue_lock: threading.Lock = field(default_factory=threading.Lock)
+    replaced: tuple[str, Any] | None = None  # (token, object) a restore replaced, until its done or undo
 
 
 class Agent:
@@ -204,8 +205,17 @@ class Agent:
             elif kind == codec.SNAPSHOT:
                 value = _snapshot(obj)
             elif kind == codec.RESTORE:
-                service.obj = codec.loads(args[0])
+                restored = codec.loads(args[0])
+                if len(args) > 1:  # a token: the grid may undo it (a restore is all or nothing)
+                    service.replaced = (args[1], obj)
+                service.obj = restored
                 value = None
+            elif kind in (codec.RESTORE_UNDO, codec.RESTORE_DONE):
+                replaced, value = service.replaced, False
+                if replaced is not None and replaced[0] == args[0]:
+                    service.replaced = None
+                    if kind == codec.RESTORE_UNDO:
+                        service.obj, value = replaced[1], True
             else:
                 raise ValueError(f"unknown operation kind {kind!r}")
         except BaseException as exc:  # noqa: BLE001 - a remote error is a reply, not a crash

@@ -131,6 +131,10 @@ def _launcher_option(help_text: str) -> Any:
     help="Continue the run checkpointed in FILE (its settings, replicas and log; new hosts allowed).",
 )
 @click.option(
+    "--trust-checkpoint", is_flag=True,
+    help="Load the --resume FILE even if another user owns it or others can write it (loading it runs its code).",
+)
+@click.option(
     "--engine", type=click.Choice(("toy", "openmm")), default="toy", show_default=True,
     help="toy: Monte Carlo of a 2D model; openmm: MD of alanine dipeptide (steps of 2 fs, --tmax in K, default 500).",
 )  # fmt: skip
@@ -147,6 +151,7 @@ def demo(
     checkpoint_path: str | None,
     checkpoint_every: int,
     resume_path: str | None,
+    trust_checkpoint: bool,
     engine: str,
 ) -> None:
     """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure).
@@ -163,7 +168,7 @@ def demo(
     resume = None
     total_rounds = rounds
     if resume_path is not None:
-        resume = _load_checkpoint(RunCheckpoint, resume_path)
+        resume = _load_checkpoint(RunCheckpoint, resume_path, trust_checkpoint)
         settings = resume.driver_state()["settings"]
         engine = _resumed_engine(ctx, engine, settings.get("engine", "toy"))
         _check_unchanged(ctx, settings, steps, scheme, seed, tmax, checkpoint_every)
@@ -255,12 +260,14 @@ def _check_unchanged(
         raise click.UsageError(f"{', '.join(changed)}: a resumed run keeps its checkpoint's settings")
 
 
-def _load_checkpoint(kind: Any, path: str) -> Any:
-    """Read a run checkpoint for --resume; a bad file is a usage error naming it."""
+def _load_checkpoint(kind: Any, path: str, trust: bool) -> Any:
+    """Read a run checkpoint for --resume; a bad (or untrusted) file is a usage error naming it."""
     from .errors import CheckpointError
 
     try:
-        return kind.load(path)
+        checkpoint = kind.load(path, trust=trust)
+        checkpoint.driver_state()  # a damaged driver state is refused here, before a daemon starts
+        return checkpoint
     except CheckpointError as exc:
         raise click.BadParameter(str(exc), ctx=click.get_current_context(), param_hint="'--resume'") from None
 

@@ -64,7 +64,9 @@ CALL = "call"
 GETATTR = "getattr"
 SETATTR = "setattr"
 SNAPSHOT = "snapshot"  # pickle the published object (between calls) and return the bytes
-RESTORE = "restore"  # replace the published object with one unpickled from the argument
+RESTORE = "restore"  # replace the published object with one unpickled from the argument (kept until done/undo)
+RESTORE_UNDO = "restore-undo"  # put back the object a restore replaced (all-or-nothing restores)
+RESTORE_DONE = "restore-done"  # forget the object a restore replaced
 
 # A reply item on the wire (see the module docstring).
 ReplyItem = tuple
@@ -215,6 +217,8 @@ def describe(kind: str, name: str) -> str:
         return "snapshot"
     if kind == RESTORE:
         return "restore from a snapshot"
+    if kind in (RESTORE_UNDO, RESTORE_DONE):
+        return "undo of a restore" if kind == RESTORE_UNDO else "end of a restore"
     return f"attribute {name!r}"
 
 

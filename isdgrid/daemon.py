@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -53,6 +54,7 @@ __all__ = ["Listener", "main", "serve"]
 
 LAST_USER_WAIT = 5.0  # how long slot 0 waits for the host's other daemons to end before it leaves the folder
 TAKEOVER = 0.005  # a batch running longer than this in a connection's thread gets a new reader
+MIN_SECRET_BYTES = 16  # a shorter secret file is refused (a guessable secret opens the daemon to anyone)
 
 log = logging.getLogger(__name__)
 
@@ -453,15 +455,44 @@ def _read_secret(args: argparse.Namespace) -> str:
             raise SystemExit("isdgrid daemon: no secret on stdin")
         return line
     if args.secret_file:
+        path = args.secret_file
+        make = f"python -c \"import secrets; print(secrets.token_hex(32))\" > {path} && chmod 600 {path}"
         try:
-            with open(args.secret_file) as fh:
+            with open(path) as fh:
+                mode = os.fstat(fh.fileno()).st_mode
                 secret = fh.read().strip()
         except OSError as exc:
-            raise SystemExit(f"isdgrid daemon: cannot read secret file {args.secret_file}: {exc.strerror}") from None
-        if not secret:
-            raise SystemExit(f"isdgrid daemon: secret file {args.secret_file} is empty")
+            raise SystemExit(f"isdgrid daemon: cannot read secret file {path}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise SystemExit(
+                f"isdgrid daemon: secret file {path} is open to group or others (mode {mode & 0o777:04o}): "
+                f"chmod 600 {path}"
+            )
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise SystemExit(
+                f"isdgrid daemon: secret file {path} holds {len(secret.encode())} bytes, fewer than "
+                f"{MIN_SECRET_BYTES}: make a new secret with: {make}"
+            )
         return secret
     raise SystemExit("isdgrid daemon: give --secret-stdin or --secret-file")
+
+
+def _os_error_line(exc: OSError, args: argparse.Namespace) -> str:
+    """One line for a daemon that could not start: what failed and what to do (no traceback)."""
+    where = args.unix_socket or (f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}")
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"isdgrid daemon: cannot listen on {where}: the address is already in use (another daemon?); "
+            "stop what listens there, or give another --port (--port 0: any free port)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"isdgrid daemon: cannot listen on {where}: {args.host} is not an address of this machine; "
+            "give --host one of its addresses (or 127.0.0.1)"
+        )
+    if exc.errno == errno.EACCES and exc.filename is None:
+        return f"isdgrid daemon: cannot listen on {where}: permission denied; give a --port above 1023"
+    return f"isdgrid daemon failed: {exc}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -524,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("interrupted; exiting")
     except GridError as exc:
         log.error("isdgrid daemon failed: %s", exc)
+        code = 1
+    except OSError as exc:
+        sys.stderr.write(_os_error_line(exc, args) + "\n")
         code = 1
     except Exception as exc:  # noqa: BLE001 - reported, then the process ends with 1
         log.error("isdgrid daemon failed: %s", exc, exc_info=True)

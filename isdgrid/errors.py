@@ -8,7 +8,6 @@ Every error the grid raises on purpose derives from :class:`GridError`::
      ├── PublishError             the object cannot be pickled or fails to load on a host
      ├── RemoteError              a remote exception whose own type cannot be re-raised here
      ├── PayloadTooLargeError     one call (or reply) is larger than the grid's message limit
-     ├── DeadlockError            the calling thread would wait for a server it holds itself
      ├── CheckpointError          a snapshot could not be taken, saved, read or restored
      ├── HostLostError            a daemon died or stopped answering
      │    └── ServiceUnavailableError   every server of a service is lost
@@ -29,7 +28,6 @@ __all__ = [
     "AuthenticationError",
     "CheckpointError",
     "ConfigError",
-    "DeadlockError",
     "GridError",
     "GridTerminatedError",
     "HostLostError",
@@ -129,15 +127,6 @@ class PayloadTooLargeError(GridError):
         self.size = size
         self.limit = limit
         super().__init__(message)
-
-
-class DeadlockError(GridError):
-    """The calling thread would wait for a server that it holds itself.
-
-    Raised at once (instead of waiting forever) by ``acquire_service`` when every busy
-    server of the service is held by the calling thread, and by ``broadcast`` /
-    ``scatter`` when the calling thread holds a server of that service.
-    """
 
 
 class CheckpointError(GridError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import enum
@@ -22,7 +23,6 @@ from typing import Any
 from . import codec
 from .errors import (
     ConfigError,
-    DeadlockError,
     GridError,
     GridTerminatedError,
     HostLostError,
@@ -32,7 +32,7 @@ from .errors import (
     UnknownServiceError,
 )
 from .files import DEFAULT_EXCLUDE, pack_files, select_files
-from .hints import load_failure_hint
+from .hints import load_failure_hint, scatter_unpacking_hint
 from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
@@ -43,6 +43,7 @@ from .service import Service
 from .slot import Slot
 from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
+from .timeouts import check_timeout
 from .workers import Workers
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
@@ -51,10 +52,12 @@ log = logging.getLogger("isdgrid")
 
 DEFAULT_MAX_MESSAGE_SIZE = 2 * 1024**3
 GATHER_SLICE = 0.05  # gather looks for a lost host at least this often while it reads a reply
+GATHER_NAMED = 5  # a gather TimeoutError names at most this many of the results it waited for
 RESPAWN_POLL = 0.05  # how often wait_for_respawn looks (a respawn takes a daemon start: ~1 s)
 RESPAWN_FIRST_PAUSE = 1.0  # seconds between the first failed respawn attempts, doubled each time ...
 RESPAWN_MAX_PAUSE = 30.0  # ... up to this
 RESPAWN_MIN_ATTEMPTS = 3  # however short respawn_timeout is
+WAIT_WARN_EVERY = 30.0  # a broadcast waiting this long for another broadcast's lock logs who holds what
 
 
 class GridState(enum.Enum):
@@ -174,6 +177,7 @@ class Grid:
             raise ConfigError("a grid needs at least one host")
         if not all(isinstance(h, Host) for h in hosts):
             raise ConfigError("hosts must be isdgrid.Host objects (see create_host_list and load_hosts)")
+        _refuse_duplicate_hosts(hosts)
         self.hosts: list[Host] = hosts
         self.shared_temp_path = shared_temp_path
         self.servers: dict[str, list[Server]] = {}
@@ -195,6 +199,11 @@ class Grid:
         self.respawn_count = 0
         self._services: dict[str, Service] = {}
         self._held: dict[str, list[ServiceProxy]] = {}
+        # Results of scatter calls made from an unpacked list or tuple: (name, index, item), for
+        # gather's hint when such a call fails on its arguments.
+        self._unpacked: weakref.WeakKeyDictionary[concurrent.futures.Future[Any], tuple[str, int, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._slots: list[Slot] = []
         self._given_up: set[Slot] = set()  # lost slots that will not be respawned
         self._copies: list[tuple[bytes, frozenset[str]]] = []  # copy_files archives, the hosts they went to
@@ -203,6 +212,8 @@ class Grid:
         self._lock = threading.RLock()
         self._state = GridState.STARTING
         self._status_writer: StatusFileWriter | None = None
+        self._pid = os.getpid()  # the process that owns the daemons and connections
+        self._forked = False  # set in a forked child (_mark_forked): the grid is the parent's
         _live_grids.add(self)
         try:
             self._start(min_hosts)
@@ -397,25 +408,22 @@ class Grid:
     def acquire_service(self, service_id: str, timeout: float | None = None) -> ServiceProxy:
         """A proxy to a free server of ``service_id``; waits while all are busy.
 
-        Servers are handed out first come, first served. Raises
-        :class:`UnknownServiceError` at once for an unknown id, ``TimeoutError`` after
-        ``timeout`` seconds, :class:`ServiceUnavailableError` when every server of the
-        service is lost, and :class:`DeadlockError` at once when every busy server is held
-        by the calling thread itself (nothing could ever free one).
+        Servers are handed out first come, first served. The wait is never refused for who
+        holds the servers (the calling thread included: another thread may release them,
+        a lost one may be respawned); ``timeout`` (seconds, a number >= 0; None or
+        ``math.inf``: no limit) bounds it. Raises :class:`UnknownServiceError` at once for
+        an unknown id, ``TimeoutError`` after ``timeout`` seconds (saying which threads
+        hold which servers; a wait without a limit logs that as a warning every 30 s),
+        :class:`ServiceUnavailableError` when every server of the service is lost, and
+        ``TypeError``/``ValueError`` at once for a timeout that is not a number >= 0.
         """
+        timeout = check_timeout(timeout, "acquire_service")
         service = self._service(service_id)
-        me = threading.get_ident()
-        live = [s for s in service.servers if not s.lost]
-        if live and all(s.state is ServerState.ACQUIRED and s.holder == me for s in live):
-            raise DeadlockError(
-                f"acquire_service({service_id!r}) would wait forever: the calling thread holds every server of it "
-                "(release one first, or release_all() after a broadcast)"
-            )
         server = service.queue.get(timeout)
         server.state = ServerState.ACQUIRED
-        server.holder = me
+        server.holder = f"thread {threading.current_thread().name!r}"
         log.debug("acquired %r", server)
-        return ServiceProxy(server)
+        return ServiceProxy(server, self)
 
     def release_service(self, proxy: ServiceProxy) -> None:
         """Give the proxy's server back once its last pending call has finished.
@@ -425,26 +433,32 @@ class Grid:
         """
         if not isinstance(proxy, ServiceProxy):
             raise TypeError(f"release_service needs a proxy from acquire_service, got {type(proxy).__name__}")
+        self._check_process()
+        if proxy._isdgrid_grid is not self:
+            raise GridError(
+                f"{proxy!r} belongs to another grid ({proxy._isdgrid_grid!r}): release it with that grid's "
+                "release_service"
+            )
         proxy._isdgrid_release()
 
     # -- collective calls ----------------------------------------------------------------
     def _hold(self, service_id: str, timeout: float | None) -> list[ServiceProxy]:
-        """Every server of the service, in server order, kept until release_all."""
+        """Every server of the service, in server order, kept until release_all.
+
+        Waits (at most ``timeout``) for each server in turn, whoever holds it.
+        """
         service = self._service(service_id)
         with self._lock:
             held = self._held.get(service_id)
         if held is not None:
             return held
-        me = threading.get_ident()
-        mine = [s for s in service.servers if s.state is ServerState.ACQUIRED and s.holder == me]
-        if mine:
-            raise DeadlockError(
-                f"broadcast/scatter on {service_id!r} would wait forever: the calling thread holds "
-                f"{len(mine)} of its servers (release them first)"
-            )
+        me = f"a broadcast/scatter of thread {threading.current_thread().name!r} (until release_all)"
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not service.hold_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise TimeoutError(f"another thread is taking the servers of {service_id!r} for a broadcast")
+        if not self._take_hold_lock(service, deadline):
+            raise TimeoutError(
+                f"broadcast/scatter on {service_id!r}: another thread was still taking its servers for a "
+                f"broadcast after {timeout} s; {service.holders()}"
+            )
         try:
             with self._lock:
                 held = self._held.get(service_id)
@@ -458,17 +472,37 @@ class Grid:
                         taken.append(server)
                         server.state = ServerState.ACQUIRED
                         server.holder = me
+            except TimeoutError:
+                waited = f"server {server.index} ({server.slot.label})"
+                for server in taken:
+                    server.submit_release()
+                raise TimeoutError(
+                    f"broadcast/scatter on {service_id!r}: {waited} not free within {timeout} s; {service.holders()}"
+                ) from None
             except BaseException:
                 for server in taken:
                     server.submit_release()
                 raise
-            held = [ServiceProxy(server) for server in service.servers]  # a lost one's calls fail at once
+            held = [ServiceProxy(server, self) for server in service.servers]  # a lost one's calls fail at once
             with self._lock:
                 self._check_running()
                 self._held[service_id] = held
             return held
         finally:
             service.hold_lock.release()
+
+    @staticmethod
+    def _take_hold_lock(service: Service, deadline: float | None) -> bool:
+        """Take the service's broadcast lock by ``deadline``, warning every 30 s of waiting."""
+        started = time.monotonic()
+        while True:
+            left = WAIT_WARN_EVERY if deadline is None else min(WAIT_WARN_EVERY, deadline - time.monotonic())
+            if service.hold_lock.acquire(timeout=max(0.0, left)):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            log.warning("broadcast/scatter on %r still waiting after %.0f s for another thread taking its "
+                        "servers; %s", service.id, time.monotonic() - started, service.holders())
 
     def broadcast(
         self, service_id: str, name: str, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -478,10 +512,13 @@ class Grid:
         A plain (non-callable) attribute named ``name`` is read when no arguments are given.
         The first broadcast or scatter takes every server of the service, in server order,
         and keeps them until :meth:`release_all`, so result ``i`` always comes from server ``i``.
-        ``timeout`` bounds the wait for busy servers (``TimeoutError``); it is the grid's,
-        not passed on (give a remote ``timeout`` argument through :meth:`scatter`'s ``kwlist``).
-        Raises :class:`DeadlockError` at once when the calling thread holds a server of it.
+        ``timeout`` bounds the wait for busy servers, whoever holds them (the calling thread
+        included: another thread may release them); after it, ``TimeoutError`` says which
+        threads hold which servers. It is the grid's, not passed on (give a remote
+        ``timeout`` argument through :meth:`scatter`'s ``kwlist``); it is checked as for
+        :meth:`acquire_service`.
         """
+        timeout = check_timeout(timeout, "broadcast")
         self._service(service_id).check_name(name)
         return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id, timeout)]
 
@@ -496,8 +533,11 @@ class Grid:
         """Call ``name`` on server ``i`` with ``arglist[i]`` (and ``kwlist[i]``).
 
         A tuple or list item is unpacked as positional arguments; any other item (a dict
-        included) is passed as the one argument. ``timeout`` as for :meth:`broadcast`.
+        included) is passed as the one argument: to pass a list as one argument, wrap it in
+        a 1-tuple (``[([0.1, 0.2],), ...]``). When an unpacked call fails on its arguments,
+        :meth:`gather` says so in the ``TypeError`` it raises. ``timeout`` as for :meth:`broadcast`.
         """
+        timeout = check_timeout(timeout, "scatter")
         service = self._service(service_id)
         service.check_name(name)
         n = len(service.servers)
@@ -512,6 +552,8 @@ class Grid:
             args = tuple(item) if isinstance(item, (tuple, list)) else (item,)
             kwargs = dict(kwlist[i]) if kwlist is not None else {}
             results.append(proxy._isdgrid_call(name, args, kwargs))
+            if isinstance(item, (tuple, list)):
+                self._unpacked[results[-1]] = (name, i, item)  # one dict operation: no lock needed
         return results
 
     def gather(self, results: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> list[Any]:
@@ -519,16 +561,23 @@ class Grid:
 
         Waits for every result (at most ``timeout`` seconds, then ``TimeoutError``),
         except that a :class:`HostLostError` is raised as soon as it happens. The replies
-        are read by the calling thread itself, as they come.
+        are read by the calling thread itself, as they come. ``timeout`` is checked as
+        for :meth:`acquire_service`.
         """
+        self._check_process()
+        timeout = check_timeout(timeout, "gather")
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
         for result in results:
             while not concurrent.futures.Future.done(result):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    waiting = sum(not concurrent.futures.Future.done(r) for r in results)
-                    raise TimeoutError(f"gather: {waiting} of {len(results)} results not ready within {timeout} s")
+                    waiting = [r for r in results if not concurrent.futures.Future.done(r)]
+                    names = ", ".join(getattr(r, "description", repr(r)) for r in waiting[:GATHER_NAMED])
+                    more = f", ... ({len(waiting) - GATHER_NAMED} more)" if len(waiting) > GATHER_NAMED else ""
+                    raise TimeoutError(
+                        f"gather: {len(waiting)} of {len(results)} results not ready within {timeout} s: {names}{more}"
+                    )
                 step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
                 with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                     result.exception(step)
@@ -536,12 +585,17 @@ class Grid:
                     _raise_lost(results)  # a slice passed: has another host been lost meanwhile?
         _raise_lost(results)
         for result in results:
-            if not result.cancelled() and result.exception() is not None:
-                raise result.exception()  # type: ignore[misc]
+            if not result.cancelled() and (error := result.exception()) is not None:
+                unpacked = self._unpacked.get(result)
+                hint = scatter_unpacking_hint(error, *unpacked) if unpacked is not None else ""
+                if hint:
+                    raise TypeError(hint) from error  # the remote TypeError, with its traceback, as the cause
+                raise error
         return [result.result() for result in results]
 
     def release_all(self, service_id: str | None = None) -> None:
         """Release the servers taken by broadcast/scatter (of one service, or of all)."""
+        self._check_process()
         with self._lock:
             ids = [service_id] if service_id is not None else list(self._held)
             for sid in ids:
@@ -614,8 +668,9 @@ class Grid:
         back with it instead of the object as published. ``path`` also saves the snapshot
         there, atomically. Raises :class:`CheckpointError` (naming the class and the host)
         for an object that cannot be pickled, :class:`HostLostError` for a lost server,
-        ``TimeoutError`` after ``timeout`` seconds.
+        ``TimeoutError`` after ``timeout`` seconds (checked as for :meth:`acquire_service`).
         """
+        timeout = check_timeout(timeout, "checkpoint")
         snapshot = snapshot_service(self._service(service_id), timeout)
         if path is not None:
             snapshot.save(path)
@@ -627,8 +682,9 @@ class Grid:
         The snapshot may come from this grid or another (a resumed run: publish the same
         class on a grid with as many slots, then restore). Raises :class:`CheckpointError`
         for a snapshot of another class or number of servers, :class:`HostLostError`,
-        ``TimeoutError``.
+        ``TimeoutError`` (``timeout`` checked as for :meth:`acquire_service`).
         """
+        timeout = check_timeout(timeout, "restore")
         restore_service(self._service(service_id), snapshot, timeout)
 
     def wait_for_respawn(self, service_id: str, timeout: float | None = None) -> None:
@@ -636,8 +692,9 @@ class Grid:
 
         Returns at once when none is lost. Raises the :class:`HostLostError` of a server
         that will not come back (``respawn`` off, ``max_respawns`` reached, or its start
-        failed), ``TimeoutError`` after ``timeout`` seconds.
+        failed), ``TimeoutError`` after ``timeout`` seconds (checked as for :meth:`acquire_service`).
         """
+        timeout = check_timeout(timeout, "wait_for_respawn")
         service = self._service(service_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -659,6 +716,7 @@ class Grid:
     # -- status --------------------------------------------------------------------------
     def status(self) -> list[ServerStatus]:
         """One :class:`ServerStatus` per server of every service."""
+        self._check_process()
         with self._lock:
             services = list(self._services.values())
         rows = []
@@ -806,6 +864,7 @@ class Grid:
 
         Calls still pending fail with :class:`GridTerminatedError`. Idempotent.
         """
+        self._check_process()
         if service_id is not None:
             self._terminate_service(self._service(service_id), unpublish=True)
             return
@@ -857,8 +916,18 @@ class Grid:
             return service
 
     def _check_running(self) -> None:
+        self._check_process()
         if self._state is GridState.TERMINATED:
             raise GridTerminatedError("this grid was terminated")
+
+    def _check_process(self) -> None:
+        """Refuse use in a forked child: the daemons, connections and threads are the parent's."""
+        if self._forked:
+            raise GridError(
+                f"this grid belongs to process {self._pid}; it cannot be used in a forked child "
+                f"(this is process {os.getpid()}): make a new Grid in the child, or start children "
+                "with multiprocessing's 'spawn' or 'forkserver' method"
+            )
 
     def __enter__(self) -> Grid:
         return self
@@ -887,6 +956,18 @@ def _raise_lost(results: list[concurrent.futures.Future[Any]]) -> None:
                 raise exc
 
 
+def _refuse_duplicate_hosts(hosts: Sequence[Host]) -> None:
+    """A host listed twice would give two slots the same label (and share its temp folder)."""
+    counts = collections.Counter(h.name for h in hosts)
+    for name, count in counts.items():
+        if count > 1:
+            total = sum(h.n_cpu for h in hosts if h.name == name)
+            raise ConfigError(
+                f"host {name!r} is listed {count} times: list it once, with n_cpu for several slots "
+                f"(Host({name!r}, n_cpu={total}))"
+            )
+
+
 _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
 # Control calls (publish, copy_files, info) to many slots at once, and respawns: a few
@@ -896,9 +977,21 @@ _CONTROL = Workers("isdgrid-control", 4)
 _RESPAWNS = Workers("isdgrid-respawn", 2)
 
 
+def _mark_forked() -> None:
+    """In a forked child: the parent's grids are not this process's to use or to end."""
+    for grid in list(_live_grids):
+        grid._forked = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: where os.fork exists
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
 @atexit.register
 def _terminate_live_grids() -> None:
     for grid in list(_live_grids):
+        if grid._forked or grid._pid != os.getpid():
+            continue  # the parent's grid (a forked child): the parent ends it
         try:
             grid.terminate()
         except Exception:  # noqa: BLE001 - interpreter exit: end what can be ended

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .slot import Slot
 
-__all__ = ["load_failure_hint", "missing_module_hint"]
+__all__ = ["load_failure_hint", "missing_module_hint", "scatter_unpacking_hint"]
 
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+# CPython's messages for a call with the wrong arguments ("f() takes 2 positional arguments but 4
+# were given", "f() missing 1 required positional argument: 'y'", "f() takes no arguments (3 given)").
+_WRONG_ARGUMENTS = re.compile(r"\(\) (takes|missing|got|expected)\b.*\bargument")
 _INSTALLED = re.compile(r"[/\\](site|dist)-packages([/\\]|$)|[/\\]lib[/\\]python\d[^/\\]*([/\\]lib-dynload)?$|\.zip$")
 
 
@@ -59,4 +63,20 @@ def missing_module_hint(module: str, host: str, info: dict[str, Any]) -> str:
         f"  - ship it by value with the instance: in the driver, import cloudpickle, {top}; "
         f"cloudpickle.register_pickle_by_value({top})\n"
         f"  - {install}"
+    )
+
+
+def scatter_unpacking_hint(error: BaseException, name: str, index: int, item: list[Any] | tuple[Any, ...]) -> str:
+    """What to say when ``scatter`` unpacked ``item`` into ``name(*item)`` and the call failed on its arguments.
+
+    '' unless ``error`` is a :class:`TypeError` about the arguments of ``name`` itself.
+    """
+    text = str(error)
+    if not isinstance(error, TypeError) or f"{name}()" not in text or not _WRONG_ARGUMENTS.search(text):
+        return ""
+    shown = reprlib.repr(item)
+    return (
+        f"{text} (scatter unpacks a list or tuple item as positional arguments: item {index}, {shown}, "
+        f"became {len(item)} arguments of {name}(); to pass a list or tuple as one argument, wrap each item "
+        f"in a 1-tuple: [({shown},), ...])"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import codec
@@ -12,6 +13,7 @@ from .errors import ServiceReleasedError
 from .result import Result
 
 if TYPE_CHECKING:
+    from .grid import Grid
     from .server import Server
 
 __all__ = ["RemoteMethod", "ServiceProxy", "read_attribute"]
@@ -27,16 +29,22 @@ class ServiceProxy:
     (non-callable) attribute returns its **value**, as the original grid's proxy did: it
     waits for the proxy's earlier calls, at most the grid's ``attribute_timeout`` seconds
     (then :class:`TimeoutError`); :func:`read_attribute` reads it without waiting, as a
-    :class:`Result`. ``proxy.attr = v`` sets it remotely. All keep call order. A name the
+    :class:`Result`. ``proxy.attr = v`` sets it remotely (a name the object lacks but close to
+    one it has, a likely misspelling, gives a :class:`UserWarning`). All keep call order. A name the
     published object does not have is an :class:`AttributeError` at once (see
     :meth:`isdgrid.service.Service.check_name`). Arguments are pickled when the call is
-    made, so later changes to them in the driver do not reach the call.
+    made, so later changes to them in the driver do not reach the call. In a forked child
+    of the driver every use raises :class:`GridError` before anything is sent (the
+    connections are the parent's).
     """
 
-    __slots__ = ("_isdgrid_server", "_isdgrid_released", "_isdgrid_lock", "_isdgrid_methods", "__weakref__")
+    __slots__ = (
+        "_isdgrid_server", "_isdgrid_grid", "_isdgrid_released", "_isdgrid_lock", "_isdgrid_methods", "__weakref__"
+    )
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, grid: Grid) -> None:
         object.__setattr__(self, "_isdgrid_server", server)
+        object.__setattr__(self, "_isdgrid_grid", grid)
         object.__setattr__(self, "_isdgrid_released", False)
         object.__setattr__(self, "_isdgrid_lock", threading.Lock())
         object.__setattr__(self, "_isdgrid_methods", {})
@@ -57,6 +65,16 @@ class ServiceProxy:
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("__") or name.startswith("_isdgrid_"):
             raise AttributeError(f"cannot set {name!r} on a service proxy")
+        service = self._isdgrid_server.service
+        if not service.dynamic and name not in service.attributes and name not in service.methods:
+            close = service.close_name(name)
+            if close is not None:  # a new name next to a known one: most likely a misspelling
+                warnings.warn(
+                    f"setting {name!r} on {service.class_name} (service {service.id}), which has no attribute "
+                    f"{name!r}: did you mean {close!r}? (the new attribute is set as asked)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         result = self._isdgrid_submit(codec.SETATTR, name, (value,), None)
         result.add_done_callback(_log_failed_setattr)
         self._isdgrid_server.service.attributes.add(name)  # readable from now on
@@ -90,6 +108,7 @@ class ServiceProxy:
         return self._isdgrid_submit(codec.GETATTR, name, (), None)
 
     def _isdgrid_submit(self, kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Result:
+        self._isdgrid_grid._check_process()  # before anything goes on a connection a forked child inherited
         server: Server = self._isdgrid_server
         try:
             data, buffers = codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
@@ -104,6 +123,7 @@ class ServiceProxy:
         return result
 
     def _isdgrid_release(self) -> None:
+        self._isdgrid_grid._check_process()
         with self._isdgrid_lock:
             if self._isdgrid_released:
                 server = self._isdgrid_server

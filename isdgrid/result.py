@@ -8,6 +8,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from .ioloop import get_loop
+from .timeouts import check_timeout
 
 if TYPE_CHECKING:
     from .server import Server
@@ -60,10 +61,12 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         """As :meth:`concurrent.futures.Future.result`."""
+        timeout = check_timeout(timeout, "Result.result")
         return super().result(self._in_loop_wait(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As :meth:`concurrent.futures.Future.exception`."""
+        timeout = check_timeout(timeout, "Result.exception")
         return super().exception(self._in_loop_wait(timeout))
 
     def get(self, timeout: float | None = None) -> Any:
@@ -72,6 +75,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         Raises :class:`TimeoutError` if it is not ready in time, and the remote
         exception (or a :class:`~isdgrid.RemoteError`) if the call failed.
         """
+        timeout = check_timeout(timeout, "Result.get")
         try:
             return self.result(timeout)
         except concurrent.futures.TimeoutError:

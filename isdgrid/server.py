@@ -85,13 +85,14 @@ class Server:
         self.index = index
         self.max_message_size = max_message_size
         self.state = ServerState.FREE
-        self.holder: int | None = None  # the thread that acquired it (None: a broadcast, or free)
+        self.holder: str | None = None  # who acquired it, for messages ("thread 'worker-1'"; None: free)
         self.calls = 0
         self.errors = 0
         self.total_time = 0.0
         self.respawns = 0
-        self.snapshot: bytes | None = None  # the latest state taken (isdgrid.snapshot); a respawn starts from it
-        self.snapshot_time: float | None = None  # when it was taken (time.time())
+        self.snapshot: bytes | None = None  # latest state taken or restored (isdgrid.snapshot): a respawn's
+        self.snapshot_time: float | None = None  # when it was the server's state (time.time())
+        self._snapshot_order = -1  # the place in the call stream of the operation that gave it
         self._lock = threading.Lock()  # the inbox, counters, state
         self._send_lock = threading.Lock()  # the right to take calls from the inbox and send them
         self._inbox: deque[_Call] = deque()
@@ -142,11 +143,16 @@ class Server:
         """Seconds since the latest snapshot was taken (None: never)."""
         return None if self.snapshot_time is None else max(0.0, time.time() - self.snapshot_time)
 
-    def keep_snapshot(self, state: bytes, taken_at: float) -> None:
-        """Keep ``state`` as this server's latest (a newer one already kept stays)."""
+    def keep_snapshot(self, state: bytes, taken_at: float, order: int) -> None:
+        """Keep ``state`` as this server's latest, unless one kept already came later in its call stream.
+
+        ``order`` places the snapshot or restore operation that gave ``state`` in the call
+        stream (numbers grow as they are queued): a restore of an old snapshot is the
+        latest state, a snapshot that answers after a later restore is not.
+        """
         with self._lock:
-            if self.snapshot_time is None or taken_at >= self.snapshot_time:
-                self.snapshot, self.snapshot_time = state, taken_at
+            if order >= self._snapshot_order:
+                self.snapshot, self.snapshot_time, self._snapshot_order = state, taken_at, order
 
     # -- called by proxies, results and the grid ----------------------------------------
     def submit(self, data: bytes, buffers: codec.Buffers, result: Result, *, counted: bool = True) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .server import ServerState
 from .servicequeue import ServerQueue
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["Service", "instance_names", "public_methods"]
 
 _LISTED = 40  # names an error message lists at most, of each kind
+_LISTED_SERVERS = 20  # servers a wait's message lists at most, per holder
 
 
 def public_methods(cls: type) -> frozenset[str]:
@@ -88,7 +90,7 @@ class Service:
     hold_lock: threading.Lock = field(default_factory=threading.Lock)  # one broadcast takes the servers at a time
 
     def __post_init__(self) -> None:
-        self.queue = ServerQueue(self.id, self.usable)
+        self.queue = ServerQueue(self.id, self.usable, self.holders)
 
     @classmethod
     def of(
@@ -116,19 +118,47 @@ class Service:
         """True while some server is up or being respawned."""
         return self.respawning > 0 or any(not s.lost for s in self.servers)
 
+    def holders(self) -> str:
+        """Who holds which servers now, for a wait's TimeoutError or warning.
+
+        E.g. ``held by thread 'worker-1': 0 (localhost/0); lost: 1 (localhost/1, respawning)``.
+        """
+        groups: dict[str, list[str]] = {}
+        for server in list(self.servers):
+            label = f"{server.index} ({server.slot.label}"
+            if server.lost:
+                key = "lost"
+                label += ", respawning)" if self.respawning else ")"
+            elif server.state is ServerState.FREE:
+                continue
+            elif server.state is ServerState.RELEASING:
+                key = "released, waiting for their pending calls"
+                label += f", {server.pending} pending)"
+            else:
+                key = f"held by {server.holder or 'an unnamed holder'}"
+                label += ")"
+            groups.setdefault(key, []).append(label)
+        if not groups:
+            return "no server is held now (other threads waited first)"
+        return "; ".join(f"{key}: {_listing_servers(labels)}" for key, labels in groups.items())
+
     def check_name(self, name: str) -> None:
         """Raise :class:`AttributeError` (naming it, listing the methods) for a name the object lacks."""
         if self.dynamic or name in self.methods or name in self.attributes:
             return
         raise AttributeError(self.unknown_name(name), name=name)
 
+    def close_name(self, name: str) -> str | None:
+        """The known name closest to ``name`` (a likely misspelling of it), if any."""
+        close = difflib.get_close_matches(name, sorted(self.methods | self.attributes), n=1)
+        return close[0] if close else None
+
     def unknown_name(self, name: str) -> str:
         """The message for a name the published object does not have."""
-        known = sorted(self.methods | self.attributes)
-        close = difflib.get_close_matches(name, known, n=1)
+        close = self.close_name(name)
         text = f"{self.class_name!r} object (service {self.id}) has no attribute {name!r}"
         if close:
-            text += f"; did you mean {close[0]!r}?"
+            text += f"; did you mean {close!r}?"
         text += f"\n  methods: {_listing(self.methods)}"
         text += f"\n  attributes: {_listing(self.attributes)}"
         text += (
@@ -136,6 +166,11 @@ class Service:
             "method sets later, give it a value in __init__, or publish(instance, check_names=False))"
         )
         return text
+
+
+def _listing_servers(labels: list[str]) -> str:
+    more = len(labels) - _LISTED_SERVERS
+    return ", ".join(labels[:_LISTED_SERVERS]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def _listing(names: Iterable[str]) -> str:

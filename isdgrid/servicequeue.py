@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -9,13 +10,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import GridTerminatedError, ServiceUnavailableError
+from .timeouts import check_timeout
 
 if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["ServerQueue"]
 
+log = logging.getLogger(__name__)
+
 _WAKE = 1.0  # re-check the service's health at least this often while waiting
+WARN_EVERY = 30.0  # a wait this long (and each such stretch after it) logs a warning naming the holders
 
 
 class _Waiter:
@@ -34,12 +39,18 @@ class ServerQueue:
     that loops acquire/release cannot starve the others). ``get`` raises
     ``ServiceUnavailableError`` once no server can ever come back (all lost, no respawn)
     and ``GridTerminatedError`` once the service is terminated; ``take`` removes one
-    given server.
+    given server. A wait is never refused for who holds the servers (any thread may
+    release them, a lost one may be respawned): it lasts until a server is free or the
+    caller's timeout; the ``TimeoutError``, and a warning logged every ``WARN_EVERY``
+    seconds of waiting, say who holds what (``describe``).
     """
 
-    def __init__(self, service_id: str, usable: Callable[[], bool]) -> None:
+    def __init__(
+        self, service_id: str, usable: Callable[[], bool], describe: Callable[[], str] = lambda: ""
+    ) -> None:
         self.service_id = service_id
         self._usable = usable
+        self._describe = describe
         self._free: deque[Server] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
@@ -60,7 +71,7 @@ class ServerQueue:
 
     def get(self, timeout: float | None = None) -> Server:
         """Take a free server, waiting at most ``timeout`` seconds (None: while any can come)."""
-        return self._wait(None, lambda: False, timeout)
+        return self._wait(None, lambda: False, check_timeout(timeout, "get"))
 
     def take(self, server: Server, is_lost: Callable[[], bool], timeout: float | None = None) -> Server | None:
         """Wait until ``server`` itself is free and remove it; None at once if it is lost."""
@@ -70,7 +81,10 @@ class ServerQueue:
             return None
 
     def _wait(self, wanted: Server | None, is_lost: Callable[[], bool], timeout: float | None) -> Server:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        warn_at = started + WARN_EVERY
+        what = "free server" if wanted is None else f"free server {wanted.index} ({wanted.slot.label})"
         waiter = _Waiter(wanted)
         with self._lock:
             self._check()
@@ -95,8 +109,14 @@ class ServerQueue:
                     if wanted is None and not self._usable():
                         raise ServiceUnavailableError(self.service_id)
                     if left is not None and left <= 0:
-                        what = "free server" if wanted is None else f"free {wanted!r}"
-                        raise TimeoutError(f"no {what} of service {self.service_id!r} within {timeout} s")
+                        raise TimeoutError(
+                            f"no {what} of service {self.service_id!r} within {timeout} s; {self._describe()}"
+                        )
+                now = time.monotonic()
+                if now >= warn_at:
+                    warn_at = now + WARN_EVERY
+                    log.warning("still waiting for a %s of service %r after %.0f s; %s",
+                                what, self.service_id, now - started, self._describe())
         except BaseException:
             with self._lock:
                 if waiter in self._waiters:

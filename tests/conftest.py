@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import cloudpickle
@@ -40,6 +41,34 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05
             return True
         time.sleep(step)
     return predicate()
+
+
+class Gate:
+    """Holds a remote call (``Recorder.hold``) running until the test opens the gate.
+
+    The call makes the file ``started`` when it runs and ends once ``release`` exists, so
+    a test knows the call is running, and decides when it ends, without guessing times.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        name = uuid.uuid4().hex[:12]
+        self.started = os.path.join(folder, f"gate-{name}.started")
+        self.release = os.path.join(folder, f"gate-{name}.release")
+
+    @property
+    def args(self) -> tuple[str, str]:
+        """The arguments of ``Recorder.hold``."""
+        return self.started, self.release
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until the held call runs on its server."""
+        if not wait_until(lambda: os.path.exists(self.started), timeout):
+            pytest.fail(f"the held call did not start within {timeout} s")
+
+    def open(self) -> None:
+        """Let the held call end."""
+        with open(self.release, "w"):
+            pass
 
 
 def alive(procs: list[psutil.Process]) -> list[psutil.Process]:

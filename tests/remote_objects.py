@@ -8,6 +8,18 @@ import time
 from typing import Any
 
 
+def hold(started: str, release: str, limit: float = 120.0) -> str:
+    """Make the file ``started``, then wait (bounded) until the file ``release`` exists."""
+    with open(started, "w"):
+        pass
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
+    return "released"
+
+
 class Recorder:
     """Records the order of calls and offers fast, slow and failing methods."""
 
@@ -42,6 +54,10 @@ class Recorder:
     def sleep(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
+
+    def hold(self, started: str, release: str, limit: float = 120.0) -> str:
+        """Make the file ``started``, then run until the file ``release`` exists (conftest.Gate)."""
+        return hold(started, release, limit)
 
     def fail(self, kind: str, message: str = "boom") -> None:
         if kind == "value":

@@ -265,6 +265,7 @@ def test_entry_names() -> None:
 def test_daemon_with_a_bad_group_says_so_in_one_line(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
+    secret_file.chmod(0o600)
     proc = subprocess.run(
         [sys.executable, "-m", "isdgrid", "daemon", "--secret-file", str(secret_file),
          "--nameserver", "127.0.0.1:9", "--group", "a.b"],

@@ -216,6 +216,7 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
+@pytest.mark.slow  # a long stress test: the main pytest stage only
 def test_replica_exchange_survives_killed_daemons_and_ends_as_an_undisturbed_run() -> None:
     rounds, every = 300, 10
     with Grid([Host("localhost", n_cpu=4)], **FAST_LOSS) as grid:
@@ -353,6 +354,7 @@ def test_a_run_resumes_on_other_hosts(tmp_path: Path) -> None:
     assert RunCheckpoint.load(tmp_path / "moved.ckpt").rounds == 15
 
 
+@pytest.mark.slow  # a long stress test: the main pytest stage only
 def test_snapshots_taken_while_many_threads_call_are_each_a_point_in_call_order() -> None:
     """8 threads call 4 servers while another thread checkpoints 30 times: each state is a prefix of the history."""
     with Grid([Host("localhost", n_cpu=4)]) as grid:
@@ -417,3 +419,240 @@ def test_a_daemon_killed_during_checkpoints_fails_them_and_nothing_hangs() -> No
         assert "lost" in outcomes and outcomes[-1] == "ok", outcomes
         assert grid.gather(grid.broadcast(sid, "add", 2), timeout=30) == [2, 2, 2]  # the respawned one too
         grid.release_all(sid)
+
+
+# -- restore: the respawn state, all or nothing ---------------------------------------------
+def _explode(message: str) -> None:
+    raise ValueError(message)
+
+
+class WillNotLoad:
+    """A state whose unpickling fails on the host (as a state of a class it cannot import would)."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return _explode, ("this state does not load",)
+
+
+def test_a_respawn_brings_back_the_restored_snapshot_not_a_newer_one() -> None:
+    with Grid([Host("localhost", n_cpu=1)], respawn=True, **FAST_LOSS) as grid:
+        sid = grid.publish(Tally())
+        proxy = grid.acquire_service(sid)
+        proxy.add(1).get(timeout=30)
+        old = grid.checkpoint(sid, timeout=60)
+        proxy.add(2).get(timeout=30)
+        grid.checkpoint(sid, timeout=60)  # newer than `old`, kept for a respawn until the restore
+        grid.restore(sid, old, timeout=60)  # the driver rolls back
+        assert proxy.seen == [1]
+        os.kill(_pid(grid, 0), signal.SIGKILL)
+        assert wait_until(lambda: grid.slots[0].lost.is_set(), 30)
+        grid.wait_for_respawn(sid, timeout=60)
+        assert proxy.seen == [1]  # the restored state, not the newer snapshot [1, 2]
+        grid.release_service(proxy)
+
+
+def test_a_restore_that_fails_on_one_server_puts_every_server_back_and_names_it() -> None:
+    with Grid([Host("localhost", n_cpu=3)], respawn=True, **FAST_LOSS) as grid:
+        sid = grid.publish(Tally())
+        grid.gather(grid.scatter(sid, "add", [10, 20, 30]), timeout=30)
+        good = grid.checkpoint(sid, timeout=60)
+        grid.gather(grid.scatter(sid, "add", [11, 21, 31]), timeout=30)
+        before = grid.gather(grid.broadcast(sid, "seen"), timeout=30)
+        assert before == [[10, 11], [20, 21], [30, 31]]
+        servers = grid.servers[sid]
+        bad = Snapshot(sid, good.class_name, (good.states[0], cloudpickle.dumps(WillNotLoad()), good.states[2]),
+                       good.taken_at, 0.0)  # fmt: skip
+        with pytest.raises(CheckpointError) as info:
+            grid.restore(sid, bad, timeout=60)
+        assert grid.gather(grid.broadcast(sid, "seen"), timeout=30) == before  # nothing half restored
+        err = info.value
+        assert (err.host, err.slot, err.class_name) == ("localhost", servers[1].slot_index, "Tally"), str(err)
+        assert "server 1 of 3" in str(err) and "does not load" in str(err) and "back to its state" in str(err)
+        # The failed restore changed no respawn state either: a lost server comes back with `good`.
+        os.kill(servers[0].slot.handle.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        assert wait_until(lambda: servers[0].lost, 30)
+        grid.wait_for_respawn(sid, timeout=60)
+        assert grid.gather(grid.broadcast(sid, "seen"), timeout=30) == [[10], [20, 21], [30, 31]]
+        grid.restore(sid, good, timeout=60)  # and a good restore still works afterwards
+        assert grid.gather(grid.broadcast(sid, "seen"), timeout=30) == [[10], [20], [30]]
+        grid.release_all(sid)
+
+
+# -- checkpoint files -----------------------------------------------------------------------
+def _real_snapshot() -> Snapshot:
+    with Grid([Host("localhost", n_cpu=2)]) as grid:
+        sid = grid.publish(Tally())
+        grid.gather(grid.scatter(sid, "add", [1, 2]), timeout=30)
+        grid.release_all(sid)
+        return grid.checkpoint(sid, timeout=60)
+
+
+def _run_checkpoint(snapshot: Snapshot) -> RunCheckpoint:
+    return RunCheckpoint(snapshot, pickle.dumps({"settings": {"seed": 1}}), 7, 120, "x.log", 1.5)
+
+
+def test_every_damaged_checkpoint_file_is_refused_with_a_checkpoint_error(tmp_path: Path) -> None:
+    """A byte flipped at every offset, files cut short or made longer: each load is a CheckpointError, nothing else."""
+    snapshot = _real_snapshot()
+    run = _run_checkpoint(snapshot)
+    rng = random.Random(20)
+    outcomes: dict[str, int] = {}
+    for kind, save, load in [
+        ("snapshot", snapshot.save, Snapshot.load),
+        ("run", run.save, lambda p: RunCheckpoint.load(p).driver_state()),
+    ]:
+        path = tmp_path / f"{kind}.ckpt"
+        save(path)
+        data = path.read_bytes()
+        flips = []
+        for offset in range(len(data)):  # every offset, by 0xFF in the header, by a random byte after it
+            flip = 0xFF if offset < 64 else rng.randrange(1, 256)
+            flips.append(data[:offset] + bytes([data[offset] ^ flip]) + data[offset + 1 :])
+        cuts = [data[:n] for n in [*range(64), *range(64, len(data), 7)]] + [data + b"\0", data + data]
+        for mutant in flips + cuts:
+            if len(mutant) == len(data):
+                with open(path, "r+b") as f:  # an overwrite in place: cheaper than a new file on a busy disk
+                    f.write(mutant)
+            else:
+                path.write_bytes(mutant)
+            try:
+                load(path)
+            except CheckpointError:
+                outcomes["refused"] = outcomes.get("refused", 0) + 1
+            except BaseException as exc:  # noqa: BLE001 - the failure the test reports
+                pytest.fail(f"a damaged {kind} file raised {type(exc).__name__}: {exc}")
+            else:
+                outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+        path.write_bytes(data)
+        load(path)  # the undamaged file still loads
+    # Every mutant differs from the file saved: none may load as if it were that file.
+    assert outcomes.get("loaded", 0) == 0 and outcomes["refused"] > 1000, outcomes
+    assert Snapshot.load(tmp_path / "snapshot.ckpt") == snapshot
+
+
+def test_a_well_formed_file_with_a_damaged_record_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from isdgrid.snapshot import write_record
+
+    snapshot = _real_snapshot()
+    good = snapshot.to_record()
+    records = [{k: v for k, v in good.items() if k != key} for key in good]  # each key missing
+    records += [{**good, key: object()} for key in good if key not in ("format", "version")]  # each of a wrong type
+    records += [{**good, "states": [b"x", 3]}, ["not", "a", "dict"], None]
+    for record in records:
+        write_record(tmp_path / "r.snap", record, "snapshot")
+        with pytest.raises(CheckpointError):
+            Snapshot.load(tmp_path / "r.snap")
+    run = _run_checkpoint(snapshot)
+    run.save(tmp_path / "run.ckpt")
+    assert RunCheckpoint.load(tmp_path / "run.ckpt") == run
+    for bad_driver in (b"garbage", pickle.dumps([1, 2])):
+        _run_checkpoint(snapshot).__class__(snapshot, bad_driver, 7, None, None, 1.0).save(tmp_path / "run.ckpt")
+        with pytest.raises(CheckpointError, match="driver state"):
+            RunCheckpoint.load(tmp_path / "run.ckpt").driver_state()
+    # A bare pickle, as isdgrid wrote before its files had a checksum: the error says so.
+    (tmp_path / "old.snap").write_bytes(pickle.dumps(good))
+    with pytest.raises(CheckpointError, match="older isdgrid"):
+        Snapshot.load(tmp_path / "old.snap")
+
+
+def test_saving_where_it_cannot_is_a_checkpoint_error(tmp_path: Path) -> None:
+    snapshot = _real_snapshot()
+    with pytest.raises(CheckpointError, match="folder .*nowhere.* does not exist"):
+        snapshot.save(tmp_path / "nowhere" / "x.snap")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint file"):
+        _run_checkpoint(snapshot).save(tmp_path / "nowhere" / "x.ckpt")
+    # A disk that takes no more: a child process whose files may not grow past 4 KiB (RLIMIT_FSIZE;
+    # with SIGXFSZ ignored the write fails with an OSError, as on a full disk).
+    big = Snapshot("s-1", "Tally", (os.urandom(64 * 1024),), 1.0, 0.0)
+    script = (
+        "import pickle, resource, signal, sys\n"
+        "from isdgrid import CheckpointError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "snapshot = pickle.loads(sys.stdin.buffer.read())\n"
+        "try:\n"
+        "    snapshot.save(sys.argv[1])\n"
+        "except CheckpointError as exc:\n"
+        "    print('CheckpointError', exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "full.snap")], input=pickle.dumps(big), capture_output=True,
+        timeout=60, env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith(b"CheckpointError cannot write snapshot file"), proc
+    assert os.listdir(tmp_path) == []  # neither the file nor a temp file
+
+
+def test_temp_files_of_a_driver_killed_while_saving_go_on_the_next_save(tmp_path: Path) -> None:
+    snapshot = _real_snapshot()
+    target = tmp_path / "run.snap"
+    # A driver killed between writing the temp file and renaming it.
+    script = (
+        "import os, pickle, signal, sys\n"
+        "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "pickle.loads(sys.stdin.buffer.read()).save(sys.argv[1])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(target)], input=pickle.dumps(snapshot), capture_output=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".run.snap.") and left[0].endswith(".tmp"), left
+    old_style = tmp_path / ".run.snap.k3j9_x2a.tmp"  # as older versions named them: gone once an hour old
+    old_style.write_bytes(b"x")
+    os.utime(old_style, (time.time() - 7200, time.time() - 7200))
+    recent = tmp_path / ".run.snap.abcd1234.tmp"  # perhaps another process saving now: stays
+    recent.write_bytes(b"x")
+    others = [tmp_path / ".other.snap.abcd1234.tmp", tmp_path / "run.snap.tmp"]  # not ours: stay
+    for other in others:
+        other.write_bytes(b"x")
+        os.utime(other, (time.time() - 7200, time.time() - 7200))
+    snapshot.save(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.snap", recent.name, *(o.name for o in others)])
+    assert Snapshot.load(target) == snapshot
+
+
+def test_a_checkpoint_file_another_user_owns_or_can_write_is_refused_unless_trusted(tmp_path: Path) -> None:
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.fail("this test gives a file to another user: run it as root (as CI does)")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    snapshot = _real_snapshot()
+    run = _run_checkpoint(snapshot)
+    for kind, save, load in [("snapshot", snapshot.save, Snapshot.load), ("checkpoint", run.save, RunCheckpoint.load)]:
+        path = tmp_path / f"{kind}.file"
+        save(path)
+        assert load(path) is not None  # ours, mode 0600
+        os.chown(path, nobody, -1)
+        with pytest.raises(CheckpointError, match=rf"refusing to load {kind} file .*belongs to user 'nobody'.*runs"):
+            load(path)
+        assert load(path, trust=True) is not None
+        os.chown(path, os.geteuid(), -1)
+        for mode in (0o620, 0o602):
+            os.chmod(path, mode)
+            with pytest.raises(CheckpointError, match=f"group or others can write it \\(mode 0{mode:o}; chmod go-w"):
+                load(path)
+            assert load(path, trust=True) is not None
+
+
+def test_demo_resume_refuses_a_checkpoint_another_user_owns_unless_trusted(tmp_path: Path) -> None:
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.fail("this test gives a file to another user: run it as root (as CI does)")
+    _finish(_demo("--rounds", "3", "--checkpoint", "theirs.ckpt", tmp_path=tmp_path))
+    os.chown(tmp_path / "theirs.ckpt", pwd.getpwnam("nobody").pw_uid, -1)
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "ISDGRID_RUN_DIR": str(tmp_path / "run")}
+    refused = subprocess.run(
+        [sys.executable, "-m", "isdgrid", "demo", "--resume", "theirs.ckpt"], capture_output=True, text=True,
+        timeout=60, env=env, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "belongs to user 'nobody'" in refused.stderr and "--trust-checkpoint" in refused.stderr
+    trusted = subprocess.run(
+        [sys.executable, "-m", "isdgrid", "demo", "--resume", "theirs.ckpt", "--trust-checkpoint",
+         "--checkpoint", "mine.ckpt"], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert trusted.returncode == 0, trusted.stderr
+    assert "resuming theirs.ckpt at round 3" in trusted.stderr

@@ -381,3 +381,53 @@ def test_launch_error_keeps_one_line_with_the_hosts_last_words() -> None:
         "host 'n': python not found: /x"
     )
     assert str(LaunchError("no host")) == "no host"
+
+
+# -- isdgrid daemon: one line for a port in use or a weak secret file ---------------------------
+def _run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    """``isdgrid daemon ARGS``, expected to refuse at once; a daemon that serves instead exits
+    after 10 silent seconds (and is killed by subprocess.run at its timeout)."""
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    return subprocess.run(
+        [sys.executable, "-m", "isdgrid", "daemon", "--heartbeat-timeout", "10", *args],
+        capture_output=True, text=True, timeout=90, env=env, stdin=subprocess.DEVNULL,
+    )
+
+
+def _secret_file(folder: Path, text: str, mode: int) -> Path:
+    path = folder / "secret"
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_daemon_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    secret = _secret_file(tmp_path, "s" * 64, 0o600)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = _run_daemon("--secret-file", str(secret), "--port", str(port))
+    assert proc.returncode != 0
+    assert "ISDGRID-URI" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0] and "--port" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "says"),
+    [
+        ("s" * 64, 0o644, ["open to group or others (mode 0644)", "chmod 600"]),
+        ("s" * 64, 0o620, ["open to group or others (mode 0620)", "chmod 600"]),
+        ("secret", 0o600, ["holds 6 bytes, fewer than 16", "secrets.token_hex(32)", "chmod 600"]),
+        ("secret", 0o644, ["open to group or others (mode 0644)"]),  # the issue's file: its mode is said first
+    ],
+    ids=["readable-by-others", "writable-by-group", "too-short", "short-and-readable"],
+)
+def test_daemon_refuses_a_weak_secret_file_in_one_line(tmp_path: Path, text: str, mode: int, says: list[str]) -> None:
+    secret = _secret_file(tmp_path, text, mode)
+    proc = _run_daemon("--secret-file", str(secret))
+    assert proc.returncode != 0
+    assert "ISDGRID-URI" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(secret) in lines[0] and all(part in lines[0] for part in says), lines[0]

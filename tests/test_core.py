@@ -5,13 +5,14 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Gate
 from remote_objects import CustomError, Recorder
 
 from isdgrid import (
-    DeadlockError,
     Grid,
     GridTerminatedError,
     RemoteError,
@@ -42,28 +43,32 @@ def test_thousand_pipelined_calls_run_in_call_order(grid: Grid) -> None:
     grid.release_service(proxy)
 
 
-def test_calls_return_before_the_remote_work_is_done(grid1: Grid) -> None:
+def test_calls_return_before_the_remote_work_is_done(grid1: Grid, tmp_path: Path) -> None:
     sid = grid1.publish(Recorder())
     proxy = grid1.acquire_service(sid)
+    gate = Gate(tmp_path)
     t0 = time.monotonic()
-    slow = proxy.sleep(1.0)
+    slow = proxy.hold(*gate.args)  # runs until the gate opens
     after = proxy.add("after")
     queued_in = time.monotonic() - t0
-    assert not slow.done()
-    assert queued_in < 0.5  # generous: only queueing, no round trip
+    assert not slow.done() and not after.done()
+    assert queued_in < 5.0  # generous: only queueing, the calls cannot have ended
+    gate.open()
     assert after.get(timeout=30) == 1
     assert slow.done()  # the later call finished after the earlier one
     grid1.release_service(proxy)
 
 
-def test_release_returns_server_only_after_last_pending_call(grid1: Grid) -> None:
+def test_release_returns_server_only_after_last_pending_call(grid1: Grid, tmp_path: Path) -> None:
     sid = grid1.publish(Recorder())
     proxy = grid1.acquire_service(sid)
-    slow = proxy.sleep(1.5)
+    gate = Gate(tmp_path)
+    slow = proxy.hold(*gate.args)
     grid1.release_service(proxy)
     assert grid1.queues[sid].qsize() == 0
     with pytest.raises(TimeoutError):
         grid1.acquire_service(sid, timeout=0.2)
+    gate.open()
     again = grid1.acquire_service(sid, timeout=30)
     assert slow.done(), "the server came back before its last call finished"
     grid1.release_service(again)
@@ -195,13 +200,17 @@ def test_broadcast_scatter_gather_keep_server_order(grid: Grid) -> None:
     grid.release_all()
 
 
-def test_gather_raises_the_first_error_and_times_out(grid: Grid) -> None:
+def test_gather_raises_the_first_error_and_times_out(grid: Grid, tmp_path: Path) -> None:
     sid = grid.publish(Recorder())
     with pytest.raises(ValueError, match="server 1"):
         grid.gather(grid.scatter(sid, "fail_if", [(False, "0"), (True, "server 1"), (True, "server 2"), (False, "3")]))
     grid.release_all()
+    gate = Gate(tmp_path)
+    held = grid.broadcast(sid, "hold", *gate.args)
     with pytest.raises(TimeoutError):
-        grid.gather(grid.broadcast(sid, "sleep", 2.0), timeout=0.2)
+        grid.gather(held, timeout=0.2)
+    gate.open()
+    assert grid.gather(held, timeout=30) == ["released"] * len(held)
     grid.release_all()
 
 
@@ -212,8 +221,10 @@ def test_unknown_service_and_acquire_timeout(grid1: Grid) -> None:
     assert time.monotonic() - t0 < 1.0
     sid = grid1.publish(Recorder())
     proxy = grid1.acquire_service(sid)
-    with pytest.raises(DeadlockError):  # this thread holds the only server: refused at once
-        grid1.acquire_service(sid, timeout=30)
+    # this thread holds the only server: another thread could release it, so the wait is
+    # not refused; it ends at the timeout, naming the thread that holds the server
+    with pytest.raises(TimeoutError, match="held by thread 'MainThread'"):
+        grid1.acquire_service(sid, timeout=0.3)
     outcome: list[BaseException] = []
     other = threading.Thread(target=lambda: _acquire_into(grid1, sid, 0.3, outcome))
     other.start()
@@ -229,14 +240,16 @@ def _acquire_into(grid: Grid, sid: str, timeout: float, outcome: list[BaseExcept
         outcome.append(exc)
 
 
-def test_result_is_a_future_with_get_timeout(grid1: Grid) -> None:
+def test_result_is_a_future_with_get_timeout(grid1: Grid, tmp_path: Path) -> None:
     sid = grid1.publish(Recorder())
     proxy = grid1.acquire_service(sid)
-    r = proxy.sleep(1.0)
+    gate = Gate(tmp_path)
+    r = proxy.hold(*gate.args)
     assert isinstance(r, concurrent.futures.Future)
     with pytest.raises(TimeoutError):
         r.get(timeout=0.05)
-    assert r.get(timeout=30) == 1.0
+    gate.open()
+    assert r.get(timeout=30) == "released"
     grid1.release_service(proxy)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from isdgrid.cli import cli, main
+from isdgrid.examples.run_checkpoint import RunCheckpoint
 from isdgrid.statusfile import RUN_DIR_ENV, read_status_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +74,40 @@ def test_demo_runs_end_to_end(tmp_path: Path, run_dir: Path) -> None:
     assert all(sorted(r[1:]) == ["1", "2"] for r in rows)
     assert "replica exchange" in proc.stderr  # the progress bar's label goes to stderr
     assert not list(run_dir.glob("*.json"))  # the status file went with the grid
+
+
+def _grid_figures(report: str) -> list[str]:
+    keep = ("calls made:", "time per round:", "remote compute per round", "grid overhead per round:")
+    return [line for line in report.splitlines() if line.startswith(keep)]
+
+
+def test_a_resumed_demo_reports_the_whole_run(tmp_path: Path, run_dir: Path) -> None:
+    """The grid's figures after --resume count the rounds of the earlier sessions too."""
+    ckpt = tmp_path / "run.ckpt"
+    common = ("--slots", "2", "--steps", "50")
+    first = _isdgrid("demo", *common, "--rounds", "6", "--checkpoint", str(ckpt), run_dir=run_dir)
+    assert first.returncode == 0, first.stderr
+    assert "calls made: 26 on 2 servers" in first.stdout  # (1 reset + 6 sample + 6 set_temperature) x 2
+    # The run is finished: this session runs no round, and reports the run's figures as they were.
+    again = _isdgrid("demo", "--resume", str(ckpt), "--slots", "2", run_dir=run_dir)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and "6 rounds x 50 steps" in again.stdout
+    assert len(_grid_figures(first.stdout)) == 4
+    assert _grid_figures(again.stdout) == _grid_figures(first.stdout)
+    longer = _isdgrid("demo", "--resume", str(ckpt), "--slots", "2", "--rounds", "10", run_dir=run_dir)
+    assert longer.returncode == 0, longer.stderr
+    assert "10 rounds x 50 steps" in longer.stdout
+    assert "calls made: 42 on 2 servers" in longer.stdout  # the whole run: (1 + 10 + 10) x 2
+    assert "figures below cover" not in longer.stdout  # they cover the whole run: nothing to say
+    # A checkpoint without counters (an older isdgrid's): the report says which rounds it covers.
+    old = RunCheckpoint.load(ckpt)
+    state = old.driver_state()
+    del state["remote_work"]
+    dataclasses.replace(old, driver=pickle.dumps(state)).save(ckpt)
+    older = _isdgrid("demo", "--resume", str(ckpt), "--slots", "2", "--rounds", "12", run_dir=run_dir)
+    assert older.returncode == 0, older.stderr
+    assert "the figures below cover rounds 11..12 (the checkpoint resumed holds none" in older.stdout
+    assert "calls made: 8 on 2 servers" in older.stdout  # (2 sample + 2 set_temperature) x 2
 
 
 def test_demo_and_status_help_in_process() -> None:
@@ -146,7 +183,7 @@ def test_status_json_while_a_driver_runs(driver: tuple[subprocess.Popen[str], st
     docs = _wait_for_calls(run_dir, 3)
     assert len(docs) == 1
     doc = docs[0]
-    assert doc["pid"] == proc.pid and doc["launcher"] == "local" and doc["state"] == "running"
+    assert doc["pid"] == proc.pid and doc["launcher"] == "auto" and doc["state"] == "running"
     assert doc["hosts"] == [{"name": "localhost", "n_cpu": 2, "python": "python3"}]
     assert [(s["host"], s["slot"], s["lost"]) for s in doc["slots"]] == [
         ("localhost", 0, False),
@@ -193,7 +230,8 @@ def test_status_files_of_dead_drivers_are_ignored_and_removed(run_dir: Path) -> 
 def test_check_reports_each_host(tmp_path: Path, run_dir: Path) -> None:
     hosts = tmp_path / "hosts.toml"
     hosts.write_text(
-        '[[host]]\nname = "localhost"\nn_cpu = 2\n\n[[host]]\nname = "broken"\npython = "/nonexistent/bin/python3"\n'
+        '[[host]]\nname = "localhost"\nn_cpu = 2\n\n[[host]]\nname = "127.0.0.2"\npython = "/nonexistent/bin/python3"\n'
+        '\n[[host]]\nname = "broken.invalid"\n'
     )
     proc = _isdgrid("check", str(hosts), run_dir=run_dir)
     assert proc.returncode == 1
@@ -201,8 +239,11 @@ def test_check_reports_each_host(tmp_path: Path, run_dir: Path) -> None:
     ok = [line for line in proc.stdout.splitlines() if line.startswith("ok")]
     assert len(ok) == 1 and ok[0].startswith("ok    localhost: python 3.") and " ms" in ok[0]
     fail = [line for line in proc.stderr.splitlines() if line.startswith("FAIL")]
-    assert fail == ["FAIL  broken: cannot run command: [Errno 2] No such file or directory: '/nonexistent/bin/python3'"]
-    assert proc.stderr.splitlines()[-1] == "isdgrid: error: 1 of 2 hosts failed: broken"
+    assert fail[0] == (
+        "FAIL  127.0.0.2: cannot run command: [Errno 2] No such file or directory: '/nonexistent/bin/python3'"
+    )
+    assert fail[1].startswith("FAIL  broken.invalid: cannot connect over ssh"), fail  # never run here
+    assert proc.stderr.splitlines()[-1] == "isdgrid: error: 2 of 3 hosts failed: 127.0.0.2, broken.invalid"
 
     good = tmp_path / "good.toml"
     good.write_text('[[host]]\nname = "localhost"\n')
@@ -221,14 +262,21 @@ def test_bad_input_gives_one_line_and_no_traceback(tmp_path: Path, run_dir: Path
     assert line.startswith(f"isdgrid: error: {bad}: invalid TOML") and "line 3" in line
 
     unreachable = tmp_path / "unreachable.toml"
-    unreachable.write_text('[[host]]\nname = "far"\npython = "/nonexistent/bin/python3"\n')
+    unreachable.write_text('[[host]]\nname = "127.0.0.3"\npython = "/nonexistent/bin/python3"\n')
     proc = _isdgrid("demo", "--hosts", str(unreachable), "--rounds", "2", run_dir=run_dir)
     line = [entry for entry in proc.stderr.splitlines() if entry.startswith("isdgrid: error")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert line == [
-        "isdgrid: error: host 'far': cannot run command: [Errno 2] No such file or directory: "
+        "isdgrid: error: host '127.0.0.3': cannot run command: [Errno 2] No such file or directory: "
         "'/nonexistent/bin/python3'"
     ]
+
+    far = tmp_path / "far.toml"
+    far.write_text('[[host]]\nname = "far.invalid"\n')  # another machine's name: over ssh, never here
+    proc = _isdgrid("demo", "--hosts", str(far), "--rounds", "2", run_dir=run_dir)
+    line = [entry for entry in proc.stderr.splitlines() if entry.startswith("isdgrid: error")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(line) == 1 and line[0].startswith("isdgrid: error: host 'far.invalid': cannot connect over ssh"), line
 
 
 @pytest.mark.parametrize(

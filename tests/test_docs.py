@@ -29,6 +29,8 @@
     copy of this checkout.
 (e) Every option of every `isdgrid` command is in its section of docs/cli.md, and every
     link between the pages leads to a file (and a heading) that exists.
+(f) The `>>>` examples in isdgrid's docstrings (`help(isdgrid)` shows the package's) run as
+    doctests, on real local grids, and none is skipped.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ import ast
 import builtins
 import concurrent.futures
 import dataclasses
+import doctest
 import importlib
+import importlib.util
 import inspect
+import io
 import os
+import pkgutil
 import re
 import shutil
 import signal
@@ -336,6 +342,38 @@ def test_readme_first_command_works_as_written(runs: dict[str, concurrent.future
     )
     rc, out = runs["readme-command"].result(timeout=README_COMMAND_TIMEOUT + 30)
     assert rc == 0 and "Boltzmann check" in out, f"README's first command {command!r} failed ({rc}):\n{out[-4000:]}"
+
+
+# -- (a2) the example drivers the docs tell users to copy run once copied ------------------
+
+# "The full driver to copy from is [`isdgrid/examples/x.py`]", "`isdgrid/examples/x.py` is a
+# complete driver ... to copy from": every example file a page says to copy.
+COPY_MENTION = re.compile(
+    r"cop(?:y|ied)[^.`]*`(isdgrid/examples/\w+\.py)`|`(isdgrid/examples/\w+\.py)`[^.]*?\bto copy\b", re.I
+)
+COPIED_DRIVERS = sorted({a or b for page in PAGES for a, b in COPY_MENTION.findall(PARSED[page][2])})
+
+
+def test_the_docs_name_a_driver_to_copy() -> None:
+    assert "isdgrid/examples/replica_exchange.py" in COPIED_DRIVERS, COPIED_DRIVERS
+
+
+@pytest.mark.timeout(BLOCK_TIMEOUT * 3)
+@pytest.mark.parametrize("driver", COPIED_DRIVERS)
+def test_a_copied_driver_runs_as_a_script(driver: str, tmp_path: Path) -> None:
+    """``cp isdgrid/examples/x.py my_x.py && python my_x.py``, edited: it runs this copy's code."""
+    copy = tmp_path / f"my_{Path(driver).name}"
+    code = (ROOT / driver).read_text()
+    assert "replica exchange: " in code
+    copy.write_text(code.replace("replica exchange: ", "my edited replica exchange: "))
+    env = dict(os.environ, ISDGRID_RUN_DIR=str(tmp_path / "run"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    rc, out = _run(
+        [sys.executable, copy.name, "--slots", "2", "--rounds", "3", "--steps", "20"], tmp_path, env, BLOCK_TIMEOUT
+    )
+    assert rc == 0, f"python {copy.name} {'timed out' if rc is None else f'exited with {rc}'}:\n{out[-4000:]}"
+    assert "my edited replica exchange: 2 replicas on 2 slots" in out  # the copy's own code ran
+    assert "3 rounds x 20 steps" in out and "Boltzmann check" in out
 
 
 # -- (b) api.md has every public name, and its signatures are the code's ------------------
@@ -636,3 +674,44 @@ def test_the_checks_catch_drift(live_grid: Grid) -> None:
     span = ast.parse('Grid(hosts, launcher="ssh", min_host=2)', mode="eval")
     assert _call_problems(span, SPAN_NAMES, attributes=False) == ["1: Grid() takes no keyword 'min_host'"]
     assert _slug("Files: `copy_files`") == "files-copy_files" and _slug('"No module named X"') == "no-module-named-x"
+
+
+# -- (f) the docstrings' examples run --------------------------------------------------------
+
+
+def _modules_with_examples() -> list[str]:
+    found = []
+    for info in pkgutil.walk_packages(isdgrid.__path__, "isdgrid."):
+        spec = importlib.util.find_spec(info.name)
+        origin = spec.origin if spec is not None else None
+        if origin and origin.endswith(".py") and ">>>" in Path(origin).read_text():
+            found.append(info.name)
+    return ["isdgrid", *found] if ">>>" in Path(isdgrid.__file__).read_text() else found
+
+
+DOCTEST_MODULES = _modules_with_examples()
+
+
+def test_the_package_docstring_has_an_example() -> None:
+    assert "isdgrid" in DOCTEST_MODULES and ">>> " in (isdgrid.__doc__ or "")
+
+
+@pytest.mark.timeout(BLOCK_TIMEOUT * 3)
+@pytest.mark.parametrize("module", DOCTEST_MODULES)
+def test_docstring_examples_run(module: str) -> None:
+    mod = importlib.import_module(module)
+    tests = [t for t in doctest.DocTestFinder().find(mod) if t.examples]
+    skipped = [
+        f"{t.name} line {(t.lineno or 0) + e.lineno + 1}"
+        for t in tests
+        for e in t.examples
+        if e.options.get(doctest.SKIP)
+    ]
+    assert not skipped, f"skipped docstring examples (make them run): {skipped}"
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    report = io.StringIO()
+    for test in tests:
+        runner.run(test, out=report.write)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0
+    assert results.failed == 0, f"{module}'s docstring examples failed:\n{report.getvalue()[-4000:]}"

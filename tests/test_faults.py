@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
+from conftest import Gate, wait_until
 from remote_objects import Recorder
 
 from isdgrid import Grid, Host, HostLostError, ServiceUnavailableError
@@ -104,6 +104,7 @@ def test_respawn_brings_a_killed_slot_back() -> None:
         assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow  # a long stress test: the main pytest stage only
 def test_soak_calls_while_slots_are_killed_with_respawn() -> None:
     duration, kill_every = 60.0, 10.0
     with Grid([Host("localhost", n_cpu=4)], heartbeat_interval=0.5, host_timeout=5.0, respawn=True) as grid:
@@ -273,3 +274,45 @@ def test_a_respawn_gives_up_after_respawn_timeout(tmp_path: Path) -> None:
             grid.wait_for_respawn(sid, timeout=60)
         assert time.monotonic() - started < 30  # three attempts (1 s and 2 s apart), then no more
         assert grid.gather([grid.acquire_service(sid, timeout=10).add("y")], timeout=30) == [1]  # the other serves
+
+
+def _attempts_to(port: int) -> set[int]:
+    """Local ports of this process's TCP connections to ``port`` on loopback."""
+    me = psutil.Process()
+    get = getattr(me, "net_connections", None) or me.connections
+    return {c.laddr.port for c in get(kind="tcp") if c.raddr and c.raddr.port == port}
+
+
+def test_reconnects_that_fail_are_retried_and_every_call_completes_once(tmp_path: Path) -> None:
+    # The daemon is stopped (SIGSTOP) when its connection is cut: the reconnects reach its
+    # listening socket but get no answer, and fail; once it runs again the next one succeeds
+    # and the calls out are resent: each completes, exactly once.
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=1.0, host_timeout=60.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        pid = _daemon_pid(grid, 0)
+        port = int(grid.slots[0].handle.uri.rsplit(":", 1)[1])
+        gate = Gate(tmp_path)
+        held = proxy.hold(*gate.args)
+        after = proxy.add("after")
+        gate.wait_started()
+        before = _attempts_to(port)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            grid.slots[0].cut_connections()
+            tried: set[int] = set()
+
+            def one_failed() -> bool:  # a reconnect came and went (gave up) while the daemon was stopped
+                now = _attempts_to(port) - before
+                tried.update(now)
+                return bool(tried - now)
+
+            assert wait_until(one_failed, 60.0, step=0.1), f"reconnect attempts seen: {sorted(tried)}"
+            gate.open()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert held.get(timeout=60) == "released"
+        assert after.get(timeout=60) == 1
+        assert proxy.history().get(timeout=30) == ["after"]  # ran once, though sent again
+        assert not proxy._isdgrid_server.lost
+        grid.release_service(proxy)

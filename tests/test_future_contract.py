@@ -28,16 +28,19 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from conftest import Gate, require
 from remote_objects import Recorder
 
 import isdgrid
 from isdgrid import Grid, Host, Result
 
 T = 10.0  # bound on every single wait that should succeed quickly
+HEARTBEAT = 1.0  # the module grid's heartbeat interval, seconds
 SLOW = 0.3  # a "slow" remote call, seconds
 ROUNDS = 1000  # rounds of each kind of wait over mixed futures
 CHUNK = 100  # a slow call and queued cancellations once per CHUNK rounds
@@ -51,7 +54,7 @@ def fgrid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
     """One grid of two local daemons for the whole module; each test publishes its own service."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ISDGRID_RUN_DIR", str(tmp_path_factory.mktemp("future-run")))
-        g = Grid([Host("localhost", n_cpu=2)], host_timeout=10.0)
+        g = Grid([Host("localhost", n_cpu=2)], host_timeout=10.0, heartbeat_interval=HEARTBEAT)
         try:
             yield g
         finally:
@@ -661,8 +664,7 @@ class Interrupter:
 
 @contextlib.contextmanager
 def default_sigint() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("needs the main thread")
+    require(threading.current_thread() is threading.main_thread(), "needs the main thread")
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
@@ -740,31 +742,57 @@ def _interrupt_gets_and_streams(svc: Service, keep: list[Interrupter]) -> None:
 # -- expired get(timeout) ----------------------------------------------------------------------
 
 
-def _connections(proc: psutil.Process) -> int:
+def _connections(proc: psutil.Process) -> set[tuple[Any, Any]]:
+    """The daemon's TCP connections, each named by its two ends."""
     get = getattr(proc, "net_connections", None) or proc.connections
-    return sum(1 for c in get(kind="tcp") if c.status != psutil.CONN_LISTEN)
+    return {(c.laddr, c.raddr) for c in get(kind="tcp") if c.status != psutil.CONN_LISTEN}
 
 
-def test_expired_get_timeouts_do_not_reconnect(svc: Service) -> None:
+def _settled_connections(proc: psutil.Process, quiet: float, timeout: float) -> set[tuple[Any, Any]]:
+    """The daemon's connections once none has come or gone for ``quiet`` seconds (bounded).
+
+    The driver opens some connections lazily (the heartbeat's on its first beat): the
+    baseline is taken after they are up, whenever that is.
+    """
+    deadline = time.monotonic() + timeout
+    seen, since = _connections(proc), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the daemon's connections kept changing for {timeout} s")
+        time.sleep(0.05)
+        now = _connections(proc)
+        if now != seen:
+            seen, since = now, time.monotonic()
+    return seen
+
+
+def test_expired_get_timeouts_do_not_reconnect(svc: Service, tmp_path: Path) -> None:
+    # Behaviour, not transport internals: while a call runs, gets that time out leave every
+    # connection between driver and daemon as it was (none replaced by a reconnect, none
+    # added), and no thread piles up in the daemon.
     a = svc.acquire()
     proc = psutil.Process(a.pid().get(timeout=T))
-    r = a.sleep(3.0)
-    time.sleep(0.2)
-    base_conns, base_threads = _connections(proc), proc.num_threads()
-    max_conns, max_threads = base_conns, base_threads
-    for k in range(50):
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError):
-            r.get(timeout=0.05)
-        assert time.monotonic() - t0 < 2.0, "get(timeout=0.05) took far longer than its timeout"
-        if k % 5 == 4:
-            max_conns = max(max_conns, _connections(proc))
-            max_threads = max(max_threads, proc.num_threads())
-    assert r.get(timeout=T) == 3.0
+    gate = Gate(tmp_path)
+    r = a.hold(*gate.args)  # runs until the test opens the gate: it outlives every get below
+    try:
+        gate.wait_started(T)
+        base = _settled_connections(proc, quiet=3 * HEARTBEAT, timeout=60.0)
+        base_threads = proc.num_threads()
+        max_threads = base_threads
+        for k in range(50):
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                r.get(timeout=0.05)
+            assert time.monotonic() - t0 < 5.0, "get(timeout=0.05) took far longer than its timeout"
+            if k % 5 == 4:
+                assert _connections(proc) == base, "an expired get changed the daemon's connections"
+                max_threads = max(max_threads, proc.num_threads())
+        assert not r.done()
+    finally:
+        gate.open()
+    assert r.get(timeout=T) == "released"
     assert a.ident("still fine").get(timeout=T) == "still fine"
-    max_conns = max(max_conns, _connections(proc))
-    max_threads = max(max_threads, proc.num_threads())
-    assert max_conns <= base_conns, f"the daemon's TCP connections grew from {base_conns} to {max_conns}"
+    assert base <= _connections(proc), "a connection the call was made on was replaced"
     assert max_threads <= base_threads + 1, f"the daemon's threads grew from {base_threads} to {max_threads}"
     svc.release(a)
     svc.wait_idle()
@@ -773,7 +801,7 @@ def test_expired_get_timeouts_do_not_reconnect(svc: Service) -> None:
 # -- gather ------------------------------------------------------------------------------------
 
 
-def test_gather_over_results_some_already_finished(svc: Service) -> None:
+def test_gather_over_results_some_already_finished(svc: Service, tmp_path: Path) -> None:
     grid = svc.grid
     a, b = svc.acquire(), svc.acquire()
     first = a.ident(1)
@@ -788,8 +816,12 @@ def test_gather_over_results_some_already_finished(svc: Service) -> None:
     check_error(bad, "gathered")
     with pytest.raises(ValueError, match="gathered"):
         grid.gather([first, bad, b.sleep(0.2)], timeout=T)
+    gate = Gate(tmp_path)
+    held = b.hold(*gate.args)
     with pytest.raises(TimeoutError):
-        grid.gather([first, b.sleep(1.0)], timeout=0.2)
+        grid.gather([first, held], timeout=0.2)
+    gate.open()
+    assert grid.gather([first, held], timeout=T) == [1, "released"]
     svc.release(a)
     svc.release(b)
     svc.wait_idle()

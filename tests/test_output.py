@@ -8,8 +8,10 @@ launcher, and the ssh launcher against the test sshd on 127.0.0.1 (.ci/setup-ssh
 from __future__ import annotations
 
 import os
+import pty
 import queue
 import re
+import select
 import shlex
 import socket
 import stat
@@ -184,6 +186,91 @@ def test_forward_output_false_shows_nothing_and_keeps_the_log_files(tmp_path: Pa
     assert all(f"{word}:w1\n" in text for word in ("out", "err", "child")) and "warn:w1" in text
 
 
+# -- whole lines on a terminal -----------------------------------------------------------
+SHOUTER = textwrap.dedent(
+    """\
+    import sys
+    from isdgrid import Grid, Host
+
+    class Shouter:
+        def shout(self, n):
+            for i in range(n):
+                print(f"remote line {i}")
+            return n
+
+    if sys.argv[1] == "ssh":
+        grid = Grid([Host("node-a", python=sys.executable)], launcher="ssh", status_file=False,
+                    launcher_options={"ssh_config": sys.argv[2]})
+    else:
+        grid = Grid([Host("localhost", n_cpu=1)], status_file=False)
+    with grid:
+        proxy = grid.acquire_service(grid.publish(Shouter()))
+        shouted = proxy.shout(2000)
+        for i in range(2000):
+            print(f"driver {i}", flush=True)
+        print("SHOUTED", shouted.get(timeout=90), flush=True)
+    """
+)
+
+
+def _run_on_a_terminal(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run ``command`` with a pty as its stdin, stdout and stderr; its exit code and output."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(command, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the pty
+                break
+            if not data:
+                break
+            chunks.append(data)
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            code = proc.wait(timeout=10)
+    finally:
+        os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def _assert_whole_lines(tmp_path: Path, args: list[str], unbuffered: bool) -> None:
+    script = tmp_path / "shouter.py"
+    script.write_text(SHOUTER)
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:  # print's pieces (text, then "\n") reach the terminal one by one
+        env["PYTHONUNBUFFERED"] = "1"
+    code, output = _run_on_a_terminal([sys.executable, script.name, *args], tmp_path, env, timeout=100)
+    lines = output.splitlines()
+    assert code == 0 and "SHOUTED 2000" in lines, output[-3000:]
+    whole = re.compile(r"^(driver \d+|\[[\w.-]+/0\] remote line \d+|SHOUTED 2000)$")
+    cut = [line for line in lines if line and not whole.match(line)]
+    assert cut == [], f"{len(cut)} cut lines, first ones: {cut[:5]}"
+    assert sum(line.startswith("driver ") for line in lines) == 2000
+    assert sum("] remote line " in line for line in lines) == 2000
+
+
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "line-buffered"])
+def test_forwarded_lines_never_cut_into_the_drivers_lines_on_a_terminal_local(tmp_path: Path, unbuffered: bool) -> None:
+    _assert_whole_lines(tmp_path, ["local"], unbuffered)
+
+
+def test_forwarded_lines_never_cut_into_the_drivers_lines_on_a_terminal_ssh(tmp_path: Path) -> None:
+    require(_sshd_running() and os.path.exists("/usr/bin/ssh"), "no test sshd running (run .ci/setup-ssh.sh)")
+    _assert_whole_lines(tmp_path, ["ssh", str(_ssh_config(tmp_path))], unbuffered=True)
+
+
 # -- the driver's folder on the daemons' sys.path --------------------------------------
 IMPORTER = textwrap.dedent(
     """\
@@ -249,6 +336,11 @@ def _sshd_running() -> bool:
 
 def test_daemons_import_from_the_driver_scripts_folder_ssh(tmp_path: Path) -> None:
     require(_sshd_running() and os.path.exists("/usr/bin/ssh"), "no test sshd running (run .ci/setup-ssh.sh)")
+    _run_importer(tmp_path, ["ssh", str(_ssh_config(tmp_path))])
+
+
+def _ssh_config(tmp_path: Path) -> Path:
+    """An ssh config naming the test sshd ``node-a``."""
     port = (SSHD_DIR / "port").read_text().strip()
     config = tmp_path / "ssh_config"
     config.write_text(
@@ -256,7 +348,7 @@ def test_daemons_import_from_the_driver_scripts_folder_ssh(tmp_path: Path) -> No
         f"    IdentityFile {SSHD_DIR}/client_ed25519\n    IdentitiesOnly yes\n"
         "    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n"
     )
-    _run_importer(tmp_path, ["ssh", str(config)])
+    return config
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ through ``sh -c`` here, as the remote login shell runs them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from conftest import require
+from conftest import alive, require, wait_until
 
 from isdgrid import Grid, Host, LaunchError
 from isdgrid.hosts import Host as HostType
@@ -145,6 +146,49 @@ class Probe:
 
 
 # -- pure builders ---------------------------------------------------------------------
+def _run_setup_ssh(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", os.path.join(REPO_ROOT, ".ci", "setup-ssh.sh")],
+        env={**os.environ, "ISDGRID_SSHD_DIR": str(folder)}, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_setup_ssh_starts_its_own_sshd_when_the_pid_file_names_another_process(tmp_path: Path) -> None:
+    # The README's test command on a machine where the folder holds a pid file of a server
+    # long gone, its pid now another process's: the script must not take it for its sshd.
+    require(os.path.exists("/usr/sbin/sshd") and os.geteuid() == 0, "setup-ssh.sh needs root and /usr/sbin/sshd")
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    stranger = subprocess.Popen(["sleep", "120"])
+    started: int | None = None
+    try:
+        (folder / "sshd.pid").write_text(f"{stranger.pid}\n")
+        first = _run_setup_ssh(folder)
+        assert first.returncode == 0, first.stdout + first.stderr
+        started = int((folder / "sshd.pid").read_text().strip())
+        assert started != stranger.pid, first.stdout
+        port = int((folder / "port").read_text().strip())
+        assert f"-f {folder}/sshd_config" in " ".join(psutil.Process(started).cmdline())
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass
+        second = _run_setup_ssh(folder)  # now it is ours and listens: reused, not restarted
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert f"already running (pid {started}, port {port})" in second.stdout
+        (folder / "port").unlink()  # ours, but the port file is gone: a new server, the old one ended
+        old = psutil.Process(started)
+        third = _run_setup_ssh(folder)
+        assert third.returncode == 0, third.stdout + third.stderr
+        started = int((folder / "sshd.pid").read_text().strip())
+        assert started != old.pid and (folder / "port").is_file()
+        assert wait_until(lambda: not alive([old]), 10)
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=10)
+        if started is not None:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(started).terminate()
+
+
 def test_ssh_args_defaults_config_and_remote_quoting() -> None:
     remote = ["sh", "-c", 'echo "$1"', "x", "it's a test; rm -rf /"]
     args = ssh_args("node7", remote, options=merge_options(None, 7), config_file="/cfg")

@@ -19,7 +19,8 @@ every slot; replica ``i`` stays on server ``i``. Each round the driver
 It counts swap attempts and acceptances per temperature pair and the replica round trips
 (a replica that went from the lowest to the highest temperature and back).
 :func:`run_demo` runs it end to end; ``isdgrid demo`` and ``scripts/replica_exchange.py``
-call it.
+call it. A copy of this file runs as a script (``python my_rex.py --slots 2 --rounds 20``,
+see :func:`main`): start your own driver from one.
 """
 
 from __future__ import annotations
@@ -31,12 +32,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import ConfigError
-from ..grid import Grid, ServerStatus
-from ..result import Result
-from .boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
-from .exchange import LOG_HEADER, SCHEMES, ExchangeBook, check_scheme, exchange_pairs, geometric_ladder
-from .run_checkpoint import CheckpointedRun, RunCheckpoint, RunCheckpointer
+# Absolute imports: a copy of this file runs as a script (python my_rex.py) outside the package.
+from isdgrid.errors import ConfigError, GridError
+from isdgrid.examples.boltzmann import BoltzmannCheck, ExactMarginal, check_boltzmann, exact_marginal
+from isdgrid.examples.exchange import (
+    LOG_HEADER,
+    SCHEMES,
+    ExchangeBook,
+    check_scheme,
+    exchange_pairs,
+    geometric_ladder,
+)
+from isdgrid.examples.run_checkpoint import CheckpointedRun, RunCheckpoint, RunCheckpointer
+from isdgrid.grid import Grid, ServerStatus
+from isdgrid.hosts import Host, load_hosts
+from isdgrid.result import Result
 
 __all__ = [
     "SCHEMES",
@@ -242,6 +252,11 @@ class ReplicaExchange(CheckpointedRun):
             self.temperatures, scheme, steps, attempts=self.book.attempts, accepted=self.book.accepted
         )
         self._mc_sum = [0.0] * n
+        # The remote work of the run (per server: calls, seconds) is kept in its checkpoints, so a
+        # resumed run reports the whole run: the counters carried in, plus the grid's since then.
+        self._work_from = 0  # the rounds the counters do not cover (a checkpoint written without them)
+        self._work_base: list[tuple[int, float]] = [(0, 0.0)] * n
+        self._work_mark = self._server_work()
         self._checkpointer: RunCheckpointer | None = RunCheckpointer(
             grid, self.service_id, path=checkpoint_path, log=log, timeout=timeout, last=resume
         )
@@ -309,8 +324,26 @@ class ReplicaExchange(CheckpointedRun):
         """The grid's statistics for this run's servers."""
         return [row for row in self.grid.status() if row.service_id == self.service_id]
 
+    def remote_work(self) -> tuple[int, list[tuple[int, float]]]:
+        """The run's remote work per server (calls, seconds), and the first round it counts from.
+
+        A resumed run counts from round 0, its earlier sessions included (the counters travel
+        in the checkpoint); rounds undone by a roll-back are not counted. The grid's own
+        snapshot and restore operations are never counted.
+        """
+        now = self._server_work()
+        work = [
+            (calls + c1 - c0, seconds + s1 - s0)
+            for (calls, seconds), (c0, s0), (c1, s1) in zip(self._work_base, self._work_mark, now, strict=True)
+        ]
+        return self._work_from, work
+
+    def _server_work(self) -> list[tuple[int, float]]:
+        return [(row.calls, row.mean_call_time * row.calls) for row in self.status()]
+
     def _state(self) -> dict[str, Any]:
         """The driver's part of a run checkpoint."""
+        self.grid.gather(self._pending, timeout=self.timeout)  # done by now; counted in remote_work
         return {
             "settings": {
                 "engine": "toy", "model": self.model, "temperatures": self.temperatures, "scheme": self.scheme,
@@ -320,6 +353,7 @@ class ReplicaExchange(CheckpointedRun):
             "book": self.book,  # with its random generator
             "mc_sum": self._mc_sum,
             "result": self.result,
+            "remote_work": self.remote_work(),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -329,11 +363,19 @@ class ReplicaExchange(CheckpointedRun):
         self.result = state["result"]
         self.target_rounds = state["settings"]["target_rounds"]
         self._pending = []  # calls of rounds that were undone
+        # A checkpoint of an older isdgrid has no counters: count from its round on, and say so.
+        self._work_from, self._work_base = state.get("remote_work", (self.result.rounds, [(0, 0.0)] * self.n))
+        self._work_mark = self._server_work()
 
 
 @dataclass
 class DemoReport:
-    """A finished demo run: the exchange result, the sampling check, the grid's figures."""
+    """A finished demo run: the exchange result, the sampling check, the grid's figures.
+
+    ``work`` is each server's remote work over the whole run (calls, seconds), a resumed
+    run's earlier sessions included; it covers the rounds after ``counted_from`` (0 unless
+    the run was resumed from a checkpoint that holds no counters).
+    """
 
     result: ExchangeResult
     check: BoltzmannCheck | None
@@ -343,23 +385,25 @@ class DemoReport:
     launcher: str
     startup_time: float
     wall_time: float
+    work: list[tuple[int, float]] = field(default_factory=list)
+    counted_from: int = 0
 
     @property
     def calls(self) -> int:
         """Remote calls made on the replicas."""
-        return sum(row.calls for row in self.status)
+        return sum(calls for calls, _ in self.work)
 
     @property
     def time_per_round(self) -> float:
         """Mean wall time of a round, in seconds."""
-        times = self.result.round_times
+        times = self.result.round_times[self.counted_from:]
         return sum(times) / len(times) if times else 0.0
 
     @property
     def compute_per_round(self) -> float:
         """Remote compute time per round: the busiest server's call time per round."""
-        rounds = max(1, self.result.rounds)
-        return max((row.mean_call_time * row.calls / rounds for row in self.status), default=0.0)
+        rounds = max(1, self.result.rounds - self.counted_from)
+        return max((seconds / rounds for _, seconds in self.work), default=0.0)
 
     @property
     def overhead_per_round(self) -> float:
@@ -402,6 +446,7 @@ def run_demo(
     try:
         result = rex.run(rounds, progress)
         status = rex.status()
+        counted_from, work = rex.remote_work()
     finally:
         grid.terminate(rex.service_id)
     outcome = None
@@ -410,7 +455,10 @@ def run_demo(
         exact: ExactMarginal = exact_marginal(rex.model.energy, result.temperatures[0])
         outcome = check_boltzmann(samples, exact, blocks=CHECK_BLOCKS, round_trips=result.round_trips)
     launcher = getattr(getattr(grid, "_launcher", None), "name", "?")
-    return DemoReport(result, outcome, status, n, len(grid.hosts), launcher, startup_time, time.perf_counter() - start)
+    return DemoReport(
+        result, outcome, status, n, len(grid.hosts), launcher, startup_time, time.perf_counter() - start, work,
+        counted_from,
+    )
 
 
 def format_report(report: DemoReport) -> list[str]:
@@ -433,6 +481,11 @@ def format_report(report: DemoReport) -> list[str]:
         "",
         f"replica round trips (lowest -> highest -> lowest): {res.round_trips}",
         "Metropolis acceptance per temperature: " + " ".join(f"{a:.2f}" for a in res.mc_acceptance),
+    ]
+    if report.counted_from:
+        covered = f"rounds {report.counted_from + 1}..{res.rounds}" if res.rounds > report.counted_from else "no rounds"
+        lines.append(f"the figures below cover {covered} (the checkpoint resumed holds none of the rounds before)")
+    lines += [
         f"calls made: {report.calls} on {len(report.status)} servers",
         f"grid start: {report.startup_time * 1e3:.0f} ms",
         f"time per round: {report.time_per_round * 1e3:.2f} ms",
@@ -457,12 +510,46 @@ def format_report(report: DemoReport) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the demo from the command line (the same options as ``isdgrid demo``)."""
+    """Run this driver from the command line: ``python replica_exchange.py --slots 4 --rounds 50``.
+
+    It runs the classes of this very file, so a copy of it (``cp .../replica_exchange.py
+    my_rex.py``), once edited, runs as edited. ``isdgrid demo`` runs the package's copy, with
+    a progress bar, checkpoints and ``--resume``. Exit status 1 when the Boltzmann check
+    fails or the grid reports an error (one line on stderr).
+    """
+    import argparse
+    import contextlib
     import sys
 
-    from ..cli import main as cli_main
-
-    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(description="Replica-exchange Monte Carlo on an isdgrid grid.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--slots", type=int, default=4, help="local slots, one replica each (default 4)")
+    where.add_argument("--hosts", metavar="FILE", help="hosts file (TOML): one replica per slot of its hosts")
+    parser.add_argument("--launcher", help="how the daemons start: local, ssh, slurm, sge (default: the grid's)")
+    parser.add_argument("--rounds", type=int, default=200, help="exchange rounds (default 200)")
+    parser.add_argument("--steps", type=int, default=200, help="Metropolis steps per replica and round (default 200)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="gromacs", help="how swap pairs are picked")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    parser.add_argument("--tmax", type=float, default=6.0, help="highest temperature, the lowest is 1 (default 6)")
+    parser.add_argument("--log", metavar="FILE", help="write the replica log (replica at each temperature, per round)")
+    args = parser.parse_args(argv)
+    launcher = {"launcher": args.launcher} if args.launcher else {}
+    try:
+        hosts = load_hosts(args.hosts) if args.hosts else [Host("localhost", n_cpu=args.slots)]
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context(open(args.log, "w", encoding="utf-8")) if args.log else None
+            started = time.perf_counter()
+            grid = stack.enter_context(Grid(hosts, **launcher))
+            report = run_demo(
+                grid, rounds=args.rounds, steps=args.steps, scheme=args.scheme, seed=args.seed, t_max=args.tmax,
+                log=log, startup_time=time.perf_counter() - started,
+            )
+    except (GridError, OSError) as exc:
+        sys.exit(f"{parser.prog}: error: {str(exc).splitlines()[0]}")
+    for line in format_report(report):
+        print(line)
+    if report.check is not None and report.check.verdict == "FAIL":
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .. import codec
 from ..errors import CheckpointError, ConfigError, HostLostError
-from ..snapshot import Snapshot, read_record, write_atomically
+from ..snapshot import Snapshot, check_fields, read_record, write_record
 
 if TYPE_CHECKING:
     from ..grid import Grid
@@ -56,12 +56,18 @@ class RunCheckpoint:
         return self.snapshot.nbytes + len(self.driver)
 
     def driver_state(self) -> dict[str, Any]:
-        """A fresh copy of the driver state (each call unpickles it anew)."""
-        state: dict[str, Any] = pickle.loads(self.driver)
+        """A fresh copy of the driver state (each call unpickles it anew); :class:`CheckpointError` if it cannot."""
+        try:
+            state = pickle.loads(self.driver)
+        except Exception as exc:  # whatever unpickling raises, the checkpoint is unusable
+            why = f"{type(exc).__name__}: {exc}"
+            raise CheckpointError(f"the driver state of the checkpoint cannot be loaded: {why}") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"the driver state of the checkpoint is a {type(state).__name__}, not a dict")
         return state
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the checkpoint to ``path`` atomically."""
+        """Write the checkpoint to ``path`` atomically; :class:`CheckpointError` when it cannot."""
         record = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -72,17 +78,26 @@ class RunCheckpoint:
             "log_path": self.log_path,
             "written_at": self.written_at,
         }
-        write_atomically(path, pickle.dumps(record, protocol=codec.PROTOCOL))
+        write_record(path, record, "checkpoint")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RunCheckpoint:
-        """Read a checkpoint written by :meth:`save` (a pickle: load only files you wrote)."""
+    def load(cls, path: str | os.PathLike[str], *, trust: bool = False) -> RunCheckpoint:
+        """Read a checkpoint written by :meth:`save`.
+
+        Loading unpickles the file, which runs any code it holds: a file another user owns
+        or that others can write is refused unless ``trust`` is true (``Snapshot.load``).
+        """
         where = repr(os.fspath(path))
-        record = read_record(path, "checkpoint")
+        record = read_record(path, "checkpoint", trust=trust)
         if not isinstance(record, dict) or record.get("format") != _FORMAT:
             raise CheckpointError(f"{where} is not a replica-exchange run checkpoint")
         if record.get("version") != _VERSION:
             raise CheckpointError(f"{where} has format version {record.get('version')}; this isdgrid reads {_VERSION}")
+        check_fields(
+            record, where, "run checkpoint",
+            {"snapshot": dict, "driver": bytes, "rounds": int, "log_offset": (int, type(None)),
+             "log_path": (str, type(None)), "written_at": (int, float)},
+        )  # fmt: skip
         return cls(
             Snapshot.from_record(record["snapshot"], where),
             record["driver"],

@@ -157,6 +157,8 @@ class SlotOutput:
         self._partial = b""
         self._done = threading.Event()
         self._log_file: IO[str] | None = None
+        if forward:  # before the first line comes, so that one is whole too
+            _console_lines_whole()
         if log_dir:
             self._log_file = _open_log(log_dir, f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_"))
 
@@ -326,13 +328,43 @@ def _fileno(stream: IO[str]) -> int | None:
         return None
 
 
+def _lines_whole(stream: IO[str]) -> None:
+    """Make the driver's own stream hand its text to the file descriptor a whole line at a time.
+
+    ``print`` writes its arguments, separators and ``end`` one by one. A stream that writes
+    through (``python -u``, ``PYTHONUNBUFFERED=1``) sends each piece to the descriptor at
+    once, so a forwarded line written between two pieces would land inside the driver's
+    line; a block-buffered one (a file, a pipe) sends 8 KB at a time, cut anywhere. Line
+    buffered, as Python makes a terminal's stdout, a line reaches the descriptor in one
+    write when it ends (or when the driver calls ``flush``). Safe from any thread.
+    """
+    if getattr(stream, "line_buffering", True) and not getattr(stream, "write_through", False):
+        return
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            reconfigure(line_buffering=True, write_through=False)
+
+
+def _console_lines_whole() -> None:
+    """:func:`_lines_whole` for the process's own stdout and stderr, where they are in place."""
+    with _console_lock:
+        pairs: tuple[tuple[IO[str] | None, object], ...] = (
+            (sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__),
+        )
+        for stream, original in pairs:
+            if stream is not None and stream is original:
+                _lines_whole(stream)
+
+
 def _echo(kind: str, text: str) -> bool:
     """Write one whole line to the driver's stdout or stderr; False if that failed.
 
     To the process's own stream (``sys.__stdout__``) the line goes past its buffer, in one
-    write to the file descriptor: a line the driver is in the middle of printing (``print``
-    writes its arguments one by one into that buffer) is never cut in two. A stream put in
-    its place (pytest's capture, a notebook, ``redirect_stdout``) gets ``write`` and ``flush``.
+    write to the file descriptor, and that stream is made line buffered (:func:`_lines_whole`):
+    a line the driver is in the middle of printing is never cut in two. A stream put in its
+    place (pytest's capture, a notebook, ``redirect_stdout``) gets ``write`` and ``flush``.
+    Safe from any thread.
     """
     stream: IO[str] | None = sys.stdout if kind == "stdout" else sys.stderr
     original: IO[str] | None = sys.__stdout__ if kind == "stdout" else sys.__stderr__
@@ -345,6 +377,7 @@ def _echo(kind: str, text: str) -> bool:
                 stream.write(text)
                 stream.flush()
                 return True
+            _lines_whole(stream)
             data = text.encode(getattr(stream, "encoding", None) or "utf-8", "replace")
             while data:
                 data = data[os.write(fd, data):]
