@@ -270,8 +270,10 @@ def _take_over(channel: _CallsChannel, now: float) -> bool:
     return channel.free_since is not None
 
 
-# Starts a new reader for a calls connection whose batch runs longer than TAKEOVER.
-_watchdog: Ticker[_CallsChannel] = Ticker("takeover-watchdog", TAKEOVER / 2, _take_over)
+# Starts a new reader for a calls connection whose batch runs longer than TAKEOVER. It
+# sleeps as soon as no batch runs (no linger): hundreds of daemons on one host must not
+# wake hundreds of times a second each after every batch.
+_watchdog: Ticker[_CallsChannel] = Ticker("takeover-watchdog", TAKEOVER / 2, _take_over, linger=0.0)
 
 
 def _serve_control(agent: Agent, sock: socket.socket, stop: threading.Event) -> None:
