@@ -69,6 +69,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -531,8 +532,8 @@ def rounds_interleaved(
     over all blocks). The functions take their blocks in turn.
 
     A block is ``reps`` rounds; with ``reps=0`` each function gets as many as take about 0.3 s
-    (from its last warm-up round), and there are fewer blocks (at least 3) when ``blocks`` of
-    them would take longer than ``budget`` seconds.
+    (from its last warm-up round), and there are fewer blocks when ``blocks`` of
+    them would take longer than ``budget`` seconds (at least one).
     """
     took = dict.fromkeys(fns, 0.0)
     for name, (fn, _) in fns.items():
@@ -542,7 +543,9 @@ def rounds_interleaved(
             took[name] = time.perf_counter() - t0
     count = {name: reps or max(1, min(1000, round(0.3 / max(took[name], 1e-6)))) for name in fns}
     if not reps:
-        blocks = max(3, min(blocks, int(budget / max(sum(count[k] * took[k] for k in fns), 1e-6))))
+        blocks = max(1, min(blocks, int(budget / max(sum(count[k] * took[k] for k in fns), 1e-6))))
+        said = ", ".join(f"{k} {took[k] * 1e3:,.1f} ms x {count[k]}" for k in fns)
+        print(f"      a round: {said}; {blocks} blocks", file=sys.stderr, flush=True)
     walls: dict[str, list[float]] = {name: [] for name in fns}
     cpus = dict.fromkeys(fns, 0.0)
     for _ in range(blocks):
@@ -555,7 +558,7 @@ def rounds_interleaved(
     return {name: (statistics.median(walls[name]), cpus[name] / (count[name] * blocks)) for name in fns}
 
 
-def bench_fanout(res: Results, sizes: Sequence[int], quick: bool, start_timeout: float) -> None:
+def bench_fanout(res: Results, sizes: Sequence[int], quick: bool, start_timeout: float, round_timeout: float) -> None:
     """N-way broadcast + gather of a no-op: the grid against the floor, interleaved, at each N.
 
     The grid's round is ``gather(broadcast(sid, "noop"))`` then ``release_all(sid)``; its CPU is
@@ -582,13 +585,23 @@ def bench_fanout(res: Results, sizes: Sequence[int], quick: bool, start_timeout:
                 print(f"    {n}: the grid started and published in {took:.1f} s", file=sys.stderr, flush=True)
 
                 def round_(g: Grid = grid, s: str = sid) -> None:
-                    g.gather(g.broadcast(s, "noop"))
+                    g.gather(g.broadcast(s, "noop"), timeout=round_timeout)
                     g.release_all(s)
 
                 fns[f"fan_grid_{n}"] = (round_, time.process_time)
             print(f"    {n}: measuring {', '.join(fns)}", file=sys.stderr, flush=True)
-            figures = rounds_interleaved(fns, blocks=5 if quick else 9, budget=20.0 if quick else 60.0)
-            if grid is not None:
+            blocks, budget = (5, 20.0) if quick else (9, 60.0)
+            try:
+                figures = rounds_interleaved(fns, blocks=blocks, budget=budget)
+            except TimeoutError as exc:
+                res.note(f"fan_grid_{n}", f"a round took over {round_timeout:g} s ({exc})")
+                print(f"    {n}: a round of the grid took over {round_timeout:g} s", file=sys.stderr, flush=True)
+                del fns[f"fan_grid_{n}"]
+                if grid is not None:  # its daemons' load would land on the floor alone
+                    res.add(f"fan_threads_{n}", threading.active_count())
+                    grid.terminate()
+                figures = rounds_interleaved(fns, blocks=blocks, budget=budget)
+            if f"fan_threads_{n}" not in res.values and grid is not None:
                 res.add(f"fan_threads_{n}", threading.active_count())
             for name, (wall, cpu) in figures.items():
                 res.add(name, wall)
@@ -1213,7 +1226,7 @@ def measure(res: Results, args: argparse.Namespace, sections: set[str]) -> None:
                 bench_latency(res, args.quick)
             if "fanout" in sections and run == 0:
                 section("fanout", args.start_timeout * len(args.sizes))
-                bench_fanout(res, args.sizes, args.quick, args.start_timeout)
+                bench_fanout(res, args.sizes, args.quick, args.start_timeout, args.round_timeout)
             if "start" in sections and run == 0:
                 section("start", args.start_timeout * len(args.start_sizes) * 3)
                 bench_start(res, args.start_sizes, args.quick, args.start_timeout)
@@ -1256,6 +1269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--floor-scale", type=int, default=1000, help="scale: echo processes of the floor (default %(default)s)"
     )
     parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=60.0,
+        help="fanout: a grid's broadcast+gather round taking longer is reported as such (default %(default)s)",
+    )
+    parser.add_argument(
         "--start-timeout", type=float, default=300.0, help="the grids' start_timeout, seconds (default %(default)s)"
     )
     parser.add_argument("--json", default="", help="also write every figure of this run to this JSON file")
@@ -1269,6 +1288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stack is printed and the run ends with an error (0: wait forever; default %(default)s)",
     )
     args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack, the run goes on
     sections = set(args.only.split(",")) if args.only else set(SECTIONS)
     if sections - set(SECTIONS):
         parser.error(f"unknown sections {','.join(sorted(sections - set(SECTIONS)))}; pick from {','.join(SECTIONS)}")
