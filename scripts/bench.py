@@ -1114,6 +1114,20 @@ _COMPARED: list[tuple[str, Callable[[Getter], str]]] = [
         "threads added over the memory run, driver / daemon",
         lambda g: f"{g('threads_driver_growth'):+.0f} / {g('threads_daemon_growth'):+.0f}",
     ),
+    *(
+        row
+        for n in (16, 64, 128, 256)
+        for row in (
+            (f"{n}-way broadcast+gather round", _fmt(f"fan_grid_{n}", _ms)),
+            (f"{n}-way round / the floor's", _ratio(f"fan_grid_{n}", f"fan_floor_{n}")),
+            (f"{n}-way driver CPU per call / the floor's", _ratio(f"cpu_fan_grid_{n}", f"cpu_fan_floor_{n}")),
+            (f"driver threads with {n} slots", _fmt(f"fan_threads_{n}", lambda x: f"{x:.0f}")),
+        )
+    ),
+    ("wait([r]) / r.result() latency", _ratio("lat_wait", "lat_result")),
+    ("as_completed([r]) / r.result() latency", _ratio("lat_as_completed", "lat_result")),
+    ("start 64 slots + publish", _fmt("start_publish_grid_64", _ms)),
+    ("Pss per idle slot, 64 slots", _fmt("pss_grid_64", lambda x: f"{x / MB:.1f} MB")),
 ]
 
 
@@ -1137,7 +1151,7 @@ def compare(before: dict[str, Any], after: Results) -> str:
         old_cell = f"{shown_old} ({'met' if met_old else 'missed'})"
         new_cell = f"{shown_new} ({'met' if met_new else 'missed'})"
         lines.append(f"| {text} | {old_cell} | {new_cell} |")
-    return "\n".join(line for line in lines if "nan" not in line)
+    return "\n".join(_drop_empty_tables([line for line in lines if "nan" not in line]))
 
 
 def plot(res: Results, path: str, before: Results | None = None) -> None:
