@@ -7,8 +7,12 @@ the timings of the things compared are taken in interleaved blocks, so that load
 elsewhere hits both sides alike. Each figure is the median over ``--repeat`` runs (and
 over blocks within a run). It prints a table and the target ratios, and writes a plot.
 
-    PYTHONPATH=. python scripts/bench.py              # full run (a few minutes)
-    PYTHONPATH=. python scripts/bench.py --quick      # smaller counts (about a minute)
+    PYTHONPATH=. python scripts/bench.py              # every section (today 10+ minutes: 256 slots)
+    PYTHONPATH=. python scripts/bench.py --quick      # smaller counts
+    PYTHONPATH=. python scripts/bench.py --only fanout --repeat 1 --plot ''   # one section, under ~2 min
+
+Each ratio is isdgrid's figure over its peer's in the same run (1.00x: as cheap as the peer);
+the targets tables say which bounds of the issues are met. The sections are listed below.
 
 Before and after a change: run it on the old tree with ``--json before.json`` (it uses only
 the grid's public API, so it runs on older versions too), then on the new one with
