@@ -7,8 +7,12 @@ the timings of the things compared are taken in interleaved blocks, so that load
 elsewhere hits both sides alike. Each figure is the median over ``--repeat`` runs (and
 over blocks within a run). It prints a table and the target ratios, and writes a plot.
 
-    PYTHONPATH=. python scripts/bench.py              # full run (a few minutes)
-    PYTHONPATH=. python scripts/bench.py --quick      # smaller counts (about a minute)
+    PYTHONPATH=. python scripts/bench.py              # every section (today 10+ minutes: 256 slots)
+    PYTHONPATH=. python scripts/bench.py --quick      # smaller counts
+    PYTHONPATH=. python scripts/bench.py --only fanout --repeat 1 --plot ''   # one section, under ~2 min
+
+Each ratio is isdgrid's figure over its peer's in the same run (1.00x: as cheap as the peer);
+the targets tables say which bounds of the issues are met. The sections are listed below.
 
 Before and after a change: run it on the old tree with ``--json before.json`` (it uses only
 the grid's public API, so it runs on older versions too), then on the new one with
@@ -19,6 +23,40 @@ the grid's public API, so it runs on older versions too), then on the new one wi
 
 ``--load /tmp/after.json --before /tmp/before.json`` prints the tables and draws the plot of
 saved runs again without measuring anything.
+
+Sections (``--only a,b``; default: all): ``calls`` (sync and pipelined no-op calls against raw
+Pyro5), ``payloads`` (echo of 1 KB to 8 MB against a raw socket and raw Pyro5), ``bcast``
+(broadcast over 1-8 slots against ``multiprocessing.Pool(4)``, start of 1-8 slots), ``pool``,
+``idle`` (idle CPU, RSS and threads over many calls), and for the grid at scale (issues 18, 19):
+
+- ``fanout``: an N-way broadcast + gather of a no-op (``gather(broadcast(sid, "noop"))`` then
+  ``release_all(sid)``) against *the floor* at the same N (``scripts/floor.py``: one driver
+  thread, N fork-started echo processes over loopback TCP, each message pickled, replies read
+  with ``selectors`` and unpickled into a ``concurrent.futures.Future``), interleaved, at
+  ``--sizes`` (default 16,64,256). Per N: the wall time of a round, the driver's CPU per call
+  (the grid: ``time.process_time``, every driver thread; the floor: ``time.thread_time`` of its
+  one thread), each with the ratio grid / floor, and the driver's threads. A grid that cannot
+  start says so in its row ("could not start: ...") instead of ending the run.
+- ``latency``: ``concurrent.futures.wait([r])`` and ``as_completed([r])`` against ``r.result()``
+  for a sync no-op on one server.
+- ``start``: start + publish of ``--start-sizes`` (default 8,64) local slots, and the Pss of an
+  idle slot (summed over every process the grid started, over the slots), against forking as
+  many floor processes and their Pss.
+- ``scale``: the floor at ``--floor-scale`` (1,000) processes; with ``--scale N`` also a grid of
+  N local slots (off by default: today 1,000 slots do not fit the machine): start, broadcast +
+  gather, ``terminate()``, then no process of the grid and no folder may be left.
+
+These run once per run (not ``--repeat`` times); each is a median over interleaved blocks. One
+section takes under about two minutes::
+
+    PYTHONPATH=. nice -n 10 python scripts/bench.py --only fanout --repeat 1 --plot ''
+    PYTHONPATH=. nice -n 10 python scripts/bench.py --only latency,start,scale --repeat 1 --plot ''
+    PYTHONPATH=. python scripts/bench.py --only scale --scale 1000 --repeat 1 --plot ''
+
+Reading it: a ratio is isdgrid's figure over the peer's (the floor's) in the same run; 1.00x
+is as cheap as the floor, and the targets table says which of the issues' bounds are met. The
+load average at start and end is printed with the run: on a loaded machine both sides slow
+down, their ratio less so.
 
 Not a test: it asserts nothing; it reports. Needs numpy, psutil and (for the plot)
 matplotlib: ``pip install 'isdgrid[bench]'``.
@@ -34,11 +72,15 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
+import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import timeit
 from collections.abc import Callable, Sequence
@@ -49,6 +91,7 @@ import numpy as np
 import psutil
 import Pyro5
 import Pyro5.client
+from floor import Floor  # scripts/ is on sys.path when a script in it runs
 
 import isdgrid
 from isdgrid import Grid, Host
@@ -184,6 +227,10 @@ class Results:
     """Every figure of a run, keyed by name; several repeats give several values."""
 
     values: dict[str, list[float]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # what could not be measured, and why
+
+    def note(self, name: str, text: str) -> None:
+        self.notes[name] = text
 
     def add(self, name: str, value: float) -> None:
         self.values.setdefault(name, []).append(value)
@@ -416,6 +463,304 @@ def bench_idle_and_memory(res: Results, quick: bool) -> None:
         grid.release_service(proxy)
 
 
+# -- issues 18 and 19: fan-out against the floor, wait latency, start and memory, scale ----------
+def _descendants() -> dict[int, psutil.Process]:
+    """This process's descendants, by pid."""
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def _alive(procs: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` still running (a zombie counts as gone: it holds nothing but its pid)."""
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _end(procs: Sequence[psutil.Process], grace: float = 5.0) -> list[str]:
+    """End by pid those of ``procs`` still running ``grace`` seconds on; say which there were."""
+    deadline = time.monotonic() + grace
+    while _alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _alive(procs)
+    said = []
+    for proc in left:
+        try:
+            said.append(f"{proc.pid} {' '.join(proc.cmdline())[:80]}")
+            proc.kill()  # psutil checks the pid is still this process
+        except psutil.NoSuchProcess:
+            pass
+    return said
+
+
+def _pss(procs: Sequence[psutil.Process]) -> float:
+    """Pss bytes summed over ``procs``."""
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _why(exc: BaseException) -> str:
+    return f"could not start: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+
+
+def _start_grid(n: int, start_timeout: float) -> tuple[Grid, str, float, float]:
+    """A grid of ``n`` local slots with a ``Bench`` published: (grid, service id, start, start + publish)."""
+    t0 = time.perf_counter()
+    grid = Grid([Host("localhost", n_cpu=n)], status_file=False, start_timeout=start_timeout)
+    t1 = time.perf_counter()
+    try:
+        sid = grid.publish(Bench())
+    except BaseException:
+        grid.terminate()
+        raise
+    return grid, sid, t1 - t0, time.perf_counter() - t0
+
+
+def rounds_interleaved(
+    fns: dict[str, tuple[Callable[[], Any], Callable[[], float]]],
+    reps: int = 0,
+    blocks: int = 9,
+    warmup: int = 2,
+    budget: float = 60.0,
+) -> dict[str, tuple[float, float]]:
+    """Per function: (median seconds per round over its blocks, CPU seconds per round by its clock
+    over all blocks). The functions take their blocks in turn.
+
+    A block is ``reps`` rounds; with ``reps=0`` each function gets as many as take about 0.3 s
+    (from its last warm-up round), and there are fewer blocks when ``blocks`` of
+    them would take longer than ``budget`` seconds (at least one).
+    """
+    took = dict.fromkeys(fns, 0.0)
+    for name, (fn, _) in fns.items():
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            fn()
+            took[name] = time.perf_counter() - t0
+    count = {name: reps or max(1, min(1000, round(0.3 / max(took[name], 1e-6)))) for name in fns}
+    if not reps:
+        blocks = max(1, min(blocks, int(budget / max(sum(count[k] * took[k] for k in fns), 1e-6))))
+        said = ", ".join(f"{k} {took[k] * 1e3:,.1f} ms x {count[k]}" for k in fns)
+        print(f"      a round: {said}; {blocks} blocks", file=sys.stderr, flush=True)
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus = dict.fromkeys(fns, 0.0)
+    for _ in range(blocks):
+        for name, (fn, clock) in fns.items():
+            c0, t0 = clock(), time.perf_counter()
+            for _ in range(count[name]):
+                fn()
+            walls[name].append((time.perf_counter() - t0) / count[name])
+            cpus[name] += clock() - c0
+    return {name: (statistics.median(walls[name]), cpus[name] / (count[name] * blocks)) for name in fns}
+
+
+def bench_fanout(res: Results, sizes: Sequence[int], quick: bool, start_timeout: float, round_timeout: float) -> None:
+    """N-way broadcast + gather of a no-op: the grid against the floor, interleaved, at each N.
+
+    The grid's round is ``gather(broadcast(sid, "noop"))`` then ``release_all(sid)``; its CPU is
+    ``time.process_time`` (every driver thread). The floor's CPU is ``time.thread_time`` of its
+    one thread (the grid's idle threads run meanwhile and are not the floor's cost).
+    """
+    base = threading.active_count()  # the driver's own threads, before any grid of this section
+    for n in sizes:
+        floor: Floor | None = None
+        grid: Grid | None = None
+        before = _descendants()
+        try:
+            floor = Floor(n)
+            fns: dict[str, tuple[Callable[[], Any], Callable[[], float]]] = {
+                f"fan_floor_{n}": (floor.broadcast_gather, time.thread_time)
+            }
+            res.add(f"fan_threads_base_{n}", base)
+            try:
+                grid, sid, _, took = _start_grid(n, start_timeout)
+            except Exception as exc:  # noqa: BLE001 -- any failure to start is a figure of the run
+                res.note(f"fan_grid_{n}", _why(exc))
+                print(f"    {n}: the grid {_why(exc)}", file=sys.stderr, flush=True)
+            else:
+                print(f"    {n}: the grid started and published in {took:.1f} s", file=sys.stderr, flush=True)
+
+                def round_(g: Grid = grid, s: str = sid) -> None:
+                    g.gather(g.broadcast(s, "noop"), timeout=round_timeout)
+                    g.release_all(s)
+
+                fns[f"fan_grid_{n}"] = (round_, time.process_time)
+            print(f"    {n}: measuring {', '.join(fns)}", file=sys.stderr, flush=True)
+            blocks, budget = (5, 20.0) if quick else (9, 60.0)
+            try:
+                figures = rounds_interleaved(fns, blocks=blocks, budget=budget)
+            except TimeoutError as exc:
+                res.note(f"fan_grid_{n}", f"a round took over {round_timeout:g} s ({exc})")
+                print(f"    {n}: a round of the grid took over {round_timeout:g} s", file=sys.stderr, flush=True)
+                del fns[f"fan_grid_{n}"]
+                if grid is not None:  # its daemons' load would land on the floor alone
+                    res.add(f"fan_threads_{n}", threading.active_count())
+                    grid.terminate()
+                figures = rounds_interleaved(fns, blocks=blocks, budget=budget)
+            if f"fan_threads_{n}" not in res.values and grid is not None:
+                res.add(f"fan_threads_{n}", threading.active_count())
+            for name, (wall, cpu) in figures.items():
+                res.add(name, wall)
+                res.add(f"cpu_{name}", cpu / n)
+        finally:
+            if grid is not None:
+                grid.terminate()
+            if floor is not None:
+                floor.close()
+            left = _end([p for pid, p in _descendants().items() if pid not in before])
+            if left:
+                res.note(f"fan_left_{n}", f"left running after terminate (ended by the bench): {left}")
+
+
+def bench_latency(res: Results, quick: bool) -> None:
+    """How soon ``wait([r])`` and ``as_completed([r])`` see a sync no-op's result, against ``r.result()``."""
+    with Grid([Host("localhost", n_cpu=1)], status_file=False) as grid:
+        sid = grid.publish(Bench())
+        proxy = grid.acquire_service(sid)
+
+        def by_wait() -> None:
+            r = proxy.noop()
+            concurrent.futures.wait([r])
+            r.result()
+
+        def by_as_completed() -> None:
+            r = proxy.noop()
+            for f in concurrent.futures.as_completed([r]):
+                f.result()
+
+        cpu: dict[str, tuple[float, float]] = {}
+        times = interleaved(
+            {
+                "lat_result": Timed(lambda: proxy.noop().result()),
+                "lat_wait": Timed(by_wait),
+                "lat_as_completed": Timed(by_as_completed),
+            },
+            100 if quick else 200,
+            5 if quick else 9,
+            cpu=cpu,
+        )
+        res.add_all(times, cpu)
+        grid.release_service(proxy)
+
+
+def bench_start(res: Results, sizes: Sequence[int], quick: bool, start_timeout: float) -> None:
+    """Start + publish of N local slots and the Pss of an idle slot, against starting N floor processes.
+
+    A slot's memory is the Pss summed over every process the grid started (whatever their
+    shape: a daemon per slot, or a host daemon and its workers) over the number of slots,
+    taken a second after publish; the floor's is that of its launcher and echo processes.
+    """
+    for n in sizes:
+        for _ in range(1 if quick else 3):
+            floor: Floor | None = None
+            grid: Grid | None = None
+            before = _descendants()
+            try:
+                floor = Floor(n)
+                res.add(f"start_floor_{n}", floor.start_time)
+                time.sleep(1.0)
+                res.add(f"pss_floor_{n}", floor.pss() / n)
+                floor.close()
+                floor = None
+                ours = set(_descendants())
+                try:
+                    grid, _, start, published = _start_grid(n, start_timeout)
+                except Exception as exc:  # noqa: BLE001 -- any failure to start is a figure of the run
+                    res.note(f"start_grid_{n}", _why(exc))
+                    break
+                res.add(f"start_grid_{n}", start)
+                res.add(f"start_publish_grid_{n}", published)
+                time.sleep(1.0)  # idle
+                res.add(f"pss_grid_{n}", _pss([p for pid, p in _descendants().items() if pid not in ours]) / n)
+            finally:
+                if grid is not None:
+                    grid.terminate()
+                if floor is not None:
+                    floor.close()
+                left = _end([p for pid, p in _descendants().items() if pid not in before])
+                if left:
+                    res.note(f"start_left_{n}", f"left running after terminate (ended by the bench): {left}")
+
+
+def bench_scale(res: Results, n_floor: int, n_grid: int, start_timeout: float) -> None:
+    """The floor at ``n_floor`` processes (and at ``n_grid``); with ``n_grid``, a grid of that many
+    local slots: start, three broadcast + gather rounds, terminate, then no process of it and no
+    folder of it may be left.
+
+    The grid's temporary folders are made in a folder of the bench's own (``TMPDIR`` and
+    ``tempfile.tempdir`` point there while the grid lives), so whatever is left in it is the grid's.
+    """
+    for n in sorted({n_floor, n_grid} - {0}):
+        before = _descendants()
+        floor = Floor(n)
+        try:
+            res.add(f"scale_start_floor_{n}", floor.start_time)
+            figures = rounds_interleaved({"floor": (floor.broadcast_gather, time.thread_time)}, reps=3, blocks=5)
+            res.add(f"scale_floor_{n}", figures["floor"][0])
+            res.add(f"cpu_scale_floor_{n}", figures["floor"][1] / n)
+            res.add(f"scale_pss_floor_{n}", floor.pss() / n)
+        finally:
+            floor.close()
+            res.add(f"scale_left_floor_{n}", len(_alive([p for pid, p in _descendants().items() if pid not in before])))
+            _end([p for pid, p in _descendants().items() if pid not in before])
+    if not n_grid:
+        return
+    n = n_grid
+    tmp = tempfile.mkdtemp(prefix="isdgrid-bench-")
+    saved = (tempfile.tempdir, os.environ.get("TMPDIR"))
+    tempfile.tempdir = os.environ["TMPDIR"] = tmp
+    grid: Grid | None = None
+    procs: list[psutil.Process] = []
+    ours = set(_descendants())
+    try:
+        try:
+            grid, sid, start, published = _start_grid(n, start_timeout)
+        except Exception as exc:  # noqa: BLE001 -- any failure to start is a figure of the run
+            res.note(f"scale_grid_{n}", _why(exc))
+            return
+        procs = [p for pid, p in _descendants().items() if pid not in ours]
+        res.add(f"scale_start_grid_{n}", start)
+        res.add(f"scale_start_publish_grid_{n}", published)
+        res.add(f"scale_threads_grid_{n}", threading.active_count())
+        time.sleep(1.0)
+        res.add(f"scale_pss_grid_{n}", _pss(procs) / n)
+
+        def round_(g: Grid = grid, s: str = sid) -> None:
+            g.gather(g.broadcast(s, "noop"))
+            g.release_all(s)
+
+        wall, cpu = rounds_interleaved({"grid": (round_, time.process_time)}, reps=1, blocks=3, warmup=0)["grid"]
+        res.add(f"scale_grid_{n}", wall)
+        res.add(f"cpu_scale_grid_{n}", cpu / n)
+        t0 = time.perf_counter()
+        grid.terminate()
+        res.add(f"scale_terminate_grid_{n}", time.perf_counter() - t0)
+        res.add(
+            f"scale_left_grid_{n}", len(_alive([*procs, *(p for pid, p in _descendants().items() if pid not in ours)]))
+        )
+        res.add(f"scale_folders_grid_{n}", len(os.listdir(tmp)))
+    finally:
+        if grid is not None:
+            grid.terminate()
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+        left = _end([*procs, *(p for pid, p in _descendants().items() if pid not in ours)], grace=1.0)
+        if left:
+            res.note(f"scale_left_{n}", f"left running after terminate (ended by the bench): {left}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- report ------------------------------------------------------------------------------------
 def _us(x: float) -> str:
     return f"{x * 1e6:,.0f} us"
@@ -560,7 +905,167 @@ def report(res: Results, facts: dict[str, Any]) -> str:
     for text, value, shown, met in _targets(g):
         if value == value:  # not nan: the section ran
             lines.append(f"| {text} | {shown} | {'yes' if met else 'NO'} |")
-    return "\n".join(line for line in lines if "nan" not in line)  # sections not run
+    return "\n".join(_drop_empty_tables([line for line in lines if "nan" not in line]))  # sections not run
+
+
+def _sizes(res: Results, prefix: str) -> list[int]:
+    """The N of every figure or note named ``prefix`` + N."""
+    found = {key[len(prefix) :] for key in [*res.values, *res.notes] if key.startswith(prefix)}
+    return sorted(int(x) for x in found if x.isdigit())
+
+
+def _x(num: float, den: float) -> str:
+    return f"{num / den:.2f}x"
+
+
+def report_scale(res: Results) -> str:
+    """The tables of issues 18 and 19: every fan-out figure next to the floor's, and their targets."""
+    g = res.get
+    lines = (
+        [
+            "Fan-out against the floor (one driver thread, N fork-started echo processes, selectors; "
+            "scripts/floor.py): a round is gather(broadcast(sid, 'noop')) + release_all(sid).",
+            "",
+        ]
+        if _sizes(res, "fan_floor_")
+        else []
+    )
+    lines += [
+        "| N | round, isdgrid | round, floor | ratio | driver CPU per call, isdgrid | floor | ratio | "
+        "driver threads with the grid (before it) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in _sizes(res, "fan_floor_"):
+        floor, cpu_floor = g(f"fan_floor_{n}"), g(f"cpu_fan_floor_{n}")
+        if f"fan_grid_{n}" in res.values:
+            grid, cpu_grid = g(f"fan_grid_{n}"), g(f"cpu_fan_grid_{n}")
+            lines.append(
+                f"| {n} | {_ms(grid)} | {_ms(floor)} | {_x(grid, floor)} | {_us(cpu_grid)} | {_us(cpu_floor)} | "
+                f"{_x(cpu_grid, cpu_floor)} | {g(f'fan_threads_{n}'):.0f} ({g(f'fan_threads_base_{n}'):.0f}) |"
+            )
+        else:
+            why = res.notes.get(f"fan_grid_{n}", "not run")
+            lines.append(f"| {n} | {why} | {_ms(floor)} | | | {_us(cpu_floor)} | | |")
+    lines += [
+        "",
+        "| waiting for one sync no-op call (one server) | latency | driver CPU | ratio to r.result() |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, label in (
+        ("lat_result", "r.result()"),
+        ("lat_wait", "concurrent.futures.wait([r])"),
+        ("lat_as_completed", "concurrent.futures.as_completed([r])"),
+    ):
+        lines.append(f"| {label} | {_us(g(key))} | {_us(g(f'cpu_driver_{key}'))} | {_x(g(key), g('lat_result'))} |")
+    lines += [
+        "",
+        "| N local slots | start + publish (start) | start of N floor processes | ratio | "
+        "Pss per idle slot | Pss per floor process | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in _sizes(res, "start_floor_"):
+        floor, pss_floor = g(f"start_floor_{n}"), g(f"pss_floor_{n}")
+        if f"start_grid_{n}" in res.values:
+            start, pss = g(f"start_publish_grid_{n}"), g(f"pss_grid_{n}")
+            lines.append(
+                f"| {n} | {_ms(start)} ({_ms(g(f'start_grid_{n}'))}) | {_ms(floor)} | {_x(start, floor)} | "
+                f"{pss / MB:.1f} MB | {pss_floor / MB:.1f} MB | {_x(pss, pss_floor)} |"
+            )
+        else:
+            why = res.notes.get(f"start_grid_{n}", "not run")
+            lines.append(f"| {n} | {why} | {_ms(floor)} | | | {pss_floor / MB:.1f} MB | |")
+    for n in _sizes(res, "scale_floor_"):
+        grid_ran = f"scale_grid_{n}" in res.values
+
+        def pair(key: str, fmt: Callable[[float], str], n: int = n) -> str:
+            """The grid's cell, the floor's cell and the ratio (``-`` where the grid did not run)."""
+            mine, floor = g(f"{key}_grid_{n}"), g(f"{key}_floor_{n}")
+            cells = (fmt(mine), fmt(floor), _x(mine, floor)) if mine == mine else ("-", fmt(floor), "-")
+            return " | ".join(cells)
+
+        lines += [
+            "",
+            f"| at {n:,} | isdgrid | floor | ratio |",
+            "| --- | ---: | ---: | ---: |",
+            f"| start (floor: fork {n:,} echo processes and connect) | {pair('scale_start', _s)} |",
+            f"| broadcast+gather (median of 3; floor: of 15) | {pair('scale', _ms)} |",
+            f"| driver CPU per call | {pair('cpu_scale', _us)} |",
+            f"| Pss per idle slot / process | {pair('scale_pss', lambda x: f'{x / MB:.1f} MB')} |",
+        ]
+        left_grid = f"{g(f'scale_left_grid_{n}'):.0f}" if grid_ran else "-"
+        lines.append(f"| processes left after terminate / close | {left_grid} | {g(f'scale_left_floor_{n}'):.0f} | |")
+        if grid_ran:
+            lines += [
+                f"| start + publish | {_s(g(f'scale_start_publish_grid_{n}'))} | | |",
+                f"| driver threads | {g(f'scale_threads_grid_{n}'):.0f} | 1 | |",
+                f"| terminate() | {_s(g(f'scale_terminate_grid_{n}'))} | | |",
+                f"| folders left in the grid's TMPDIR | {g(f'scale_folders_grid_{n}'):.0f} | | |",
+            ]
+        if f"scale_grid_{n}" in res.notes:
+            lines.append(f"| the grid at {n:,} slots | {res.notes[f'scale_grid_{n}']} | | |")
+    lines += ["", "| target (issues 18 and 19) | measured | met |", "| --- | ---: | :---: |"]
+    for text, value, shown, met in _scale_targets(res):
+        if value == value:  # not nan: the section ran
+            lines.append(f"| {text} | {shown} | {'yes' if met else 'NO'} |")
+    notes = [f"- {key}: {text}" for key, text in sorted(res.notes.items()) if "_left_" in key]
+    return "\n".join(_drop_empty_tables([line for line in lines if "nan" not in line] + notes))
+
+
+def _s(x: float) -> str:
+    return f"{x:,.2f} s"
+
+
+def _scale_targets(res: Results) -> list[tuple[str, float, str, bool]]:
+    """Issues 18 and 19's targets measured here: (what, measured, shown, met)."""
+    g = res.get
+    out = []
+    for n in _sizes(res, "fan_grid_"):
+        cpu = g(f"cpu_fan_grid_{n}") / g(f"cpu_fan_floor_{n}")
+        wall = g(f"fan_grid_{n}") / g(f"fan_floor_{n}")
+        out.append((f"driver CPU per call, {n}-way broadcast+gather <= 2x the floor", cpu, f"{cpu:.2f}x", cpu <= 2))
+        out.append((f"wall time of the {n}-way broadcast+gather <= 2.5x the floor", wall, f"{wall:.2f}x", wall <= 2.5))
+        added = g(f"fan_threads_{n}") - g(f"fan_threads_base_{n}")
+        out.append((f"driver threads <= 8 plus the user's own, {n} slots", added, f"+{added:.0f}", added <= 8))
+    for key, label in (("lat_wait", "wait([r])"), ("lat_as_completed", "as_completed([r])")):
+        ratio = g(key) / g("lat_result")
+        out.append((f"{label} <= 1.3x r.result() latency", ratio, f"{ratio:.2f}x", ratio <= 1.3))
+    sync = g("grid_sync") / g("raw_marshal")
+    out.append(("sync no-op call <= 2.0x raw Pyro5 (marshal)", sync, f"{sync:.2f}x", sync <= 2.0))
+    rate = g("raw_marshal") / g("pipelined")
+    out.append(("pipelined rate >= 10x raw Pyro5 sync rate", rate, f"{rate:.1f}x", rate >= 10))
+    for n, bound in ((8, 0.25), (64, 1.0)):
+        start = g(f"start_publish_grid_{n}")
+        out.append((f"{n} local slots start + publish <= {bound} s", start, _s(start), start <= bound))
+    for n in _sizes(res, "pss_grid_"):
+        pss = g(f"pss_grid_{n}") / MB
+        out.append((f"memory per idle slot (Pss) <= 4 MB, {n} slots", pss, f"{pss:.1f} MB", pss <= 4))
+    for n in _sizes(res, "scale_start_grid_"):
+        if n >= 1000:
+            start = g(f"scale_start_grid_{n}")
+            out.append((f"{n:,} local slots start <= 20 s", start, _s(start), start <= 20))
+            ratio = g(f"scale_grid_{n}") / g(f"scale_floor_{n}")
+            out.append((f"{n:,} local slots broadcast+gather <= 3x the floor", ratio, f"{ratio:.2f}x", ratio <= 3))
+        left = g(f"scale_left_grid_{n}") + g(f"scale_folders_grid_{n}")
+        out.append((f"{n:,} slots: terminate() leaves no process and no folder", left, f"{left:.0f} left", left == 0))
+    return out
+
+
+def _drop_empty_tables(lines: list[str]) -> list[str]:
+    """``lines`` without the header of a table that has no rows (its sections did not run)."""
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        header = line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("| --")
+        rule = line.startswith("| --")
+        if (header and not _has_row(lines, i + 2)) or (rule and not _has_row(lines, i + 1)):
+            continue
+        if not line and out and not out[-1]:
+            continue
+        out.append(line)
+    return out
+
+
+def _has_row(lines: list[str], i: int) -> bool:
+    return i < len(lines) and lines[i].startswith("|") and not lines[i].startswith("| --")
 
 
 # Rows of the before/after table: (what, the figure shown, from a run's getter).
@@ -613,6 +1118,20 @@ _COMPARED: list[tuple[str, Callable[[Getter], str]]] = [
         "threads added over the memory run, driver / daemon",
         lambda g: f"{g('threads_driver_growth'):+.0f} / {g('threads_daemon_growth'):+.0f}",
     ),
+    *(
+        row
+        for n in (16, 64, 128, 256)
+        for row in (
+            (f"{n}-way broadcast+gather round", _fmt(f"fan_grid_{n}", _ms)),
+            (f"{n}-way round / the floor's", _ratio(f"fan_grid_{n}", f"fan_floor_{n}")),
+            (f"{n}-way driver CPU per call / the floor's", _ratio(f"cpu_fan_grid_{n}", f"cpu_fan_floor_{n}")),
+            (f"driver threads with {n} slots", _fmt(f"fan_threads_{n}", lambda x: f"{x:.0f}")),
+        )
+    ),
+    ("wait([r]) / r.result() latency", _ratio("lat_wait", "lat_result")),
+    ("as_completed([r]) / r.result() latency", _ratio("lat_as_completed", "lat_result")),
+    ("start 64 slots + publish", _fmt("start_publish_grid_64", _ms)),
+    ("Pss per idle slot, 64 slots", _fmt("pss_grid_64", lambda x: f"{x / MB:.1f} MB")),
 ]
 
 
@@ -636,7 +1155,7 @@ def compare(before: dict[str, Any], after: Results) -> str:
         old_cell = f"{shown_old} ({'met' if met_old else 'missed'})"
         new_cell = f"{shown_new} ({'met' if met_new else 'missed'})"
         lines.append(f"| {text} | {old_cell} | {new_cell} |")
-    return "\n".join(line for line in lines if "nan" not in line)
+    return "\n".join(_drop_empty_tables([line for line in lines if "nan" not in line]))
 
 
 def plot(res: Results, path: str, before: Results | None = None) -> None:
@@ -692,18 +1211,18 @@ def plot(res: Results, path: str, before: Results | None = None) -> None:
 
 
 def measure(res: Results, args: argparse.Namespace, sections: set[str]) -> None:
-    """Run the chosen sections ``args.repeat`` times into ``res``."""
-    peers = RawPeers()
+    """Run the chosen sections ``args.repeat`` times into ``res`` (fanout, start and scale: once)."""
+    peers = RawPeers() if sections & {"calls", "payloads"} else None
 
-    def section(name: str) -> None:
+    def section(name: str, longest: float = 0.0) -> None:
         print(f"  {name}", file=sys.stderr, flush=True)
         if args.hang_timeout > 0:  # a benchmark that hangs says where, instead of waiting forever
-            faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
+            faulthandler.dump_traceback_later(args.hang_timeout + longest, exit=True)
 
     try:
         for run in range(args.repeat):
             print(f"run {run + 1}/{args.repeat} ...", file=sys.stderr, flush=True)
-            if sections & {"calls", "payloads"}:
+            if peers is not None:
                 with Grid([Host("localhost", n_cpu=1)], status_file=False) as grid:
                     if "calls" in sections:
                         section("calls")
@@ -711,8 +1230,8 @@ def measure(res: Results, args: argparse.Namespace, sections: set[str]) -> None:
                     if "payloads" in sections:
                         section("payloads")
                         bench_payloads(res, peers, grid, args.quick)
-            if "fanout" in sections:
-                section("fanout")
+            if "bcast" in sections:
+                section("bcast")
                 bench_fanout_and_start(res, args.quick)
             if "pool" in sections:
                 section("pool")
@@ -720,9 +1239,29 @@ def measure(res: Results, args: argparse.Namespace, sections: set[str]) -> None:
             if "idle" in sections and run == 0:
                 section("idle")
                 bench_idle_and_memory(res, args.quick)
+            if "latency" in sections:
+                section("latency")
+                bench_latency(res, args.quick)
+            if "fanout" in sections and run == 0:
+                section("fanout", args.start_timeout * len(args.sizes))
+                bench_fanout(res, args.sizes, args.quick, args.start_timeout, args.round_timeout)
+            if "start" in sections and run == 0:
+                section("start", args.start_timeout * len(args.start_sizes) * 3)
+                bench_start(res, args.start_sizes, args.quick, args.start_timeout)
+            if "scale" in sections and run == 0:
+                section("scale", args.start_timeout)
+                bench_scale(res, args.floor_scale, args.scale, args.start_timeout)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        peers.close()
+        if peers is not None:
+            peers.close()
+
+
+SECTIONS = ("calls", "payloads", "bcast", "pool", "idle", "latency", "fanout", "start", "scale")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -731,7 +1270,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs to take the median of (default 3)")
     default_plot = os.path.join(REPO, "docs", "performance.png")
     parser.add_argument("--plot", default=default_plot, help="PNG to write ('' for none)")
-    parser.add_argument("--only", default="", help="comma-separated sections: calls,payloads,fanout,pool,idle")
+    parser.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--sizes", type=_ints, default=[16, 64, 256], help="fanout: slots of the grid and the floor (default 16,64,256)"
+    )
+    parser.add_argument(
+        "--start-sizes", type=_ints, default=[8, 64], help="start: slots to start and weigh (default 8,64)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        help="scale: also start a grid of this many local slots (e.g. 1000; default: off)",
+    )
+    parser.add_argument(
+        "--floor-scale", type=int, default=1000, help="scale: echo processes of the floor (default %(default)s)"
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=60.0,
+        help="fanout: a grid's broadcast+gather round taking longer is reported as such (default %(default)s)",
+    )
+    parser.add_argument(
+        "--start-timeout", type=float, default=300.0, help="the grids' start_timeout, seconds (default %(default)s)"
+    )
     parser.add_argument("--json", default="", help="also write every figure of this run to this JSON file")
     parser.add_argument("--before", default="", help="JSON of an earlier run (--json): print a before/after table")
     parser.add_argument("--load", default="", help="report (and plot) a run saved with --json instead of running one")
@@ -743,7 +1306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stack is printed and the run ends with an error (0: wait forever; default %(default)s)",
     )
     args = parser.parse_args(argv)
-    sections = set(args.only.split(",")) if args.only else {"calls", "payloads", "fanout", "pool", "idle"}
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack, the run goes on
+    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if sections - set(SECTIONS):
+        parser.error(f"unknown sections {','.join(sorted(sections - set(SECTIONS)))}; pick from {','.join(SECTIONS)}")
     before = None
     if args.before:
         with open(args.before) as fh:
@@ -751,20 +1317,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.load:
         with open(args.load) as fh:
             saved = json.load(fh)
-        res, facts = Results(saved["values"]), saved["facts"]
+        res, facts = Results(saved["values"], saved.get("notes", {})), saved["facts"]
     else:
         res = Results()
         load_start = os.getloadavg()[0]
-        measure(res, args, sections)
+        try:
+            measure(res, args, sections)
+        except KeyboardInterrupt:  # what was measured so far is still shown
+            print("interrupted: the figures so far", file=sys.stderr, flush=True)
         facts = run_facts(args, (load_start, os.getloadavg()[0]))
     print(report(res, facts))
+    scale = report_scale(res)
+    if scale.count("\n| ") > 0:
+        print()
+        print(scale)
     if before is not None:
         print()
         print(compare(before, res))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"facts": facts, "values": res.values}, fh, indent=1)
-    if args.plot:
+            json.dump({"facts": facts, "values": res.values, "notes": res.notes}, fh, indent=1)
+    if args.plot and "grid_sync" in res.values:
         plot(res, args.plot, None if before is None else Results(before["values"]))
         print(f"\nplot: {args.plot}")
     return 0
