@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
-import contextlib
 import enum
 import itertools
 import logging
@@ -44,6 +43,7 @@ from .slot import Slot
 from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
 from .timeouts import check_timeout
+from .transport import sends_through_loop
 from .workers import Workers
 
 __all__ = ["Grid", "GridState", "ServerStatus"]
@@ -520,7 +520,9 @@ class Grid:
         """
         timeout = check_timeout(timeout, "broadcast")
         self._service(service_id).check_name(name)
-        return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in self._hold(service_id, timeout)]
+        held = self._hold(service_id, timeout)
+        with sends_through_loop():  # the I/O loop sends them all at once, then reads the replies
+            return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in held]
 
     def scatter(
         self,
@@ -546,6 +548,12 @@ class Grid:
         if kwlist is not None and len(kwlist) != n:
             raise ValueError(f"scatter: {len(kwlist)} keyword items for {n} servers of {service_id!r}")
         held = self._hold(service_id, timeout)
+        with sends_through_loop():  # as broadcast
+            return self._scatter_calls(held, name, arglist, kwlist)
+
+    def _scatter_calls(
+        self, held: list[ServiceProxy], name: str, arglist: Sequence[Any], kwlist: Sequence[Mapping[str, Any]] | None
+    ) -> list[Result]:
         results = []
         for i, proxy in enumerate(held):
             item = arglist[i]
@@ -560,29 +568,28 @@ class Grid:
         """The values of ``results``, in order; raises the first error in that order.
 
         Waits for every result (at most ``timeout`` seconds, then ``TimeoutError``),
-        except that a :class:`HostLostError` is raised as soon as it happens. The replies
-        are read by the calling thread itself, as they come. ``timeout`` is checked as
-        for :meth:`acquire_service`.
+        except that a :class:`HostLostError` is raised as soon as it happens. ``timeout``
+        is checked as for :meth:`acquire_service`.
         """
         self._check_process()
         timeout = check_timeout(timeout, "gather")
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for result in results:
-            while not concurrent.futures.Future.done(result):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    waiting = [r for r in results if not concurrent.futures.Future.done(r)]
-                    names = ", ".join(getattr(r, "description", repr(r)) for r in waiting[:GATHER_NAMED])
-                    more = f", ... ({len(waiting) - GATHER_NAMED} more)" if len(waiting) > GATHER_NAMED else ""
-                    raise TimeoutError(
-                        f"gather: {len(waiting)} of {len(results)} results not ready within {timeout} s: {names}{more}"
-                    )
-                step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
-                with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                    result.exception(step)
-                if not concurrent.futures.Future.done(result):
-                    _raise_lost(results)  # a slice passed: has another host been lost meanwhile?
+        pending = [r for r in results if not concurrent.futures.Future.done(r)]
+        while pending:
+            _raise_lost(results)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                names = ", ".join(getattr(r, "description", repr(r)) for r in pending[:GATHER_NAMED])
+                more = f", ... ({len(pending) - GATHER_NAMED} more)" if len(pending) > GATHER_NAMED else ""
+                raise TimeoutError(
+                    f"gather: {len(pending)} of {len(results)} results not ready within {timeout} s: {names}{more}"
+                )
+            # One wait for them all, woken once when the last lands (or by the first error:
+            # a lost host is raised at once); in slices, so that a Ctrl-C is seen.
+            step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
+            _, not_done = concurrent.futures.wait(pending, step, concurrent.futures.FIRST_EXCEPTION)
+            pending = list(not_done)
         _raise_lost(results)
         for result in results:
             if not result.cancelled() and (error := result.exception()) is not None:

@@ -196,7 +196,6 @@ class IOLoop:
 
 
 _loop: IOLoop | None = None
-_loop_pid = 0
 _loop_lock = threading.Lock()
 
 
@@ -211,13 +210,12 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def get_loop() -> IOLoop:
-    """The process's I/O loop, started on first use."""
-    global _loop, _loop_pid
+    """The process's I/O loop, started on first use (a forked child starts its own)."""
+    global _loop
     loop = _loop
-    if loop is not None and _loop_pid == os.getpid():
+    if loop is not None:
         return loop
     with _loop_lock:
-        if _loop is None or _loop_pid != os.getpid():
+        if _loop is None:
             _loop = IOLoop()
-            _loop_pid = os.getpid()
         return _loop

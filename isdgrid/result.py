@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .errors import GridError
 from .ioloop import get_loop
 from .timeouts import check_timeout
 
@@ -14,6 +16,18 @@ if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["Result"]
+
+_generation = 0  # bumped in a forked child: the Results made before the fork are the parent's
+_parent = 0
+
+
+def _forked() -> None:
+    global _generation, _parent
+    _generation += 1
+    _parent = os.getppid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Result(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -35,6 +49,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def __init__(self, server: Server | None = None, kind: str = "", name: str = "") -> None:
         super().__init__()
+        self._generation = _generation
         self._server = server
         self._kind = kind
         self._name = name
@@ -52,8 +67,15 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _in_loop_wait(self, timeout: float | None) -> float | None:
         """In the I/O loop's own thread (a done-callback that waits): serve the loop meanwhile."""
+        if concurrent.futures.Future.done(self):
+            return timeout
+        if self._generation != _generation:
+            raise GridError(
+                f"{self.description} belongs to process {_parent}; in a forked child nothing settles it "
+                "(wait for it in the parent, or make a new Grid in the child)"
+            )
         loop = get_loop()
-        if concurrent.futures.Future.done(self) or not loop.in_loop():
+        if not loop.in_loop():
             return timeout
         started = time.monotonic()
         loop.run_until(lambda: concurrent.futures.Future.done(self), None if timeout is None else started + timeout)

@@ -20,12 +20,13 @@ batches and waits on its Result like on any Future.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import Pyro5.client
@@ -40,6 +41,7 @@ from .workers import Workers
 
 __all__ = [
     "CallsChannel",
+    "sends_through_loop",
     "ConnectionBroken",
     "ControlChannel",
     "Flight",
@@ -234,6 +236,7 @@ class CallsChannel:
         self._conn = 0  # numbers the connections; a flight is sent once on each
         self._flights: dict[tuple[str, int], Flight] = {}
         self._ready: deque[wire.Frame] = deque()  # replies read, not yet landed (the loop's)
+        self._outq: deque[Flight] = deque()  # batches handed to the loop to send, in order
         self._broken = True
         self._reconnecting = False
         self._closed = False
@@ -259,15 +262,44 @@ class CallsChannel:
 
     # -- sending (any thread) ----------------------------------------------------------------
     def send(self, flight: Flight) -> None:
-        """Send a batch now, or keep it for the reconnect; fails it if the channel is closed."""
+        """Send a batch now, or keep it for the reconnect; fails it if the channel is closed.
+
+        Inside :func:`sends_through_loop` a small batch is handed to the I/O loop instead,
+        which sends the batches of a whole fan-out at once (see there).
+        """
+        collecting: list[CallsChannel] | None = getattr(_collect, "channels", None)
         with self._lock:
             failed = self._failed
             if failed is None:
                 self._flights[flight.key] = flight
+                queued = bool(self._outq)  # batches of this channel wait for the loop: keep their order
+                if queued or (collecting is not None and _small(flight)):
+                    self._outq.append(flight)
+                    flight.sent_at = time.monotonic()
+                    if not queued:
+                        if collecting is not None:
+                            collecting.append(self)
+                        else:
+                            self._loop.call_soon(self._flush_out)
+                    return
         if failed is not None:
             flight.land(failed)
             return
         flight.sent_at = time.monotonic()
+        self._send_now(flight)
+
+    def _flush_out(self) -> None:
+        """Send the batches handed to the loop, in order (in the loop thread)."""
+        while True:
+            with self._lock:
+                if not self._outq:
+                    return
+                flight = self._outq[0]
+            self._send_now(flight)
+            with self._lock:
+                self._outq.popleft()
+
+    def _send_now(self, flight: Flight) -> None:
         with self._send_lock:
             with self._lock:
                 sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
@@ -438,6 +470,7 @@ class CallsChannel:
                 self._failed = error
             flights = list(self._flights.values())
             self._flights.clear()
+            self._outq.clear()
             sock = None if self._broken else self._sock
         if sock is not None:
             self._break(sock, "the slot was lost")
@@ -455,6 +488,41 @@ class CallsChannel:
             self._loop.remove_reader(sock)
             wire.shutdown_quietly(sock)
             self._loop.call_soon(wire.close_quietly, sock)
+
+
+SMALL_BATCH = 64 * 1024  # a fan-out hands batches up to this size to the loop; larger ones the caller sends
+_collect = threading.local()
+
+
+def _small(flight: Flight) -> bool:
+    return len(flight.buffers) == 0 and sum(len(item[0]) for item in flight.meta[2]) < SMALL_BATCH
+
+
+@contextlib.contextmanager
+def sends_through_loop() -> Iterator[None]:
+    """Hand the small batches this thread sends to the I/O loop, all at once at the end.
+
+    For a fan-out (``broadcast``, ``scatter``): the loop sends every request in one go and
+    then reads the replies, one thread doing all the socket work as a plain selectors
+    program would; the calling thread does not fight the loop thread for the GIL on every
+    send while the first replies come in.
+    """
+    if getattr(_collect, "channels", None) is not None:  # nested: the outer one flushes
+        yield
+        return
+    channels: list[CallsChannel] = []
+    _collect.channels = channels
+    try:
+        yield
+    finally:
+        _collect.channels = None
+        if channels:
+            get_loop().call_soon(_flush_all, channels)
+
+
+def _flush_all(channels: list[CallsChannel]) -> None:
+    for channel in channels:
+        channel._flush_out()
 
 
 # The threads that connect and authenticate again (blocking work the I/O loop must not do).

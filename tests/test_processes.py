@@ -40,6 +40,7 @@ FORK_DRIVER = textwrap.dedent(
     pid = os.fork()
     if pid == 0:
         attempts = {
+            "a parent's pending Result": lambda: pending[0].get(timeout=30),
             "proxy call": lambda: proxy.echo(10**6),
             "proxy attribute": lambda: setattr(proxy, "x", 1),
             "release_service": lambda: grid.release_service(proxy),
