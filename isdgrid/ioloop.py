@@ -70,6 +70,7 @@ class IOLoop:
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
         self._ident: int | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -143,13 +144,25 @@ class IOLoop:
         except (KeyError, ValueError, OSError):
             pass
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread (bounded) and let go of its selector (the process's loop runs on)."""
+        def stop() -> None:
+            self._closed = True
+
+        self.call_soon(stop)
+        if not self.in_loop():
+            self._thread.join(timeout)
+
     def _run(self) -> None:
         self._ident = threading.get_ident()
-        while True:
+        while not self._closed:
             try:
                 self._run_once(MAX_WAIT)
             except BaseException:  # noqa: BLE001 - the loop outlives any error
                 log.exception("isdgrid I/O loop error")
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _run_once(self, longest: float) -> None:
         wait = longest
