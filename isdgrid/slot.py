@@ -66,7 +66,7 @@ class Slot:
         self._lost_lock = threading.Lock()
         self._loop = get_loop()
         self._timer: Timer | None = None
-        self.calls = CallsChannel(self.label, self._open_calls, self._alive, self._refused, self._broken)
+        self.calls = CallsChannel(self.label, self._open_calls, self._alive, self._refused, self._connection_broke)
 
     def __repr__(self) -> str:
         state = "lost" if self.lost.is_set() else "up"
@@ -159,7 +159,7 @@ class Slot:
         self.calls.ping()
         self._timer = self._loop.call_later(self.heartbeat_interval, self._beat)
 
-    def _broken(self) -> None:
+    def _connection_broke(self) -> None:
         """The calls connection broke (in any thread): look at the process at once, and soon again.
 
         A daemon that died closes its connections as it exits: its loss is seen within

@@ -297,7 +297,8 @@ class CallsChannel:
                 flight = self._outq[0]
             self._send_now(flight)
             with self._lock:
-                self._outq.popleft()
+                if self._outq and self._outq[0] is flight:  # (fail() may have emptied it meanwhile)
+                    self._outq.popleft()
 
     def _send_now(self, flight: Flight) -> None:
         with self._send_lock:
