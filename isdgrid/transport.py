@@ -432,7 +432,11 @@ class CallsChannel:
             wire.shutdown_quietly(sock)
 
     def fail(self, error: BaseException) -> None:
-        """End the channel: every batch out, and every later one, fails with ``error``."""
+        """End the channel: every batch out, and every later one, fails with ``error``.
+
+        What a done-callback raises (KeyboardInterrupt included) is raised once every
+        batch has landed.
+        """
         with self._lock:
             if self._failed is None:
                 self._failed = error
@@ -441,8 +445,14 @@ class CallsChannel:
             sock = None if self._broken else self._sock
         if sock is not None:
             self._break(sock, "the slot was lost")
+        raised: BaseException | None = None
         for flight in flights:
-            flight.land(error)
+            try:
+                flight.land(error)
+            except BaseException as exc:  # noqa: BLE001 - the other batches land all the same
+                raised = raised or exc
+        if raised is not None:
+            raise raised
 
     def close(self, error: BaseException) -> None:
         """Fail what is out with ``error`` and let go of the connection."""

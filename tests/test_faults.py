@@ -477,6 +477,38 @@ def test_a_batch_with_unreadable_replies_and_raising_callbacks_settles_all_and_t
         grid.release_service(b)
 
 
+def test_callbacks_raising_keyboardinterrupt_while_a_lost_slot_fails_its_calls_fail_them_all(
+    tmp_path: Path,
+) -> None:
+    # A daemon dies with two batches out and calls in the driver's inbox; a done-callback
+    # of the first batch to fail, and one of a queued call, raise KeyboardInterrupt (in
+    # the threads that declare the loss and fail the queued calls). Every other call still
+    # fails with HostLostError, the grid still handles the loss (it respawns the slot),
+    # and nothing hangs.
+    with Grid([Host("localhost", n_cpu=2)], heartbeat_interval=0.5, host_timeout=30.0, respawn=True) as grid:
+        sid = grid.publish(Recorder())
+        doomed, healthy = grid.acquire_service(sid), grid.acquire_service(sid)
+        slot = doomed._isdgrid_server.slot
+        gate = Gate(tmp_path)
+        first = doomed.hold(*gate.args)
+        first.add_done_callback(_raise(KeyboardInterrupt()))
+        second = doomed.add("second")  # the second batch out
+        queued = [doomed.add(i) for i in range(4)]  # in the inbox
+        queued[1].add_done_callback(_raise(KeyboardInterrupt()))
+        gate.wait_started()
+        os.kill(slot.handle.process.pid, signal.SIGKILL)
+        for result in [first, second, *queued]:
+            with pytest.raises(HostLostError):
+                result.get(timeout=30)
+        assert healthy.add("x").get(timeout=30) == 1
+        grid.release_service(doomed)
+        grid.release_service(healthy)
+        grid.wait_for_respawn(sid, timeout=60)
+        assert grid.respawn_count == 1
+        assert sorted(grid.gather(grid.broadcast(sid, "add", "y"), timeout=30)) == [1, 2]
+        grid.release_all(sid)
+
+
 def test_a_done_callback_may_block_on_a_result_of_another_slot(tmp_path: Path) -> None:
     # r1's callback runs in the I/O loop and waits for r2 of another slot: the loop serves
     # meanwhile (r2's reply, and every other call's), so neither the callback nor anyone
