@@ -230,6 +230,7 @@ class CallsChannel:
         self._lock = threading.Lock()  # the flights, the socket and the state below
         self._send_lock = threading.Lock()  # one sender at a time on the socket
         self._sock: socket.socket | None = None
+        self._resending: socket.socket | None = None  # a reconnect's socket while it resends (cut and fail reach it)
         self._parser = wire.FrameParser()
         self._conn = 0  # numbers the connections; a flight is sent once on each
         self._flights: dict[tuple[str, int], Flight] = {}
@@ -409,11 +410,14 @@ class CallsChannel:
                     return
                 flights = sorted(self._flights.values(), key=lambda f: f.sent_at)  # in the order first sent
                 conn = self._conn + 1
+                self._resending = sock
             try:
                 for flight in flights:
                     flight.conn = conn
                     wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
             except OSError as exc:
+                with self._lock:
+                    self._resending = None
                 log.info("%s: resend failed (%s)", self.label, exc)
                 wire.close_quietly(sock)
                 for flight in flights:
@@ -421,15 +425,22 @@ class CallsChannel:
                 self._schedule_reconnect(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)], attempt + 1)
                 return
             with self._lock:
-                self._install(sock)
+                self._resending = None
+                ended = self._closed or self._failed is not None
+                if not ended:
+                    self._install(sock)
+            if ended:  # failed meanwhile: its batches have landed
+                wire.close_quietly(sock)
+                return
         log.info("%s: reconnected; %d batches resent", self.label, len(flights))
 
     def cut(self) -> None:
         """Shut the connection down (from any thread); the channel reconnects and resends."""
         with self._lock:
-            sock = self._sock
-        if sock is not None:
-            wire.shutdown_quietly(sock)
+            socks = [self._sock, self._resending]
+        for sock in socks:
+            if sock is not None:
+                wire.shutdown_quietly(sock)
 
     def fail(self, error: BaseException) -> None:
         """End the channel: every batch out, and every later one, fails with ``error``.
@@ -443,8 +454,11 @@ class CallsChannel:
             flights = list(self._flights.values())
             self._flights.clear()
             sock = None if self._broken else self._sock
+            resending = self._resending
         if sock is not None:
             self._break(sock, "the slot was lost")
+        if resending is not None:  # a resend that waits on a daemon that stopped reading ends now
+            wire.shutdown_quietly(resending)
         raised: BaseException | None = None
         for flight in flights:
             try:

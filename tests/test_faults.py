@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import queue
 import selectors
@@ -482,7 +483,7 @@ def test_callbacks_raising_keyboardinterrupt_while_a_lost_slot_fails_its_calls_f
 ) -> None:
     # A daemon dies with two batches out and calls in the driver's inbox; a done-callback
     # of the first batch to fail, and one of a queued call, raise KeyboardInterrupt (in
-    # the threads that declare the loss and fail the queued calls). Every other call still
+    # the thread that declares the loss). Every other call still
     # fails with HostLostError, the grid still handles the loss (it respawns the slot),
     # and nothing hangs.
     with Grid([Host("localhost", n_cpu=2)], heartbeat_interval=0.5, host_timeout=30.0, respawn=True) as grid:
@@ -507,6 +508,93 @@ def test_callbacks_raising_keyboardinterrupt_while_a_lost_slot_fails_its_calls_f
         assert grid.respawn_count == 1
         assert sorted(grid.gather(grid.broadcast(sid, "add", "y"), timeout=30)) == [1, 2]
         grid.release_all(sid)
+
+
+def _stopped(pid: int) -> bool:
+    """True once the process and every one of its threads is stopped (SIGSTOP took effect)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_until(lambda: _stopped(pid), 10, step=0.001), f"process {pid} did not stop"
+
+
+def _unsent_to(port: int) -> list[int]:
+    """Bytes not yet taken by the peer, of each established loopback TCP connection to ``port``."""
+    queued = []
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                queued.append(int(fields[4].split(":")[0], 16))
+    return queued
+
+
+def _step_until(pid: int, done: Callable[[], bool], timeout: float) -> bool:
+    """Let the stopped process ``pid`` run in slices of a few ms until ``done()`` (asked while it is stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+        _stop(pid)
+        if done():
+            return True
+    return False
+
+
+BIG = 48 * 1024 * 1024  # more than the kernel buffers of a loopback connection hold
+STUCK = 1024 * 1024  # unsent bytes that say a send waits for the daemon
+
+
+def test_a_resend_cut_while_it_is_under_way_is_made_again_and_every_call_runs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A large batch is under way when the connection is cut (the daemon is stopped, so the
+    # send waits); the reconnect authenticates and starts to resend it, and the connection
+    # is cut again in the middle of that resend: the channel connects once more and sends
+    # it all again, and every call runs once and answers once.
+    caplog.set_level(logging.INFO, logger="isdgrid.transport")
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=0.5, host_timeout=60.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        assert proxy.add("warm").get(timeout=30) == 1
+        pid = _daemon_pid(grid, 0)
+        port = int(grid.slots[0].handle.uri.rsplit(":", 1)[1])
+        results: dict[str, Any] = {}
+
+        def calls() -> None:  # the large send waits for the stopped daemon in this thread
+            results["small"] = proxy.add("small")
+            results["big"] = proxy.add_size(bytearray(BIG))
+            results["after"] = proxy.add("after")
+
+        _stop(pid)
+        try:
+            caller = threading.Thread(target=calls)
+            caller.start()
+            assert wait_until(lambda: any(n > STUCK for n in _unsent_to(port)), 30), "the large send never waited"
+            grid.slots[0].cut_connections()  # the send fails; the reconnect waits for the handshake
+            caller.join(30)
+            assert not caller.is_alive() and set(results) == {"small", "big", "after"}
+            # the daemon authenticates the reconnect and starts to take the resend, then stops
+            assert _step_until(pid, lambda: any(n > STUCK for n in _unsent_to(port)), 30), "no resend waited"
+            grid.slots[0].cut_connections()  # ... and the resend is cut
+            assert wait_until(lambda: "resend failed" in caplog.text, 30), caplog.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert results["small"].get(timeout=60) == 2
+        assert results["big"].get(timeout=60) == 3
+        assert results["after"].get(timeout=60) == 4
+        assert proxy.history().get(timeout=30) == ["warm", "small", ("size", BIG), "after"]
+        assert not grid.slots[0].lost.is_set()
+        grid.release_service(proxy)
 
 
 def test_a_done_callback_may_block_on_a_result_of_another_slot(tmp_path: Path) -> None:
