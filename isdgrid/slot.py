@@ -192,13 +192,15 @@ class Slot:
         log.warning("host %s lost: %s", self.label, reason)
         if self._timer is not None:
             self._timer.cancel()
-        self.calls.fail(self.lost_error("a call was out"))
-        with self._control_lock:
-            if self._control is not None:
-                self._control.cut()
-        # The grid's part (respawn, queues) takes the grid's locks: never in the I/O loop,
-        # whose thread settles the Results that a thread holding them may wait for.
-        _LOSSES.submit(self._on_lost, self)
+        try:
+            self.calls.fail(self.lost_error("a call was out"))  # raises what a done-callback raised
+        finally:
+            with self._control_lock:
+                if self._control is not None:
+                    self._control.cut()
+            # The grid's part (respawn, queues) takes the grid's locks: never in the I/O loop,
+            # whose thread settles the Results that a thread holding them may wait for.
+            _LOSSES.submit(self._on_lost, self)
 
     def close(self, error: BaseException | None = None) -> None:
         """Stop the heartbeat and close the channels (the daemon is being stopped)."""

@@ -232,6 +232,7 @@ class CallsChannel:
         self._lock = threading.Lock()  # the flights, the socket and the state below
         self._send_lock = threading.Lock()  # one sender at a time on the socket
         self._sock: socket.socket | None = None
+        self._resending: socket.socket | None = None  # a reconnect's socket while it resends (cut and fail reach it)
         self._parser = wire.FrameParser()
         self._conn = 0  # numbers the connections; a flight is sent once on each
         self._flights: dict[tuple[str, int], Flight] = {}
@@ -442,11 +443,14 @@ class CallsChannel:
                     return
                 flights = sorted(self._flights.values(), key=lambda f: f.sent_at)  # in the order first sent
                 conn = self._conn + 1
+                self._resending = sock
             try:
                 for flight in flights:
                     flight.conn = conn
                     wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
             except OSError as exc:
+                with self._lock:
+                    self._resending = None
                 log.info("%s: resend failed (%s)", self.label, exc)
                 wire.close_quietly(sock)
                 for flight in flights:
@@ -454,18 +458,29 @@ class CallsChannel:
                 self._schedule_reconnect(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)], attempt + 1)
                 return
             with self._lock:
-                self._install(sock)
+                self._resending = None
+                ended = self._closed or self._failed is not None
+                if not ended:
+                    self._install(sock)
+            if ended:  # failed meanwhile: its batches have landed
+                wire.close_quietly(sock)
+                return
         log.info("%s: reconnected; %d batches resent", self.label, len(flights))
 
     def cut(self) -> None:
         """Shut the connection down (from any thread); the channel reconnects and resends."""
         with self._lock:
-            sock = self._sock
-        if sock is not None:
-            wire.shutdown_quietly(sock)
+            socks = [self._sock, self._resending]
+        for sock in socks:
+            if sock is not None:
+                wire.shutdown_quietly(sock)
 
     def fail(self, error: BaseException) -> None:
-        """End the channel: every batch out, and every later one, fails with ``error``."""
+        """End the channel: every batch out, and every later one, fails with ``error``.
+
+        What a done-callback raises (KeyboardInterrupt included) is raised once every
+        batch has landed.
+        """
         with self._lock:
             if self._failed is None:
                 self._failed = error
@@ -473,10 +488,19 @@ class CallsChannel:
             self._flights.clear()
             self._outq.clear()
             sock = None if self._broken else self._sock
+            resending = self._resending
         if sock is not None:
             self._break(sock, "the slot was lost")
+        if resending is not None:  # a resend that waits on a daemon that stopped reading ends now
+            wire.shutdown_quietly(resending)
+        raised: BaseException | None = None
         for flight in flights:
-            flight.land(error)
+            try:
+                flight.land(error)
+            except BaseException as exc:  # noqa: BLE001 - the other batches land all the same
+                raised = raised or exc
+        if raised is not None:
+            raise raised
 
     def close(self, error: BaseException) -> None:
         """Fail what is out with ``error`` and let go of the connection."""

@@ -32,6 +32,10 @@ class Recorder:
         self.seen.append(item)
         return len(self.seen)
 
+    def add_size(self, blob: Any) -> int:
+        """Record the size of ``blob`` (a large argument), not the blob."""
+        return self.add(("size", len(blob)))
+
     def slow_add(self, seconds: float, item: Any) -> int:
         time.sleep(seconds)
         return self.add(item)

@@ -82,8 +82,14 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _start_daemon(tmp: Path, name: str, args: list[str]) -> Daemon:
+    # Its own private working folder (the temp path of a daemon given none): nothing it
+    # makes (.isdgrid-users.lock) lands in the folder pytest runs in.
+    folder = tmp / f"{name}-cwd"
+    folder.mkdir(mode=0o700, exist_ok=True)
     log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process ends
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=_env())
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=folder
+    )
     log.close()
     try:
         return Daemon(proc, _read_uri(proc))
@@ -118,7 +124,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     ns_log = open(tmp / "ns.log", "wb")  # noqa: SIM115
     ns_proc = subprocess.Popen(
         [sys.executable, "-m", "Pyro5.nameserver", "-n", "127.0.0.1", "-p", str(port)],
-        stdin=subprocess.DEVNULL, stdout=ns_log, stderr=subprocess.STDOUT, env=_env(),
+        stdin=subprocess.DEVNULL, stdout=ns_log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp,
     )
     ns_log.close()
     started: list[Daemon] = []
@@ -192,6 +198,16 @@ def test_attach_by_uri_list(setup: Setup) -> None:
         sid = grid.publish(Recorder())
         assert grid.gather(grid.broadcast(sid, "pid"), timeout=30) == [setup.other.proc.pid]
     assert all(d.proc.poll() is None for d in [*setup.daemons, setup.other])
+
+
+def test_daemons_started_by_hand_work_in_folders_of_the_tests_own(setup: Setup) -> None:
+    # A daemon given no --temp-path works in the folder it was started in: never the one
+    # pytest runs in (its .isdgrid-users.lock would be left in the checkout).
+    every = [*setup.daemons, setup.other]
+    with Grid.attach([d.uri for d in every], secret=SECRET) as grid:
+        folders = [Path(slot.control("info")["temp_path"]) for slot in grid.slots]
+    assert len(folders) == len(every)
+    assert all(folder.is_relative_to(setup.tmp) for folder in folders), folders
 
 
 def test_wrong_secret_is_an_authentication_error(setup: Setup) -> None:
@@ -269,7 +285,7 @@ def test_daemon_with_a_bad_group_says_so_in_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "isdgrid", "daemon", "--secret-file", str(secret_file),
          "--nameserver", "127.0.0.1:9", "--group", "a.b"],
-        capture_output=True, text=True, timeout=60, env=_env(), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60, env=_env(), stdin=subprocess.DEVNULL, cwd=tmp_path,
     )
     assert proc.returncode != 0
     assert "bad group name 'a.b'" in proc.stderr and "Traceback" not in proc.stderr

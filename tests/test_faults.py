@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import logging
 import os
+import queue
+import selectors
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import cloudpickle
 import psutil
 import pytest
+import remote_defects
 from conftest import Gate, wait_until
-from remote_objects import Recorder
+from remote_defects import InterruptOnLoad
+from remote_objects import FailsToLoad, Recorder
 
-from isdgrid import Grid, Host, HostLostError, ServiceUnavailableError
+from isdgrid import Grid, Host, HostLostError, RemoteError, ServiceUnavailableError
+from isdgrid.announce import parse_announcement
+
+cloudpickle.register_pickle_by_value(remote_defects)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -316,3 +328,374 @@ def test_reconnects_that_fail_are_retried_and_every_call_completes_once(tmp_path
         assert proxy.history().get(timeout=30) == ["after"]  # ran once, though sent again
         assert not proxy._isdgrid_server.lost
         grid.release_service(proxy)
+
+
+# -- faults of the I/O loop's transport (issue 20, item 22) -----------------------------------
+SECRET = "faults-test-secret-0123456789"
+
+
+def _hand_daemon(tmp: Path, name: str, secret: str, port: int = 0) -> tuple[subprocess.Popen[bytes], str]:
+    """A daemon started by hand (``--secret-stdin``) in a private folder of its own; its URI."""
+    folder = tmp / name
+    folder.mkdir(mode=0o700)
+    with open(tmp / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "isdgrid.daemon", "--secret-stdin", "--port", str(port), "--temp-path", str(folder)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=folder,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(secret.encode() + b"\n")
+        proc.stdin.close()
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 30
+            while sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = proc.stdout.readline().decode()
+                if not line:
+                    break
+                uri = parse_announcement(line)
+                if uri is not None:
+                    return proc, uri
+        log_text = (tmp / f"{name}.log").read_text()
+        raise AssertionError(f"daemon {name} (pid {proc.pid}) printed no URI within 30 s: {log_text}")
+    except BaseException:
+        _end_hand_daemon(proc)
+        raise
+
+
+def _end_hand_daemon(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+            os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("newcomer", ["another secret", "same secret"])
+def test_a_reconnect_that_meets_another_daemon_at_the_address_loses_the_slot(tmp_path: Path, newcomer: str) -> None:
+    # The slot's daemon dies and another one listens on its host:port before the calls
+    # connection is made again: one of another grid (another secret), or one of this grid
+    # that is not the slot's daemon (another daemon id: a replacement, or a relay). Neither
+    # may take the calls out: the slot is lost, naming why, and no call hangs.
+    old, uri = _hand_daemon(tmp_path, "old", SECRET)
+    new: subprocess.Popen[bytes] | None = None
+    port = int(uri.rsplit(":", 1)[1])
+    try:
+        with Grid.attach([uri], secret=SECRET, heartbeat_interval=0.5, host_timeout=60.0) as grid:
+            sid = grid.publish(Recorder())
+            proxy = grid.acquire_service(sid)
+            gate = Gate(tmp_path)
+            held = proxy.hold(*gate.args)
+            out = proxy.add("out")  # sent, waiting behind the held call
+            queued = [proxy.add(i) for i in range(3)]  # in the driver's inbox
+            gate.wait_started()
+            old.kill()
+            old.wait(timeout=30)
+            new, new_uri = _hand_daemon(tmp_path, "new", SECRET if newcomer == "same secret" else "another-secret-42",
+                                        port)  # fmt: skip
+            assert new_uri == uri
+            for result in [held, out, *queued]:
+                with pytest.raises(HostLostError, match="no longer answers as this daemon") as info:
+                    result.get(timeout=60)
+                assert info.value.host == "127.0.0.1" and info.value.slot == 0
+            with pytest.raises(HostLostError):
+                proxy.add("late").get(timeout=30)
+            rows = [row for row in grid.status() if row.lost]
+            assert len(rows) == 1
+            grid.release_service(proxy)
+        if newcomer == "same secret":  # the newcomer was given nothing of the grid's
+            with Grid.attach([uri], secret=SECRET) as other:
+                assert other.slots[0].control("info")["services"] == []
+    finally:
+        _end_hand_daemon(old)
+        _end_hand_daemon(new)
+
+
+def _raise(exc: BaseException) -> Callable[[Any], None]:
+    def callback(_: Any) -> None:
+        raise exc
+
+    return callback
+
+
+def test_a_batch_with_unreadable_replies_and_raising_callbacks_settles_all_and_the_loop_serves_on(
+    tmp_path: Path,
+) -> None:
+    # One batch (the calls queued behind a held one travel together) with a value that
+    # cannot be pickled on the host, one that cannot be unpickled in the driver (ImportError,
+    # KeyboardInterrupt), and Results whose done-callbacks raise (KeyboardInterrupt and
+    # SystemExit included): every Result of the batch is settled, and the I/O loop that
+    # ran those callbacks goes on serving this slot and the other.
+    with Grid([Host("localhost", n_cpu=2)], host_timeout=30.0) as grid:
+        sid = grid.publish(Recorder())
+        a, b = grid.acquire_service(sid), grid.acquire_service(sid)
+        assert a._isdgrid_server.slot is not b._isdgrid_server.slot
+        ran: list[str] = []
+        for rep in range(3):
+            gate = Gate(tmp_path)
+            held = a.hold(*gate.args)
+            behind = a.ident(("behind", rep))  # the second batch out: the rest wait in the inbox
+            gate.wait_started()
+            ran.clear()
+            batch = {
+                "first": a.ident((rep, 0)),
+                "host cannot pickle": a.unpicklable_result(),
+                "KeyboardInterrupt callback": a.ident((rep, 2)),
+                "driver cannot unpickle": a.apply(FailsToLoad),
+                "SystemExit callback": a.ident((rep, 4)),
+                "interrupt when unpickled": a.apply(InterruptOnLoad),
+                "ValueError callback": a.ident((rep, 6)),
+                "last": a.ident((rep, 7)),
+            }
+            batch["KeyboardInterrupt callback"].add_done_callback(_raise(KeyboardInterrupt()))
+            batch["SystemExit callback"].add_done_callback(_raise(SystemExit(3)))
+            batch["ValueError callback"].add_done_callback(_raise(ValueError("callback")))
+            for name, result in batch.items():
+                result.add_done_callback(lambda _, name=name, ran=ran: ran.append(name))
+            gate.open()
+            assert held.get(timeout=30) == "released"
+            assert behind.get(timeout=30) == ("behind", rep)
+            done, not_done = concurrent.futures.wait(batch.values(), timeout=30)
+            assert not not_done, [name for name, r in batch.items() if r in not_done]
+            for name, k in (("first", 0), ("KeyboardInterrupt callback", 2), ("SystemExit callback", 4),
+                            ("ValueError callback", 6), ("last", 7)):  # fmt: skip
+                assert batch[name].get(timeout=0) == (rep, k), name
+            for name in ("host cannot pickle", "driver cannot unpickle", "interrupt when unpickled"):
+                assert isinstance(batch[name].exception(timeout=0), RemoteError), name
+            # a callback raising an Exception does not keep the next callbacks from running
+            assert wait_until(lambda ran=ran: {"first", "ValueError callback", "last"} <= set(ran), 10), ran
+            # the loop serves on: this slot, the other, in order
+            assert a.add(("after", rep)).get(timeout=30) == rep + 1
+            assert b.add(("other", rep)).get(timeout=30) == rep + 1
+        assert a.history().get(timeout=30) == [("after", rep) for rep in range(3)]
+        grid.release_service(a)
+        grid.release_service(b)
+
+
+def test_callbacks_raising_keyboardinterrupt_while_a_lost_slot_fails_its_calls_fail_them_all(
+    tmp_path: Path,
+) -> None:
+    # A daemon dies with two batches out and calls in the driver's inbox; a done-callback
+    # of the first batch to fail, and one of a queued call, raise KeyboardInterrupt (in
+    # the thread that declares the loss). Every other call still
+    # fails with HostLostError, the grid still handles the loss (it respawns the slot),
+    # and nothing hangs.
+    with Grid([Host("localhost", n_cpu=2)], heartbeat_interval=0.5, host_timeout=30.0, respawn=True) as grid:
+        sid = grid.publish(Recorder())
+        doomed, healthy = grid.acquire_service(sid), grid.acquire_service(sid)
+        slot = doomed._isdgrid_server.slot
+        gate = Gate(tmp_path)
+        first = doomed.hold(*gate.args)
+        first.add_done_callback(_raise(KeyboardInterrupt()))
+        second = doomed.add("second")  # the second batch out
+        queued = [doomed.add(i) for i in range(4)]  # in the inbox
+        queued[1].add_done_callback(_raise(KeyboardInterrupt()))
+        gate.wait_started()
+        os.kill(slot.handle.process.pid, signal.SIGKILL)
+        for result in [first, second, *queued]:
+            with pytest.raises(HostLostError):
+                result.get(timeout=30)
+        assert healthy.add("x").get(timeout=30) == 1
+        grid.release_service(doomed)
+        grid.release_service(healthy)
+        grid.wait_for_respawn(sid, timeout=60)
+        assert grid.respawn_count == 1
+        assert sorted(grid.gather(grid.broadcast(sid, "add", "y"), timeout=30)) == [1, 2]
+        grid.release_all(sid)
+
+
+def _stopped(pid: int) -> bool:
+    """True once the process and every one of its threads is stopped (SIGSTOP took effect)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_until(lambda: _stopped(pid), 10, step=0.001), f"process {pid} did not stop"
+
+
+def _unsent_to(port: int) -> list[int]:
+    """Bytes not yet taken by the peer, of each established loopback TCP connection to ``port``."""
+    queued = []
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                queued.append(int(fields[4].split(":")[0], 16))
+    return queued
+
+
+def _step_until(pid: int, done: Callable[[], bool], timeout: float) -> bool:
+    """Let the stopped process ``pid`` run in slices of a few ms until ``done()`` (asked while it is stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+        _stop(pid)
+        if done():
+            return True
+    return False
+
+
+BIG = 48 * 1024 * 1024  # more than the kernel buffers of a loopback connection hold
+STUCK = 1024 * 1024  # unsent bytes that say a send waits for the daemon
+
+
+def test_a_resend_cut_while_it_is_under_way_is_made_again_and_every_call_runs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A large batch is under way when the connection is cut (the daemon is stopped, so the
+    # send waits); the reconnect authenticates and starts to resend it, and the connection
+    # is cut again in the middle of that resend: the channel connects once more and sends
+    # it all again, and every call runs once and answers once.
+    caplog.set_level(logging.INFO, logger="isdgrid.transport")
+    with Grid([Host("localhost", n_cpu=1)], heartbeat_interval=0.5, host_timeout=60.0) as grid:
+        sid = grid.publish(Recorder())
+        proxy = grid.acquire_service(sid)
+        assert proxy.add("warm").get(timeout=30) == 1
+        pid = _daemon_pid(grid, 0)
+        port = int(grid.slots[0].handle.uri.rsplit(":", 1)[1])
+        results: dict[str, Any] = {}
+
+        def calls() -> None:  # the large send waits for the stopped daemon in this thread
+            results["small"] = proxy.add("small")
+            results["big"] = proxy.add_size(bytearray(BIG))
+            results["after"] = proxy.add("after")
+
+        _stop(pid)
+        try:
+            caller = threading.Thread(target=calls)
+            caller.start()
+            assert wait_until(lambda: any(n > STUCK for n in _unsent_to(port)), 30), "the large send never waited"
+            grid.slots[0].cut_connections()  # the send fails; the reconnect waits for the handshake
+            caller.join(30)
+            assert not caller.is_alive() and set(results) == {"small", "big", "after"}
+            # the daemon authenticates the reconnect and starts to take the resend, then stops
+            assert _step_until(pid, lambda: any(n > STUCK for n in _unsent_to(port)), 30), "no resend waited"
+            grid.slots[0].cut_connections()  # ... and the resend is cut
+            assert wait_until(lambda: "resend failed" in caplog.text, 30), caplog.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert results["small"].get(timeout=60) == 2
+        assert results["big"].get(timeout=60) == 3
+        assert results["after"].get(timeout=60) == 4
+        assert proxy.history().get(timeout=30) == ["warm", "small", ("size", BIG), "after"]
+        assert not grid.slots[0].lost.is_set()
+        grid.release_service(proxy)
+
+
+def test_a_done_callback_may_block_on_a_result_of_another_slot(tmp_path: Path) -> None:
+    # r1's callback runs in the I/O loop and waits for r2 of another slot: the loop serves
+    # meanwhile (r2's reply, and every other call's), so neither the callback nor anyone
+    # else hangs.
+    with Grid([Host("localhost", n_cpu=2)], host_timeout=30.0) as grid:
+        sid = grid.publish(Recorder())
+        a, b = grid.acquire_service(sid), grid.acquire_service(sid)
+        assert a._isdgrid_server.slot is not b._isdgrid_server.slot
+        for rep in range(3):
+            gate_b, gate_a = Gate(tmp_path), Gate(tmp_path)
+            r2 = b.hold(*gate_b.args)
+            gate_b.wait_started()
+            waiting = threading.Event()
+            box: queue.Queue[Any] = queue.Queue()
+            where: list[threading.Thread] = []
+
+            def callback(f: concurrent.futures.Future[Any], r2: Any = r2, waiting: threading.Event = waiting,
+                         box: queue.Queue[Any] = box, where: list[threading.Thread] = where) -> None:  # fmt: skip
+                where.append(threading.current_thread())
+                waiting.set()
+                try:
+                    box.put((f.result(), r2.get(timeout=30)))
+                except BaseException as exc:  # noqa: BLE001 - reported in the test's thread
+                    box.put(exc)
+
+            a.hold(*gate_a.args)  # r1 cannot land before its callback is there
+            r1 = a.ident(("r1", rep))
+            r1.add_done_callback(callback)
+            gate_a.wait_started()
+            gate_a.open()
+            assert waiting.wait(30), "the callback did not run"
+            assert where[0] is not threading.current_thread()  # it runs where replies land
+            # while the callback waits, replies of both slots still land
+            assert a.add(("meanwhile", rep)).get(timeout=30) == rep + 1
+            assert [a.ident(k).get(timeout=30) for k in range(3)] == [0, 1, 2]
+            assert not r2.done()
+            gate_b.open()
+            try:
+                outcome = box.get(timeout=60)
+            except queue.Empty:
+                pytest.fail("the callback never finished")
+            assert outcome == (("r1", rep), "released"), outcome
+        grid.release_service(a)
+        grid.release_service(b)
+
+
+def test_the_io_loop_survives_calls_from_eight_threads_while_connections_are_cut() -> None:
+    # 8 threads call 4 servers (two threads a server, through the same proxy) while another
+    # thread cuts a slot's connections every ~50 ms for 2 s: every call's value arrives,
+    # and each call ran exactly once (the remote objects' own records say so).
+    n_threads, n_calls, cut_for, cut_every = 8, 200, 2.0, 0.05
+    with Grid([Host("localhost", n_cpu=4)], heartbeat_interval=0.5, host_timeout=30.0) as grid:
+        sid = grid.publish(Recorder())
+        proxies = [grid.acquire_service(sid) for _ in range(4)]
+        assert len({p._isdgrid_server.slot for p in proxies}) == 4
+        cutting = threading.Event()
+        stop = threading.Event()
+        cuts = 0
+
+        def cutter() -> None:
+            nonlocal cuts
+            cutting.set()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < cut_for:
+                grid.slots[cuts % 4].cut_connections()
+                cuts += 1
+                time.sleep(cut_every)
+
+        def caller(t: int) -> list[tuple[Any, Any]]:
+            proxy = proxies[t % 4]
+            cutting.wait(30)
+            got = []
+            i = 0
+            while i < n_calls or not stop.is_set():  # at least n_calls, and as long as the cuts go on
+                tags = [(t, k) for k in range(i, i + 5)]
+                results = [proxy.add(tag) for tag in tags]
+                got += [(tag, r.get(timeout=60)) for tag, r in zip(tags, results, strict=True)]
+                i += 5
+            return got
+
+        with concurrent.futures.ThreadPoolExecutor(n_threads + 1) as pool:
+            cut = pool.submit(cutter)
+            calls = [pool.submit(caller, t) for t in range(n_threads)]
+            try:
+                cut.result(timeout=60)
+            finally:
+                stop.set()
+            values = [f.result(timeout=120) for f in calls]
+        assert cuts >= 20
+        assert all(len(got) >= n_calls for got in values)
+        for proxy in proxies:
+            history = proxy.history().get(timeout=30)
+            # each tag once, and each call's value is its place in its server's record
+            sent = sum(len(values[t]) for t in range(n_threads) if proxies[t % 4] is proxy)
+            assert len(history) == len(set(history)) == sent
+            place = {tag: i + 1 for i, tag in enumerate(history)}
+            for t in range(n_threads):
+                if proxies[t % 4] is proxy:
+                    assert all(place[tag] == value for tag, value in values[t])
+        assert not any(row.lost for row in grid.status())
+        for proxy in proxies:
+            grid.release_service(proxy)
