@@ -402,7 +402,7 @@ class CallsChannel:
             closed = self._closed
         self._loop.remove_reader(sock)
         wire.shutdown_quietly(sock)
-        self._loop.call_soon(wire.close_quietly, sock)  # after the loop unregistered it
+        self._loop.call_soon(wire.drain_and_close, sock)  # after the loop unregistered it
         if closed or self._failed is not None:
             return
         log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
@@ -512,7 +512,7 @@ class CallsChannel:
         if sock is not None:
             self._loop.remove_reader(sock)
             wire.shutdown_quietly(sock)
-            self._loop.call_soon(wire.close_quietly, sock)
+            self._loop.call_soon(wire.drain_and_close, sock)
 
 
 SMALL_BATCH = 64 * 1024  # a fan-out hands batches up to this size to the loop; larger ones the caller sends

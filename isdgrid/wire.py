@@ -27,7 +27,7 @@ from .codec import Buffers, receive_buffer
 
 __all__ = [
     "BATCH", "ERROR", "NO_LIMIT", "PING", "PONG", "REPLY", "Frame", "FrameError", "FrameParser", "FrameReader",
-    "close_quietly", "send_frame", "shutdown_quietly",
+    "close_quietly", "drain_and_close", "send_frame", "shutdown_quietly",
 ]
 
 NO_LIMIT = 1 << 62  # frames between authenticated peers: each side bounds what it sends
@@ -283,6 +283,19 @@ def shutdown_quietly(sock: socket.socket) -> None:
     """Shut ``sock`` down both ways (wakes a thread blocked on it); an error means it is gone already."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def drain_and_close(sock: socket.socket) -> None:
+    """Close ``sock`` after reading away what it holds.
+
+    A TCP socket closed with unread data sends a reset instead of a plain end, and a reset
+    makes the peer's kernel drop what the peer has not read yet: a batch the daemon had
+    received in full would be lost, and resent with whatever its caller's buffers hold now.
+    """
+    with contextlib.suppress(OSError):
+        while sock.recv(65536, socket.MSG_DONTWAIT):
+            pass
+    close_quietly(sock)
 
 
 def close_quietly(sock: socket.socket) -> None:
