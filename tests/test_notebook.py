@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import require
 from remote_objects import Recorder
 
@@ -67,6 +68,7 @@ def test_tables_escape_what_users_named() -> None:
 
 
 # -- docs/ensembles.ipynb in a real kernel ------------------------------------------------
+@pytest.mark.timeout(600)  # a kernel start and nine cells of at most 120 s each, on a loaded machine
 def test_the_notebook_runs_in_a_kernel_and_shows_what_it_says(tmp_path: Path) -> None:
     try:
         import ipykernel  # noqa: F401 - the kernel nbclient starts

@@ -70,7 +70,7 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, unit: str = "round"
     from tqdm.notebook import tqdm as widget_tqdm
     from tqdm.std import tqdm as text_tqdm
 
-    if not issubclass(auto_tqdm, widget_tqdm) and not _isatty(sys.stderr):
+    if not issubclass(auto_tqdm, widget_tqdm) and not _shows_bars(sys.stderr):
         return text_tqdm(
             total=total, desc=desc, initial=initial, unit=unit, file=_Lines(sys.stderr), mininterval=LOG_EVERY,
             ascii=True, ncols=80,
@@ -78,7 +78,10 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, unit: str = "round"
     return auto_tqdm(total=total, desc=desc, initial=initial, unit=unit)
 
 
-def _isatty(stream: IO[str]) -> bool:
+def _shows_bars(stream: IO[str]) -> bool:
+    """True for a terminal, and for a Jupyter kernel's stream (a text bar when ipywidgets is missing)."""
+    if type(stream).__module__.startswith("ipykernel."):
+        return True
     try:
         return stream.isatty()
     except (AttributeError, ValueError):  # a closed or stand-in stream
