@@ -50,6 +50,7 @@ _LAZY = {
     "Result": "result",
     "ServerQueue": "servicequeue",
     "Snapshot": "snapshot",
+    "StatusTable": "table",
 }
 
 if _TYPE_CHECKING:
@@ -76,6 +77,7 @@ if _TYPE_CHECKING:
     from .result import Result
     from .servicequeue import ServerQueue
     from .snapshot import Snapshot
+    from .table import StatusTable
 
 
 def __getattr__(name: str) -> _Any:
@@ -117,6 +119,7 @@ __all__ = [
     "ServiceReleasedError",
     "ServiceUnavailableError",
     "Snapshot",
+    "StatusTable",
     "UnknownServiceError",
     "__version__",
     "create_host_list",

@@ -42,6 +42,7 @@ from .service import Service
 from .slot import Slot
 from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
+from .table import SlotRow, StatusTable, slots_html
 from .timeouts import check_timeout
 from .transport import sends_through_loop
 from .workers import Workers
@@ -721,12 +722,15 @@ class Grid:
             time.sleep(RESPAWN_POLL)
 
     # -- status --------------------------------------------------------------------------
-    def status(self) -> list[ServerStatus]:
-        """One :class:`ServerStatus` per server of every service."""
+    def status(self) -> StatusTable:
+        """One :class:`ServerStatus` per server of every service, in a list that shows as a table.
+
+        ``print(grid.status())`` writes a text table; in Jupyter it shows as an HTML table.
+        """
         self._check_process()
         with self._lock:
             services = list(self._services.values())
-        rows = []
+        rows = StatusTable()
         for service in services:
             for server in service.servers:
                 rows.append(
@@ -947,6 +951,32 @@ class Grid:
             f"<Grid {len(self._slots)} slots on {len(self.hosts)} hosts, "
             f"{len(self._services)} services, {self._state.value}>"
         )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view of the grid: one row per slot (host, slot, up or lost, its services)."""
+        with self._lock:
+            slots = list(self._slots)
+            services = list(self._services.values())
+            state = self._state
+        rows: list[SlotRow] = []
+        for slot in slots:
+            on_slot = [
+                f"{service.id} ({'lost' if server.lost else 'busy' if server.busy else 'free'})"
+                for service in services
+                for server in service.servers
+                if server.slot is slot
+            ]
+            if state is GridState.TERMINATED:
+                slot_state = "stopped"
+            elif slot.lost.is_set():
+                slot_state = f"lost: {slot.lost_reason or 'no answer'}"
+            else:
+                slot_state = "up"
+            rows.append((slot.host.name, slot.index, slot_state, ", ".join(on_slot) or "-"))
+        summary = (
+            f"Grid: {len(slots)} slots on {len(self.hosts)} hosts, {len(services)} services, {state.value}"
+        )
+        return slots_html(summary, rows)
 
     @property
     def slots(self) -> list[Slot]:

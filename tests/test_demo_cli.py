@@ -72,7 +72,10 @@ def test_demo_runs_end_to_end(tmp_path: Path, run_dir: Path) -> None:
     rows = [line.split() for line in log.read_text().splitlines() if not line.startswith("#")]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
     assert all(sorted(r[1:]) == ["1", "2"] for r in rows)
-    assert "replica exchange" in proc.stderr  # the progress bar's label goes to stderr
+    # The progress bar (tqdm) goes to stderr; on a non-terminal as plain lines, no carriage returns.
+    assert "\r" not in proc.stderr
+    bar = [line for line in proc.stderr.splitlines() if line.startswith("replica exchange:")]
+    assert bar and "| 5/5 [" in bar[-1] and "100%" in bar[-1], proc.stderr
     assert not list(run_dir.glob("*.json"))  # the status file went with the grid
 
 
