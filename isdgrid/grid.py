@@ -618,14 +618,16 @@ class Grid:
         long and short items mix well; the service stays shared: other threads may acquire
         its servers meanwhile, first come, first served. Items are taken from the
         iterables only as servers become free (an endless generator works), while the
-        iterator is read; those free when ``map`` is called start at once.
+        iterator is read; those free when ``map`` is called start at once. While the calls
+        running and the values ready to be read are twice as many as the servers, nothing
+        more is sent until a value is read.
 
         A remote exception ends the map with that exception, in place of the item's value
         (calls already sent finish; their servers go back to the queue). An item whose
         server is lost while it runs is run again on another server (so such an item may
         run twice; after three losses its :class:`HostLostError` ends the map).
         ``timeout`` (checked as for :meth:`acquire_service`) bounds the whole map, from
-        this call: past it, ``next()`` raises ``TimeoutError``. ``progress=True`` shows a
+        this call: a ``next()`` that would wait past it raises ``TimeoutError``. ``progress=True`` shows a
         progress bar (a widget in a notebook; :mod:`tqdm.auto`). Closing the iterator, or
         dropping it, ends the map; every server goes back to the queue once its call ends.
         Raises :class:`UnknownServiceError` and :class:`AttributeError` (a name the

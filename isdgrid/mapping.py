@@ -67,8 +67,10 @@ class MapIterator(Iterator[Any]):
     """The iterator :meth:`Grid.map` returns: the values of ``method(*item)``, one per item.
 
     Items are taken from the iterables (zipped, the shortest ends it) only as servers
-    become free, while the iterator is being read; the servers free when it is made start
-    at once. With ``ordered`` the values come in item order, else as the calls finish.
+    become free, while the iterator is being read (and not while the calls running and
+    the values ready to be read are twice as many as the service's servers); the servers
+    free when it is made start at once.
+    With ``ordered`` the values come in item order, else as the calls finish.
     A remote exception ends the map: it is raised in place of that item's value (calls
     already sent finish on their own, their servers go back to the queue) and no new item
     is sent. An item whose server is lost while it runs (:class:`HostLostError`) is sent
@@ -203,12 +205,30 @@ class MapIterator(Iterator[Any]):
         return self._next
 
     def _send(self) -> None:
-        """Send items while there are items and free servers (never waits)."""
-        while (item := self._peek()) is not None:
+        """Send items while there are items and free servers (never waits).
+
+        Not while the reader is behind: with twice as many calls running and values ready
+        to be read as the service has servers, nothing more is sent until it reads (an
+        endless iterable read slowly does not pile up values). Values that wait for an
+        earlier item (``ordered``) do not count: the servers keep going meanwhile.
+        """
+        while not self._reader_behind() and (item := self._peek()) is not None:
             server = self._free_server()
             if server is None:
                 return
             self._submit(server, item)
+
+    def _reader_behind(self) -> bool:
+        """True with twice as many calls running (or landed, unread) and values ready as servers."""
+        limit = 2 * max(1, len(self._service.servers))
+        ahead = len(self._running)  # a Result leaves it when the reader takes its outcome
+        if not self._ordered:
+            return ahead + len(self._finished) >= limit
+        index = self._yield_index
+        while ahead < limit and index in self._ready:
+            ahead += 1
+            index += 1
+        return ahead >= limit
 
     def _free_server(self) -> Server | None:
         """The server handed to our ticket, or one free now; else None (our ticket is in line)."""
@@ -249,7 +269,7 @@ class MapIterator(Iterator[Any]):
         self._ticket = None
         if server is None:
             return
-        item = self._peek()
+        item = None if self._reader_behind() else self._peek()
         if item is None:
             self._service.queue.put(server)
         else:
