@@ -35,6 +35,7 @@ from .hints import load_failure_hint, scatter_unpacking_hint
 from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
+from .mapping import MapIterator
 from .proxy import ServiceProxy
 from .result import Result
 from .server import Server, ServerState
@@ -600,6 +601,47 @@ class Grid:
                     raise TypeError(hint) from error  # the remote TypeError, with its traceback, as the cause
                 raise error
         return [result.result() for result in results]
+
+    def map(
+        self,
+        service_id: str,
+        method: str,
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        timeout: float | None = None,
+        progress: bool = False,
+    ) -> MapIterator:
+        """``method(*item)`` for each item of the zipped ``iterables``, load-balanced over the servers.
+
+        As the builtin :func:`map`: one argument from each iterable, the shortest ends it,
+        and an iterator of the values, in item order (``ordered=False``: as the calls
+        finish). Each free server of the service takes the next item (one call each), so
+        long and short items mix well; the service stays shared: other threads may acquire
+        its servers meanwhile, first come, first served. Items are taken from the
+        iterables only as servers become free (an endless generator works), while the
+        iterator is read; those free when ``map`` is called start at once. While the calls
+        running and the values ready to be read are twice as many as the servers, nothing
+        more is sent until a value is read.
+
+        A remote exception ends the map with that exception, in place of the item's value
+        (calls already sent finish; their servers go back to the queue). An item whose
+        server is lost while it runs is run again on another server (so such an item may
+        run twice; after three losses its :class:`HostLostError` ends the map).
+        ``timeout`` (checked as for :meth:`acquire_service`) bounds the whole map, from
+        this call: a ``next()`` that would wait past it raises ``TimeoutError``. ``progress=True`` shows a
+        progress bar (a widget in a notebook; :mod:`tqdm.auto`). Closing the iterator, or
+        dropping it, ends the map; every server goes back to the queue once its call ends.
+        Raises :class:`UnknownServiceError` and :class:`AttributeError` (a name the
+        published class lacks) at once.
+        """
+        timeout = check_timeout(timeout, "map")
+        if not iterables:
+            raise TypeError("map needs at least one iterable of arguments")
+        service = self._service(service_id)
+        service.check_name(method)
+        return MapIterator(
+            self, service, method, iterables, ordered=ordered, timeout=timeout, progress=progress
+        )
 
     def release_all(self, service_id: str | None = None) -> None:
         """Release the servers taken by broadcast/scatter (of one service, or of all)."""

@@ -26,8 +26,8 @@ WARN_EVERY = 30.0  # a wait this long (and each such stretch after it) logs a wa
 class _Waiter:
     __slots__ = ("event", "server", "wanted")
 
-    def __init__(self, wanted: Server | None) -> None:
-        self.event = threading.Event()
+    def __init__(self, wanted: Server | None, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
         self.server: Server | None = None
         self.wanted = wanted  # a given server (broadcast keeps server order), or any
 
@@ -73,6 +73,38 @@ class ServerQueue:
         """Take a free server, waiting at most ``timeout`` seconds (None: while any can come)."""
         return self._wait(None, lambda: False, check_timeout(timeout, "get"))
 
+    def line_up(self, event: threading.Event) -> Server | object:
+        """A free server now if no one waits before us, else a place in the line (a ticket).
+
+        Never blocks: ``event`` is set when a server is handed to the ticket; the holder
+        reads it with :meth:`handed` and must end its turn with :meth:`leave_line`, which
+        returns a server handed meanwhile (to use or put back). For a consumer that waits
+        on several things at once (``Grid.map``: its results and a free server).
+        """
+        waiter = _Waiter(None, event)
+        with self._lock:
+            self._check()
+            server = self._first_unwanted()
+            if server is not None:
+                return server
+            self._waiters.append(waiter)
+            return waiter
+
+    @staticmethod
+    def handed(ticket: object) -> Server | None:
+        """The server handed to a ticket of :meth:`line_up`, if any yet (it stays the ticket's)."""
+        assert isinstance(ticket, _Waiter)
+        return ticket.server
+
+    def leave_line(self, ticket: object) -> Server | None:
+        """End a ticket's turn: out of the line, or the server handed to it (now the caller's)."""
+        assert isinstance(ticket, _Waiter)
+        with self._lock:
+            if ticket in self._waiters:
+                self._waiters.remove(ticket)
+                return None
+            return ticket.server
+
     def take(self, server: Server, is_lost: Callable[[], bool], timeout: float | None = None) -> Server | None:
         """Wait until ``server`` itself is free and remove it; None at once if it is lost."""
         try:
@@ -88,12 +120,9 @@ class ServerQueue:
         waiter = _Waiter(wanted)
         with self._lock:
             self._check()
-            for server in self._free:
-                if (wanted is None or server is wanted) and not any(
-                    w.wanted is None or w.wanted is server for w in self._waiters
-                ):
-                    self._free.remove(server)
-                    return server
+            server = self._first_unwanted(wanted)
+            if server is not None:
+                return server
             self._waiters.append(waiter)
         try:
             while True:
@@ -127,6 +156,16 @@ class ServerQueue:
             if handed is not None:  # it came just as we gave up: pass it on
                 self.put(handed)
             raise
+
+    def _first_unwanted(self, wanted: Server | None = None) -> Server | None:
+        """Remove and return a free server (``wanted``, or any) no earlier waiter wants (lock held)."""
+        for server in self._free:
+            if (wanted is None or server is wanted) and not any(
+                w.wanted is None or w.wanted is server for w in self._waiters
+            ):
+                self._free.remove(server)
+                return server
+        return None
 
     def _check(self) -> None:
         if self._closed:
