@@ -87,6 +87,7 @@ class FrameReader:
         self.sock = sock
         self._buf = bytearray()
         self._pos = 0
+        self._scratch = memoryview(bytearray(self.CHUNK))
 
     @property
     def buffered(self) -> bool:
@@ -103,13 +104,13 @@ class FrameReader:
             _recv_into(self.sock, memoryview(out)[have:])
             return out
         while len(self._buf) - self._pos < n:
-            chunk = self.sock.recv(self.CHUNK)
-            if not chunk:
+            got = self.sock.recv_into(self._scratch)  # into memory kept for it: no allocation per read
+            if not got:
                 raise FrameError("connection closed by the peer")
             if self._pos:
                 del self._buf[: self._pos]
                 self._pos = 0
-            self._buf += chunk
+            self._buf += self._scratch[:got]
         data = bytes(self._buf[self._pos: self._pos + n])
         self._pos += n
         if self._pos == len(self._buf):
@@ -157,6 +158,8 @@ class FrameReader:
 class FrameParser:
     """Reads frames from a socket without ever blocking: the driver's I/O loop reads with it.
 
+    Only one thread may read with FrameParsers (they share the memory they receive into).
+
     :meth:`read_from` takes what the socket holds now (``MSG_DONTWAIT``: the socket itself
     stays blocking for the threads that send on it) and returns the frames it completed;
     a part of a frame stays here for the next call. Large buffers are received straight
@@ -198,18 +201,19 @@ class FrameParser:
                     self._parse(frames)
                 continue
             try:
-                chunk = sock.recv(self.CHUNK, socket.MSG_DONTWAIT)
+                # Into memory kept for it: recv(n) would allocate (and free) n bytes per call.
+                n = sock.recv_into(_SCRATCH, self.CHUNK, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return frames
-            if not chunk:
+            if not n:
                 raise FrameError("connection closed by the peer")
-            taken += len(chunk)
+            taken += n
             if self._pos and self._pos == len(self._buf):
                 self._buf.clear()
                 self._pos = 0
-            self._buf += chunk
+            self._buf += _SCRATCH[:n]
             self._parse(frames)
-            if len(chunk) < self.CHUNK:
+            if n < self.CHUNK:
                 return frames  # drained for now; the loop calls again when more comes
         return frames
 
@@ -266,6 +270,11 @@ class FrameParser:
         if self._pos > self.CHUNK and self._pos * 2 > len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
+
+
+# What FrameParser.read_from receives into, one for the process: only the driver's one I/O
+# loop thread reads with a FrameParser, and it copies the bytes out before it does more.
+_SCRATCH = memoryview(bytearray(FrameParser.CHUNK))
 
 
 def _recv_into(sock: socket.socket, target: Any) -> None:
