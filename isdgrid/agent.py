@@ -10,7 +10,7 @@ Each batch carries a sequence number; the agent keeps the replies of the last
 ``codec.MAX_FLIGHTS`` batches of each service, so a batch resent after a broken connection
 is answered from that record instead of being run twice.
 
-The control methods (``ping``, ``info``, ``publish``, ``unpublish``, ``put_files``) are
+The control methods (``ping``, ``info``, ``identify``, ``publish``, ``unpublish``, ``put_files``) are
 served through Pyro5 by a :class:`ControlEndpoint` per control connection.
 """
 
@@ -96,6 +96,20 @@ class Agent:
             "started": self.started,
             "port": self.port,
         }
+
+    def identify(self, host: str, slot: int, rank: int, gpu: str | None = None) -> None:
+        """Take the place a grid that attached gives this daemon (``ISDGRID_HOST/SLOT/RANK``).
+
+        A daemon the grid starts gets these on its command line; one started by hand gets
+        them here, when a grid attaches, before anything is published.
+        """
+        self.touch()
+        if not isinstance(host, str) or not all(isinstance(n, int) and not isinstance(n, bool) for n in (slot, rank)):
+            raise TypeError("identify(host: str, slot: int, rank: int, gpu: str | None)")
+        os.environ.update({"ISDGRID_HOST": host, "ISDGRID_SLOT": str(slot), "ISDGRID_RANK": str(rank)})
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        log.info("%s: attached as %s/%d, rank %d", self.label, host, slot, rank)
 
     def publish(self, service_id: str, payload: bytes) -> str:
         """Load a pickled instance as ``service_id``; '' on success, else the traceback."""
@@ -297,4 +311,4 @@ class ControlEndpoint:
             return False, codec.encode_error(exc, 0.0)
 
 
-CONTROL_METHODS = frozenset({"ping", "info", "publish", "unpublish", "put_files"})
+CONTROL_METHODS = frozenset({"ping", "info", "identify", "publish", "unpublish", "put_files"})

@@ -138,6 +138,10 @@ def _launcher_option(help_text: str) -> Any:
     "--engine", type=click.Choice(("toy", "openmm")), default="toy", show_default=True,
     help="toy: Monte Carlo of a 2D model; openmm: MD of alanine dipeptide (steps of 2 fs, --tmax in K, default 500).",
 )  # fmt: skip
+@click.option(
+    "--platform", type=click.Choice(("CUDA", "OpenCL", "CPU", "Reference")), default=None,
+    help="OpenMM platform of the replicas (--engine openmm) [default: CPU]; CUDA and OpenCL: each on its slot's GPU.",
+)  # fmt: skip
 def demo(
     slots: int | None,
     rounds: int,
@@ -153,6 +157,7 @@ def demo(
     resume_path: str | None,
     trust_checkpoint: bool,
     engine: str,
+    platform: str | None,
 ) -> None:
     """Run a replica-exchange Monte Carlo demo on local slots (nothing to configure).
 
@@ -177,12 +182,15 @@ def demo(
         checkpoint_path = checkpoint_path or resume_path
         log_path = log_path or resume.log_path
     replicas = len(resume.snapshot.states) if resume is not None else None
+    if platform is not None and engine != "openmm":
+        raise click.UsageError("--platform is an option of --engine openmm")
     if engine == "openmm":  # isdgrid/examples/openmm_demo.py; --tmax (in K) counts only when given
         from .examples import openmm_demo
 
         given = ctx.get_parameter_source("tmax") is not click.core.ParameterSource.DEFAULT
         hosts, t_max = openmm_demo.check_options(
-            slots=slots, hosts_file=hosts_file, t_max=tmax if given else None, default_slots=replicas or 4
+            slots=slots, hosts_file=hosts_file, t_max=tmax if given else None, default_slots=replicas or 4,
+            platform=platform or "CPU", launcher=launcher,
         )
     else:
         hosts, t_max = demo_hosts(slots, hosts_file, default_slots=replicas or 4), tmax
@@ -199,6 +207,7 @@ def demo(
             openmm_demo.run_cli(
                 hosts, rounds=total_rounds, steps=steps, launcher=launcher, scheme=scheme, seed=seed, t_max=t_max,
                 log=log_file, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path, resume=resume,
+                platform=platform or "CPU",
             )
             verdict = None
         else:

@@ -497,6 +497,19 @@ def _os_error_line(exc: OSError, args: argparse.Namespace) -> str:
     return f"isdgrid daemon failed: {exc}"
 
 
+def set_slot_environment(slot_env: Sequence[str] | None, gpu: str | None) -> None:
+    """Put the slot's identity and GPU in the environment, before anything is published.
+
+    What the published objects import (CUDA, OpenMM) and the processes they start read it
+    from there; a variable the grid does not give is left as the daemon found it.
+    """
+    if slot_env:
+        host, slot, rank = slot_env
+        os.environ.update({"ISDGRID_HOST": host, "ISDGRID_SLOT": slot, "ISDGRID_RANK": rank})
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m isdgrid.daemon", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -509,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temp-path", help="working folder (only you may write it), first on sys.path")
     parser.add_argument("--remove-temp", action="store_true", help="remove the temp path at exit")
     parser.add_argument("--label", default="", help="name used in logs (host/slot)")
+    parser.add_argument("--slot-env", nargs=3, metavar=("HOST", "SLOT", "RANK"),
+                        help="set ISDGRID_HOST, ISDGRID_SLOT and ISDGRID_RANK (set by the grid's launchers)")
+    parser.add_argument("--gpu", metavar="ID", help="set CUDA_VISIBLE_DEVICES=ID (from the host's gpus)")
     parser.add_argument("--uri-file", help="also write the URI to this file")
     parser.add_argument("--nameserver", help="register the URI at this Pyro5 name server (HOST:PORT)")
     parser.add_argument("--group", default=DEFAULT_GROUP, help="name server group (default: %(default)s)")
@@ -522,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    set_slot_environment(args.slot_env, args.gpu)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

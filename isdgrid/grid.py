@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import dataclasses
 import enum
 import itertools
 import logging
@@ -86,6 +87,9 @@ class ServerStatus:
     mean_call_time: float
     respawns: int
     snapshot_age: float | None = None  # seconds since its latest snapshot (None: none taken)
+    rank: int = 0  # the slot's index in the grid (its ISDGRID_RANK)
+    gpu: str | None = None  # the CUDA_VISIBLE_DEVICES the grid gave the slot (from Host.gpus)
+    gpu_shared: bool = False  # another slot of the host has the same GPU
 
 
 class Grid:
@@ -228,9 +232,24 @@ class Grid:
             self._status_writer.start()
 
     @classmethod
-    def from_slurm(cls, hosts: Sequence[Host] | None = None, *, bind: str | None = None, **kwargs: Any) -> Grid:
-        """A grid on the nodes and tasks of the SLURM allocation it runs in (see docs/clusters.md)."""
-        options = {**({"bind": bind} if bind else {}), **kwargs.pop("launcher_options", {})}
+    def from_slurm(
+        cls,
+        hosts: Sequence[Host] | None = None,
+        *,
+        bind: str | None = None,
+        gpus_per_slot: int | None = None,
+        **kwargs: Any,
+    ) -> Grid:
+        """A grid on the nodes and tasks of the SLURM allocation it runs in (see docs/clusters.md).
+
+        ``gpus_per_slot``: each daemon's ``srun`` step asks for that many GPUs
+        (``--gres=gpu:N``) and SLURM binds them (it sets ``CUDA_VISIBLE_DEVICES``).
+        """
+        options = {
+            **({"bind": bind} if bind else {}),
+            **({"gpus_per_slot": gpus_per_slot} if gpus_per_slot is not None else {}),
+            **kwargs.pop("launcher_options", {}),
+        }
         return cls(hosts, "slurm", launcher_options=options, **kwargs)
 
     @classmethod
@@ -254,7 +273,10 @@ class Grid:
 
     # -- start ---------------------------------------------------------------------------
     def _start(self, min_hosts: int | None) -> None:
+        # A slot's rank is its index in the grid's order of slots (host by host), for good:
+        # a respawn starts the same spec, and a host dropped by min_hosts leaves a gap.
         specs = self._launcher.slot_specs(self.hosts)
+        specs = [dataclasses.replace(spec, rank=rank) for rank, spec in enumerate(specs)]
         log.info("starting %d daemon slots on %d hosts (%s launcher)", len(specs), len(self.hosts), self._launcher.name)
         started = time.monotonic()
         outcomes = self._launcher.start(specs, self._secret, self._start_timeout)
@@ -775,6 +797,7 @@ class Grid:
         rows = StatusTable()
         for service in services:
             for server in service.servers:
+                spec = server.slot.handle.spec
                 rows.append(
                     ServerStatus(
                         service_id=service.id,
@@ -789,6 +812,9 @@ class Grid:
                         mean_call_time=server.mean_call_time,
                         respawns=server.respawns,
                         snapshot_age=server.snapshot_age,
+                        rank=spec.rank,
+                        gpu=spec.gpu,
+                        gpu_shared=spec.host.gpu_shared(spec.slot),
                     )
                 )
         return rows

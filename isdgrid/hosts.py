@@ -16,6 +16,7 @@ applied to every host::
     n_cpu = 8
     niceness = 5
     init_cmd = "module load python/3.11"
+    gpus = [0, 1, 2, 3]     # slot i sees CUDA_VISIBLE_DEVICES=gpus[i % 4]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,9 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 __all__ = ["Host", "create_host_list", "load_hosts"]
 
+#: One GPU as ``CUDA_VISIBLE_DEVICES`` names it: an index, or a ``GPU-...``/``MIG-...`` UUID.
+GpuId = int | str
+
 
 @dataclass(frozen=True)
 class Host:
@@ -45,7 +49,9 @@ class Host:
     ``temp_path`` is where copied files go and the daemons run (a fresh temporary folder,
     removed at terminate, when None); ``niceness`` is applied with ``nice``; ``python`` is
     the interpreter that runs the daemon; ``init_cmd`` is a shell command run before it
-    (for example ``module load python``).
+    (for example ``module load python``). ``gpus`` (device indexes or UUIDs, as
+    ``CUDA_VISIBLE_DEVICES`` takes them) spreads the host's slots over its GPUs: slot ``i``
+    runs with ``CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)]`` (more slots than GPUs share them).
     """
 
     name: str
@@ -54,6 +60,7 @@ class Host:
     niceness: int = 0
     python: str = "python3"
     init_cmd: str = ""
+    gpus: Sequence[GpuId] | None = None  # kept as a tuple
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -68,6 +75,40 @@ class Host:
             raise ConfigError(f"host {self.name!r}: temp_path must be a string")
         if not isinstance(self.init_cmd, str):
             raise ConfigError(f"host {self.name!r}: init_cmd must be a string")
+        if self.gpus is not None:
+            object.__setattr__(self, "gpus", _check_gpus(self.name, self.gpus))
+
+    def gpu(self, slot: int) -> str | None:
+        """The ``CUDA_VISIBLE_DEVICES`` of slot ``slot`` (None: the grid sets none)."""
+        if not self.gpus:
+            return None
+        return str(self.gpus[slot % len(self.gpus)])
+
+    def gpu_shared(self, slot: int) -> bool:
+        """True when another slot of this host is given the same GPU."""
+        gpu = self.gpu(slot)
+        if gpu is None or self.gpus is None:
+            return False
+        width = len(self.gpus)
+        return sum(len(range(j, self.n_cpu, width)) for j, g in enumerate(self.gpus) if str(g) == gpu) > 1
+
+
+def _check_gpus(host: str, gpus: object) -> tuple[GpuId, ...]:
+    """``gpus`` as a tuple of device indexes (int >= 0) or UUID strings; a ConfigError otherwise."""
+    if isinstance(gpus, (str, bytes)) or not isinstance(gpus, Iterable):
+        raise ConfigError(f"host {host!r}: gpus must be a list of GPU indexes or UUIDs, got {gpus!r}")
+    checked: list[GpuId] = []
+    for gpu in gpus:
+        if isinstance(gpu, bool) or not isinstance(gpu, (int, str)):
+            raise ConfigError(f"host {host!r}: a GPU must be an index (int >= 0) or a UUID string, got {gpu!r}")
+        if isinstance(gpu, int) and gpu < 0:
+            raise ConfigError(f"host {host!r}: a GPU index must be >= 0, got {gpu}")
+        if isinstance(gpu, str) and (not gpu.strip() or any(c in gpu for c in ", \t\n")):
+            raise ConfigError(f"host {host!r}: a GPU UUID must be one word without commas, got {gpu!r}")
+        checked.append(gpu)
+    if not checked:
+        raise ConfigError(f"host {host!r}: gpus is empty; give at least one GPU, or leave gpus out")
+    return tuple(checked)
 
 
 _HOST_FIELDS = {f.name for f in dataclasses.fields(Host)}
@@ -158,7 +199,7 @@ def _check_keys(table: Mapping[str, Any], where: str) -> None:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_HOST_FIELDS)}")
     types: dict[str, type | tuple[type, ...]] = {
-        "name": str, "temp_path": str, "n_cpu": int, "niceness": int, "python": str, "init_cmd": str,
+        "name": str, "temp_path": str, "n_cpu": int, "niceness": int, "python": str, "init_cmd": str, "gpus": list,
     }
     for key, value in table.items():
         expected = types[key]

@@ -84,10 +84,14 @@ def snapshot(grid: Grid, started: float) -> dict[str, Any]:
     slots = []
     for slot in grid.slots:
         process = slot.handle.process
+        spec = slot.handle.spec
         slots.append(
             {
                 "host": slot.host.name,
                 "slot": slot.index,
+                "rank": spec.rank,
+                "gpu": spec.gpu,
+                "gpu_shared": slot.host.gpu_shared(slot.index),
                 "label": slot.label,
                 "uri": slot.uri,
                 "process": process.pid if process is not None else None,
@@ -100,6 +104,7 @@ def snapshot(grid: Grid, started: float) -> dict[str, Any]:
         "pid": os.getpid(),
         "command": list(sys.argv),
         "launcher": getattr(launcher, "name", "?"),
+        "gpus_per_slot": getattr(launcher, "gpus_per_slot", 0),
         "state": grid.state.value,
         "started": started,
         "updated": time.time(),
@@ -216,28 +221,44 @@ def format_status(documents: list[dict[str, Any]], now: float | None = None) -> 
             f"{h['name']} ({h['n_cpu']} slot{'s' if h['n_cpu'] != 1 else ''})" for h in doc.get("hosts", [])
         )
         lines.append(f"  hosts: {hosts or '-'}")
+        slots = doc.get("slots", [])
+        with_gpus = bool(doc.get("gpus_per_slot")) or any(slot.get("gpu") is not None for slot in slots)
         header = (
-            f"  {'HOST':<16} {'SLOT':>4}  {'SERVICE':<24} {'STATE':<9} {'BUSY':<4} "
-            f"{'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9} {'SNAPSHOT':>9}"
+            f"  {'HOST':<16} {'SLOT':>4}  {_gpu_cell(None, doc) if with_gpus else ''}{'SERVICE':<24} {'STATE':<9} "
+            f"{'BUSY':<4} {'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9} {'SNAPSHOT':>9}"
         )
         lines.append(header)
         servers = doc.get("servers", [])
-        for slot in doc.get("slots", []):
+        for slot in slots:
             rows = [r for r in servers if r.get("host") == slot["host"] and r.get("slot") == slot["slot"]]
+            where = f"  {slot['host']:<16} {slot['slot']:>4}  {_gpu_cell(slot, doc) if with_gpus else ''}"
             if slot.get("lost"):
-                lines.append(f"  {slot['host']:<16} {slot['slot']:>4}  LOST: {slot.get('lost_reason') or 'no answer'}")
+                lines.append(f"{where}LOST: {slot.get('lost_reason') or 'no answer'}")
                 continue
             if not rows:
-                lines.append(f"  {slot['host']:<16} {slot['slot']:>4}  {'(no service)':<24} {'idle':<9} {'free':<4}")
+                lines.append(f"{where}{'(no service)':<24} {'idle':<9} {'free':<4}")
                 continue
             for row in rows:
                 lines.append(
-                    f"  {slot['host']:<16} {slot['slot']:>4}  {row['service_id']:<24} {row['state']:<9} "
+                    f"{where}{row['service_id']:<24} {row['state']:<9} "
                     f"{'busy' if row['busy'] else 'free':<4} {row['calls']:>7} {row['pending']:>7} "
                     f"{row['mean_call_time'] * 1e3:>9.2f} {_snapshot_age(row, age):>9}"
                 )
         lines.append("")
     return lines
+
+
+def _gpu_cell(slot: dict[str, Any] | None, doc: dict[str, Any]) -> str:
+    """The GPU column of a slot (its header for None): the device, "shared", or SLURM's binding."""
+    if slot is None:
+        text = "GPU"
+    elif slot.get("gpu") is not None:
+        text = f"{slot['gpu']}{' shared' if slot.get('gpu_shared') else ''}"
+    elif doc.get("gpus_per_slot"):
+        text = f"slurm x{doc['gpus_per_slot']}"
+    else:
+        text = "-"
+    return f"{text:<10} "
 
 
 def _snapshot_age(row: dict[str, Any], since_update: float) -> str:

@@ -60,6 +60,8 @@ class Replica:
             # a `qrsh -inherit` task has its own spool folder, named after its task id
             "sge_task": os.path.basename(os.environ.get("SGE_JOB_SPOOL_DIR", ""))
             if os.environ.get("JOB_SCRIPT") == "QRSH" else None,
+            # where the grid put it: host as the grid names it, slot on that host, rank in the grid
+            "identity": [os.environ.get(f"ISDGRID_{name}") for name in ("HOST", "SLOT", "RANK")],
         }
 
 

@@ -104,6 +104,7 @@ def test_launcher_command_lines_for_the_hosts_of_the_job() -> None:
     assert remote[2:6] == [sys.executable, "-u", "-m", "isdgrid.daemon"]
     assert remote[remote.index("--host") + 1] == "node-1-7.cluster.local"
     assert remote[remote.index("--label") + 1] == "node-1-7.cluster.local/1"
+    assert remote[remote.index("--slot-env") + 1:][:3] == ["node-1-7.cluster.local", "1", "0"]  # rank: the grid's
     assert "--secret-stdin" in remote and "--watch-stdin" in remote
     env = launcher.environment(specs[5])
     assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT
@@ -240,6 +241,8 @@ def test_replica_exchange_job_runs_on_qrsh_tasks(tmp_path: Path) -> None:
         tasks = [r["sge_task"] for r in replicas]
         assert None not in tasks and len(set(tasks)) == 2  # each daemon is its own qrsh -inherit task
         assert len({r["pid"] for r in replicas}) == 2
+        assert [r["identity"][1:] for r in replicas] == [["0", "0"], ["1", "1"]]  # through qrsh -inherit
+        assert [r["identity"][0] for r in replicas] == result["hosts"] * 2
         rounds = result["rounds"]
         assert len(rounds) == 3
         for item in rounds:

@@ -8,6 +8,7 @@ Every job a test starts is cancelled at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -72,6 +73,28 @@ def test_srun_command_is_one_exact_single_task_step_on_the_node() -> None:
     with_overlap = srun_command("n1", ["d"], step_name="s", overlap=True, srun="/opt/bin/srun", extra=["--gres=none"])
     assert with_overlap[0] == "/opt/bin/srun"
     assert "--overlap" in with_overlap and with_overlap[-2:] == ["--gres=none", "d"]
+
+
+def test_gpus_per_slot_asks_srun_for_gpus_and_leaves_the_binding_to_slurm() -> None:
+    cmd = srun_command("node07", ["d"], step_name="s", gpus_per_task=2)
+    assert "--gres=gpu:2" in cmd[:-1] and cmd[-1] == "d"
+    assert not any(a.startswith("--gres") for a in srun_command("n", ["d"], step_name="s"))
+    launcher = SlurmLauncher(environ=_env(SLURM_JOB_ID="77"), gpus_per_slot=1)
+    specs = [dataclasses.replace(s, rank=r) for r, s in enumerate(launcher.slot_specs([Host("node3", n_cpu=2)]))]
+    cmd = launcher.command(specs[1])
+    assert "--gres=gpu:1" in cmd[:cmd.index(sys.executable)]
+    daemon = cmd[cmd.index(sys.executable):]
+    assert daemon[daemon.index("--slot-env") + 1:][:3] == ["node3", "1", "1"]
+    assert "--gpu" not in daemon  # SLURM sets CUDA_VISIBLE_DEVICES in the step
+    with pytest.raises(ConfigError, match="give one or the other"):
+        launcher.slot_specs([Host("node3", n_cpu=2, gpus=[0, 1])])
+    with pytest.raises(ConfigError, match="gpus_per_slot must be an integer >= 0"):
+        SlurmLauncher(environ=_env(SLURM_JOB_ID="77"), gpus_per_slot=-1)
+    # without gpus_per_slot, a host's gpus are the grid's to hand out, as on any launcher
+    plain = SlurmLauncher(environ=_env(SLURM_JOB_ID="77"))
+    [spec] = plain.slot_specs([Host("node3", gpus=[6])])
+    cmd = plain.command(spec)
+    assert not any(a.startswith("--gres") for a in cmd) and cmd[cmd.index("--gpu") + 1] == "6"
 
 
 def test_step_listing_and_cancel_commands() -> None:
@@ -196,6 +219,8 @@ def test_replica_exchange_job_runs_on_srun_steps_and_leaves_none(tmp_path: Path)
         steps = [r["slurm_step"] for r in replicas]
         assert None not in steps and len(set(steps)) == 4  # each daemon is its own srun step
         assert len({r["pid"] for r in replicas}) == 4
+        # each slot knows its place (on the daemon's command line, through srun)
+        assert [r["identity"] for r in replicas] == [[node, str(i), str(i)] for i in range(4)]
         rounds = result["rounds"]
         assert len(rounds) == 4
         ladder = sorted(rounds[0]["temperatures"])

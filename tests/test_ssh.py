@@ -136,6 +136,8 @@ class Probe:
         return {
             "pid": os.getpid(),
             "cwd": os.getcwd(),
+            "identity": [os.environ.get(f"ISDGRID_{name}") for name in ("HOST", "SLOT", "RANK")],
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "modules": {m.__name__: m.__file__ for m in (isdgrid, Pyro5, serpent, cloudpickle)},
         }
 
@@ -325,7 +327,7 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
     caplog.set_level(logging.INFO)
     tree = tmp_path / "src"
     _make_tree(tree, 200)
-    hosts = [Host("node-a", n_cpu=3, python=PY), Host("node-b", n_cpu=2, python=PY, niceness=2)]
+    hosts = [Host("node-a", n_cpu=3, python=PY, gpus=[1, 0]), Host("node-b", n_cpu=2, python=PY, niceness=2)]
     # two sessions at a time per host: node-a's third slot starts in a second wave
     grid = ssh_grid(hosts, ssh_config, log_dir=str(tmp_path / "logs"), launcher_options={"max_starts_per_host": 2})
     try:
@@ -334,6 +336,12 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
         sid = grid.publish(Probe())
         where = grid.gather(grid.broadcast(sid, "where"), timeout=60)
         assert len({w["pid"] for w in where}) == 5
+        # each slot knows its place and its GPU: on the daemon's command line, through ssh
+        assert [w["identity"] for w in where] == [
+            ["node-a", "0", "0"], ["node-a", "1", "1"], ["node-a", "2", "2"],
+            ["node-b", "0", "3"], ["node-b", "1", "4"],
+        ]
+        assert [w["gpu"] for w in where[:3]] == ["1", "0", "1"]
         temp_dirs = {w["cwd"] for w in where}
         assert len(temp_dirs) == 2 and all(os.path.isdir(d) for d in temp_dirs)
         daemons = sshd_descendants(sshd_pid)
@@ -542,6 +550,7 @@ def test_respawn_of_a_killed_daemon_over_ssh(ssh_config: str, sshd_pid: int) -> 
         after = grid.gather(grid.broadcast(sid, "where"), timeout=60)
         assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
         assert after[1]["cwd"] == before[1]["cwd"]  # same host folder
+        assert after[1]["identity"] == before[1]["identity"] == ["node-a", "1", "1"]  # same place in the grid
     finally:
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []

@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PublishError
 from ..grid import Grid
 from ..hosts import Host
+from ..launchers.auto import is_this_machine
 from .demo_grid import demo_hosts, run_with_progress
 from .openmm_peptide import BASINS, PHI_ATOMS, PSI_ATOMS, backbone_basin, build_dipeptide, make_system, minimize
-from .openmm_tempering import GridReplicas, OpenMMReplica, Tempering, TemperingResult
+from .openmm_tempering import GridReplicas, OpenMMReplica, Tempering, TemperingResult, check_platform
 from .replica_exchange import geometric_ladder
 from .run_checkpoint import RunCheckpoint
 
@@ -114,7 +115,10 @@ def run_demo(
     """
     require_openmm()
     start = time.perf_counter()
-    replicas = GridReplicas(grid, dipeptide_replica(solvent, platform))
+    try:
+        replicas = GridReplicas(grid, dipeptide_replica(solvent, platform))
+    except PublishError as exc:  # a host without the platform says so in one line: that line
+        raise _missing_platform(exc) or exc from None
     try:
         ladder = None if resume is not None else geometric_ladder(replicas.n, t_min, t_max)
         tempering = Tempering(
@@ -127,6 +131,15 @@ def run_demo(
     return DemoReport(
         result, replicas.n, len(grid.hosts), platform, solvent, startup_time, time.perf_counter() - start
     )
+
+
+def _missing_platform(exc: PublishError) -> ConfigError | None:
+    """The host's own one-line error when the replica failed to load for want of its platform."""
+    lines = exc.remote_traceback.strip().splitlines()
+    kind, _, message = (lines[-1] if lines else "").partition(": ")
+    if kind.endswith("ConfigError") and message.startswith("OpenMM has no "):
+        return ConfigError(message)
+    return None
 
 
 def _rate(value: float | None) -> str:
@@ -172,12 +185,19 @@ def format_report(report: DemoReport) -> list[str]:
 
 
 def check_options(
-    *, slots: int | None, hosts_file: str | None, t_max: float | None, default_slots: int = 4
+    *,
+    slots: int | None,
+    hosts_file: str | None,
+    t_max: float | None,
+    default_slots: int = 4,
+    platform: str = "CPU",
+    launcher: str = "auto",
 ) -> tuple[list[Host], float]:
     """Check the demo's options before anything starts; the hosts and the highest temperature.
 
     Raises ``click`` usage errors, and a one-line ``ClickException`` with the install command
-    when ``openmm`` is missing.
+    when ``openmm`` is missing, or naming the platforms OpenMM has here when every slot runs
+    on this machine and OpenMM lacks ``platform`` (other hosts check as the replica loads).
     """
     import click
 
@@ -188,7 +208,13 @@ def check_options(
     high = T_MAX if t_max is None else t_max
     if high < T_MIN:
         raise click.BadParameter(f"{high:g} K is below the lowest temperature, {T_MIN:g} K", param_hint="'--tmax'")
-    return demo_hosts(slots, hosts_file, default_slots), high
+    hosts = demo_hosts(slots, hosts_file, default_slots)
+    if launcher == "local" or (launcher == "auto" and all(is_this_machine(h.name) for h in hosts)):
+        try:
+            check_platform(platform)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    return hosts, high
 
 
 def run_cli(

@@ -28,11 +28,12 @@ inside the methods that use it, so this module imports without it.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -62,6 +63,42 @@ Vec = tuple[float, float, float]
 #: Platform properties that make the CPU platform reproducible (one thread, fixed-point sums).
 DETERMINISTIC_CPU = {"Threads": "1", "DeterministicForces": "true"}
 
+#: The platforms ``isdgrid demo --engine openmm --platform`` offers.
+PLATFORMS = ("CUDA", "OpenCL", "CPU", "Reference")
+
+
+def available_platforms() -> list[str]:
+    """The names of the platforms OpenMM has on this machine (``openmm.Platform``)."""
+    import openmm
+
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def check_platform(platform: str, where: str = "this machine") -> None:
+    """Raise a one-line :class:`ConfigError` naming the platforms there when OpenMM lacks ``platform``."""
+    have = available_platforms()
+    if platform not in have:
+        raise ConfigError(f"OpenMM has no {platform} platform on {where}; the platforms it has: {', '.join(have)}")
+
+
+def platform_properties(platform: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The properties a replica asks ``platform`` for, on the host it runs on.
+
+    CPU: one thread, deterministic forces (:data:`DETERMINISTIC_CPU`). CUDA and OpenCL:
+    the devices the slot sees, as OpenMM numbers them: ``CUDA_VISIBLE_DEVICES`` (set by the
+    grid from ``Host.gpus``, or by SLURM) leaves the slot its own device(s), renumbered
+    from 0, so ``DeviceIndex`` is ``"0"`` (``"0,1"`` for two); without it, OpenMM picks.
+    NVIDIA's OpenCL honours ``CUDA_VISIBLE_DEVICES`` as CUDA does.
+    """
+    if platform == "CPU":
+        return dict(DETERMINISTIC_CPU)
+    if platform in ("CUDA", "OpenCL"):
+        env = os.environ if environ is None else environ
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if visible:
+            return {"DeviceIndex": ",".join(str(i) for i in range(len(visible)))}
+    return {}
+
 
 class OpenMMReplica:
     """One replica of an OpenMM ``System``: a Langevin integrator in a ``Context`` built on the host.
@@ -69,7 +106,9 @@ class OpenMMReplica:
     ``system_xml`` is ``XmlSerializer.serialize(system)``; ``positions`` in nm.
     ``dihedrals`` are 4-tuples of atom indices that :meth:`sample` records when asked
     (``thin > 0``). ``platform`` and ``properties`` choose the OpenMM platform; the default is
-    the CPU platform at deterministic settings.
+    the CPU platform at deterministic settings. Without ``properties``, the replica asks for
+    :func:`platform_properties` on the host it runs on (its slot's GPU for CUDA and OpenCL);
+    it checks there, as it is published, that OpenMM has ``platform``.
     """
 
     def __init__(
@@ -89,7 +128,7 @@ class OpenMMReplica:
         self.dihedrals = [tuple(int(a) for a in quad) for quad in dihedrals]
         self.timestep, self.friction = timestep, friction  # ps, 1/ps
         self.platform = platform
-        self.properties = dict(DETERMINISTIC_CPU if properties is None and platform == "CPU" else properties or {})
+        self.properties = None if properties is None else dict(properties)  # None: platform_properties on the host
         self.temperature = 300.0  # K
         self.seed = 1
         self.steps_done = 0
@@ -107,12 +146,16 @@ class OpenMMReplica:
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Take the plain data; the ``Context`` is built again on the first call.
 
-        Imports ``openmm`` now, so that publishing on a host without it fails at once
-        (a ``PublishError`` naming the host), not at the first call.
+        Imports ``openmm`` and checks that it has the platform now, so that publishing on a
+        host without them fails at once (a ``PublishError`` naming the host), not at the
+        first call.
         """
+        import socket
+
         import openmm  # noqa: F401
 
         self.__dict__.update(state)
+        check_platform(self.platform, socket.gethostname())
 
     def _pull_state(self) -> None:
         if self._context is None:
@@ -141,7 +184,8 @@ class OpenMMReplica:
         integrator = openmm.LangevinMiddleIntegrator(self.temperature, self.friction, self.timestep)
         integrator.setRandomNumberSeed((self.seed * 1_000_003 + self.steps_done) % 2_147_483_647 or 1)
         platform = openmm.Platform.getPlatformByName(self.platform)
-        context = openmm.Context(system, integrator, platform, self.properties)
+        properties = platform_properties(self.platform) if self.properties is None else self.properties
+        context = openmm.Context(system, integrator, platform, properties)
         context.setPositions(unit.Quantity([list(p) for p in self.positions], unit.nanometer))
         if self.velocities is None:
             context.setVelocitiesToTemperature(self.temperature, self.seed)

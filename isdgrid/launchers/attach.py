@@ -11,6 +11,7 @@ connection, as for daemons the grid starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import Sequence
@@ -182,17 +183,18 @@ class AttachLauncher(Launcher):
         for spec in specs:
             uri = self._assigned[(spec.host.name, spec.slot)]
             try:
-                info = self._info(uri, secret, min(timeout, self.connect_timeout))
+                info = self._info(uri, spec, secret, min(timeout, self.connect_timeout))
             except LaunchError as exc:
                 results.append(exc)
                 continue
             temp_path = str(info.get("temp_path", ""))
             log.info("attached to %s (%s, pid %s, %s)", uri, info.get("label"), info.get("pid"), temp_path)
-            results.append(DaemonHandle(SlotSpec(spec.host, spec.slot, temp_path), uri))
+            results.append(DaemonHandle(dataclasses.replace(spec, temp_path=temp_path), uri))
         return results
 
     @staticmethod
-    def _info(uri: str, secret: str, timeout: float) -> dict[str, Any]:
+    def _info(uri: str, spec: SlotSpec, secret: str, timeout: float) -> dict[str, Any]:
+        """The daemon's ``info``, once it has been told its place in this grid (``identify``)."""
         host, _ = uri_address(uri)
         try:
             channel = ControlChannel(address_of(uri), secret, timeout, None)
@@ -201,6 +203,7 @@ class AttachLauncher(Launcher):
         except ConnectionBroken as exc:
             raise LaunchError(f"cannot reach the daemon at {uri}: {exc}", host=host) from exc
         try:
+            channel.call("identify", spec.host.name, spec.slot, spec.rank, spec.gpu, timeout=timeout)
             info: dict[str, Any] = channel.call("info", timeout=timeout)
             return info
         except ConnectionBroken as exc:

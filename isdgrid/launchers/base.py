@@ -59,16 +59,30 @@ def driver_folder() -> str:
 
 @dataclass(frozen=True)
 class SlotSpec:
-    """One slot to start: the host, the slot number on it and its working folder."""
+    """One slot to start: the host, the slot number on it, its working folder and its rank.
+
+    ``rank`` is the slot's index in the grid (slots in grid order, host by host), set by
+    the grid; a respawn starts the same spec again, so the slot keeps it.
+    """
 
     host: Host
     slot: int
     temp_path: str
     remove_temp: bool = False
+    rank: int = 0
 
     @property
     def label(self) -> str:
         return f"{self.host.name}/{self.slot}"
+
+    @property
+    def gpu(self) -> str | None:
+        """The slot's ``CUDA_VISIBLE_DEVICES`` from ``Host.gpus`` (None: the grid sets none)."""
+        return self.host.gpu(self.slot)
+
+    def identity(self) -> dict[str, str]:
+        """The variables that tell the slot's daemon where it is (``ISDGRID_HOST/SLOT/RANK``)."""
+        return {"ISDGRID_HOST": self.host.name, "ISDGRID_SLOT": str(self.slot), "ISDGRID_RANK": str(self.rank)}
 
 
 @dataclass

@@ -73,10 +73,14 @@ class BatchLauncher(ProcessLauncher):
 
     def daemon_command(self, spec: SlotSpec) -> list[str]:
         """The daemon's own argument list on the node, host setup (nice, init_cmd) applied."""
+        return self.host_daemon_command(spec)
+
+    def host_daemon_command(self, spec: SlotSpec, *, set_gpu: bool = True) -> list[str]:
+        """:meth:`daemon_command`; ``set_gpu=False`` leaves ``CUDA_VISIBLE_DEVICES`` to the scheduler."""
         python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
         args = daemon_args(
             spec, python, bind=self.bind_address(spec), heartbeat_timeout=self.heartbeat_timeout,
-            paths=self.import_paths(spec),
+            paths=self.import_paths(spec), set_gpu=set_gpu,
         )
         return wrap_host_setup(spec.host, args)
 

@@ -30,11 +30,16 @@ def daemon_args(
     bind: str = "127.0.0.1",
     heartbeat_timeout: float = 0.0,
     paths: Sequence[str] = (),
+    set_gpu: bool = True,
 ) -> list[str]:
     """The ``python -m isdgrid.daemon`` argument list for one grid-started slot.
 
     ``paths`` go on the daemon's ``sys.path`` (``--path``, after its temp folder) in place
     of the folder the daemon starts in; ``--tag-output`` marks what its objects print.
+    ``--slot-env`` and ``--gpu`` give the daemon its place in the grid and its GPU (from
+    ``Host.gpus``; ``set_gpu=False`` when the scheduler binds GPUs itself), which it puts
+    in its environment before anything is published: on the command line, they reach the
+    daemon through ssh, srun and qrsh alike.
     """
     args = [
         python, "-u", "-m", "isdgrid.daemon",
@@ -42,7 +47,10 @@ def daemon_args(
         "--secret-stdin", "--watch-stdin", "--tag-output",
         "--temp-path", spec.temp_path,
         "--label", spec.label,
+        "--slot-env", spec.host.name, str(spec.slot), str(spec.rank),
     ]
+    if set_gpu and spec.gpu is not None:
+        args += ["--gpu", spec.gpu]
     for path in paths:
         args += ["--path", path]
     if heartbeat_timeout > 0:

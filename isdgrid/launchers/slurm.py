@@ -6,12 +6,15 @@ with ``scontrol show hostnames``) with ``$SLURM_TASKS_PER_NODE`` slots each. Eve
 is one job step::
 
     srun --nodes=1 --ntasks=1 --cpus-per-task=C --exact --mem=0 --nodelist=NODE \\
-         --input=all --job-name=isdgrid-TAG [--overlap] python -u -m isdgrid.daemon ...
+         --input=all --job-name=isdgrid-TAG [--gres=gpu:G] [--overlap] python -u -m isdgrid.daemon ...
 
 ``--exact`` limits a step to the CPUs it asks for, so the steps together never use more
 than the allocation; ``--mem=0`` lets every step use the job's memory without taking it
 from the other steps; ``--overlap`` (added when the driver itself runs inside a step,
-which holds the CPUs) lets the daemons share them. The secret goes over ``srun``'s stdin,
+which holds the CPUs) lets the daemons share them. ``--gres=gpu:G`` (``gpus_per_slot``)
+gives each step G GPUs of its own, which SLURM binds (it sets ``CUDA_VISIBLE_DEVICES`` in
+the step); ``--gres`` rather than ``--gpus-per-task`` works with ``select/cons_res`` too,
+and with one task per step the two ask for the same. The secret goes over ``srun``'s stdin,
 which ``--input=all`` forwards to the task; when ``srun`` ends, its task's stdin closes
 and the daemon exits. Teardown closes stdin, then signals ``srun``, and finally cancels
 (``scancel``) any step of this grid that is still listed.
@@ -65,11 +68,15 @@ def srun_command(
     *,
     step_name: str,
     cpus_per_task: int = 1,
+    gpus_per_task: int = 0,
     overlap: bool = False,
     srun: str = "srun",
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The ``srun`` argument list that runs ``daemon`` as one single-task step on ``node``."""
+    """The ``srun`` argument list that runs ``daemon`` as one single-task step on ``node``.
+
+    ``gpus_per_task`` > 0 asks for that many GPUs for the step (``--gres=gpu:N``).
+    """
     args = [
         srun,
         "--nodes=1",
@@ -81,6 +88,8 @@ def srun_command(
         "--input=all",
         f"--job-name={step_name}",
     ]
+    if gpus_per_task:
+        args.append(f"--gres=gpu:{gpus_per_task}")
     if overlap:
         args.append("--overlap")
     return [*args, *extra, *daemon]
@@ -133,6 +142,8 @@ class SlurmLauncher(BatchLauncher):
 
     ``cpus_per_task`` defaults to the job's ``$SLURM_CPUS_PER_TASK`` (else 1);
     ``overlap`` defaults to True only when the driver runs inside a job step;
+    ``gpus_per_slot`` GPUs are asked for each daemon's step, bound by SLURM (the hosts then
+    may not list ``gpus``: SLURM, not the grid, sets ``CUDA_VISIBLE_DEVICES``);
     ``srun_args`` are extra ``srun`` options. See :class:`BatchLauncher` for ``bind``
     and ``temp_root``.
     """
@@ -149,6 +160,7 @@ class SlurmLauncher(BatchLauncher):
         temp_root: str | None = None,
         cpus_per_task: int | None = None,
         overlap: bool | None = None,
+        gpus_per_slot: int | None = None,
         srun_args: Sequence[str] = (),
         environ: Mapping[str, str] | None = None,
         forward_output: bool = True,
@@ -174,6 +186,11 @@ class SlurmLauncher(BatchLauncher):
         if cpus_per_task < 1:
             raise ConfigError(f"cpus_per_task must be >= 1, got {cpus_per_task}")
         self.cpus_per_task = cpus_per_task
+        if gpus_per_slot is not None and (
+            not isinstance(gpus_per_slot, int) or isinstance(gpus_per_slot, bool) or gpus_per_slot < 0
+        ):
+            raise ConfigError(f"gpus_per_slot must be an integer >= 0, got {gpus_per_slot!r}")
+        self.gpus_per_slot = gpus_per_slot or 0
         self.overlap = "SLURM_STEP_ID" in self.environ if overlap is None else overlap
         self.srun_args = list(srun_args)
         self.step_name = f"isdgrid-{self.tag}"
@@ -182,12 +199,25 @@ class SlurmLauncher(BatchLauncher):
     def default_hosts(self) -> list[Host]:
         return allocation_hosts(self.environ)
 
+    def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
+        if self.gpus_per_slot:
+            for host in hosts:
+                if host.gpus:
+                    raise ConfigError(
+                        f"host {host.name!r} lists gpus, and gpus_per_slot asks SLURM for them: give one or the other"
+                    )
+        return super().slot_specs(hosts)
+
+    def daemon_command(self, spec: SlotSpec) -> list[str]:
+        return self.host_daemon_command(spec, set_gpu=not self.gpus_per_slot)
+
     def command(self, spec: SlotSpec) -> list[str]:
         return srun_command(
             spec.host.name,
             self.daemon_command(spec),
             step_name=self.step_name,
             cpus_per_task=self.cpus_per_task,
+            gpus_per_task=self.gpus_per_slot,
             overlap=self.overlap,
             srun=self.srun,
             extra=self.srun_args,
