@@ -599,9 +599,9 @@ class Grid:
         timeout = check_timeout(timeout, "gather")
         results = list(results)
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = [r for r in results if not concurrent.futures.Future.done(r)]
+        future = concurrent.futures.Future
+        pending = [r for r in results if not future.done(r)]
         while pending:
-            _raise_lost(results)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 names = ", ".join(getattr(r, "description", repr(r)) for r in pending[:GATHER_NAMED])
@@ -614,15 +614,36 @@ class Grid:
             step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
             _, not_done = concurrent.futures.wait(pending, step, concurrent.futures.FIRST_EXCEPTION)
             pending = list(not_done)
-        _raise_lost(results)
+            if pending:
+                _raise_lost(results)
+        # Every one is done: one pass, with the Future's own methods (nothing left to wait for).
+        values: list[Any] = []
+        lost: HostLostError | None = None
+        error: tuple[BaseException, concurrent.futures.Future[Any]] | None = None
+        cancelled = False
         for result in results:
-            if not result.cancelled() and (error := result.exception()) is not None:
-                unpacked = self._unpacked.get(result)
-                hint = scatter_unpacking_hint(error, *unpacked) if unpacked is not None else ""
-                if hint:
-                    raise TypeError(hint) from error  # the remote TypeError, with its traceback, as the cause
-                raise error
-        return [result.result() for result in results]
+            if future.cancelled(result):
+                cancelled = True
+                continue
+            exc = future.exception(result)
+            if exc is None:
+                values.append(future.result(result))
+            elif lost is None and isinstance(exc, HostLostError):
+                lost = exc
+            elif error is None:
+                error = (exc, result)
+        if lost is not None:
+            raise lost
+        if error is not None:
+            exc, result = error
+            unpacked = self._unpacked.get(result)  # type: ignore[call-overload]
+            hint = scatter_unpacking_hint(exc, *unpacked) if unpacked is not None else ""
+            if hint:
+                raise TypeError(hint) from exc  # the remote TypeError, with its traceback, as the cause
+            raise exc
+        if cancelled:
+            raise concurrent.futures.CancelledError()
+        return values
 
     def map(
         self,

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from .errors import GridTerminatedError, ServiceUnavailableError
@@ -51,7 +51,7 @@ class ServerQueue:
         self.service_id = service_id
         self._usable = usable
         self._describe = describe
-        self._free: deque[Server] = deque()
+        self._free: dict[Server, None] = {}  # in the order freed (a dict: O(1) to find and remove one)
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -67,7 +67,7 @@ class ServerQueue:
                     waiter.server = server
                     waiter.event.set()
                     return
-            self._free.append(server)
+            self._free[server] = None
 
     def get(self, timeout: float | None = None) -> Server:
         """Take a free server, waiting at most ``timeout`` seconds (None: while any can come)."""
@@ -113,17 +113,17 @@ class ServerQueue:
             return None
 
     def _wait(self, wanted: Server | None, is_lost: Callable[[], bool], timeout: float | None) -> Server:
-        started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        warn_at = started + WARN_EVERY
-        what = "free server" if wanted is None else f"free server {wanted.index} ({wanted.slot.label})"
-        waiter = _Waiter(wanted)
         with self._lock:
             self._check()
             server = self._first_unwanted(wanted)
             if server is not None:
                 return server
+            waiter = _Waiter(wanted)
             self._waiters.append(waiter)
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        warn_at = started + WARN_EVERY
+        what = "free server" if wanted is None else f"free server {wanted.index} ({wanted.slot.label})"
         try:
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -159,11 +159,13 @@ class ServerQueue:
 
     def _first_unwanted(self, wanted: Server | None = None) -> Server | None:
         """Remove and return a free server (``wanted``, or any) no earlier waiter wants (lock held)."""
-        for server in self._free:
-            if (wanted is None or server is wanted) and not any(
-                w.wanted is None or w.wanted is server for w in self._waiters
-            ):
-                self._free.remove(server)
+        if wanted is not None:
+            candidates: Iterable[Server] = (wanted,) if wanted in self._free else ()
+        else:
+            candidates = self._free
+        for server in candidates:
+            if not self._waiters or not any(w.wanted is None or w.wanted is server for w in self._waiters):
+                del self._free[server]
                 return server
         return None
 
@@ -174,8 +176,7 @@ class ServerQueue:
     def discard(self, server: Server) -> None:
         """Remove ``server`` if it is free (it was lost) and wake the waiters."""
         with self._lock:
-            if server in self._free:
-                self._free.remove(server)
+            self._free.pop(server, None)
         self.wake()
 
     def wake(self) -> None:
