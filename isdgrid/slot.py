@@ -145,11 +145,7 @@ class Slot:
 
     def _beat(self) -> None:
         """One heartbeat (in the I/O loop): has the process ended, has the daemon gone silent?"""
-        if self._stop.is_set() or self.lost.is_set():
-            return
-        code = self.handle.exited()
-        if code is not None:
-            self.mark_lost(f"daemon process exited with code {code}")
+        if self._exit_check():
             return
         heard = max(self.calls.last_heard, self.calls.last_sent)
         silent = time.monotonic() - heard
@@ -168,12 +164,15 @@ class Slot:
         for delay in EXIT_CHECKS:
             self._loop.call_later(delay, self._exit_check)
 
-    def _exit_check(self) -> None:
+    def _exit_check(self) -> bool:
+        """True when the slot needs no more watching: closed, lost, or its process ended (now lost)."""
         if self._stop.is_set() or self.lost.is_set():
-            return
+            return True
         code = self.handle.exited()
         if code is not None:
             self.mark_lost(f"daemon process exited with code {code}")
+            return True
+        return False
 
     def cut_connections(self) -> None:
         """Cut the slot's connections, as a network glitch would; they are made again."""
