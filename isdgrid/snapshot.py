@@ -330,12 +330,7 @@ def _submit(server: Server, kind: str, args: tuple[Any, ...]) -> tuple[Result, i
 
 
 def _outcomes(results: list[Result], deadline: float | None) -> list[Any]:
-    """Wait for every result (bounded); each outcome is its value or its error.
-
-    Each is waited for with its own ``exception()``, which reads replies in this thread
-    (as ``gather`` does), rather than ``concurrent.futures.wait``, which leaves that to the
-    slot's reader thread and the sweeper (about 2 ms later).
-    """
+    """Wait for every result (bounded); each outcome is its value or its error."""
     outcomes: list[Any] = []
     for i, result in enumerate(results):
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
