@@ -1,9 +1,10 @@
 """Ticker: a thread that looks at a set of members every few milliseconds, only while busy.
 
 The daemon's takeover watchdog (a batch that runs long in a connection's thread) needs to
-notice, within milliseconds, a state that no public hook announces. Waking a thread for every call would cost a thread switch
-per call, so instead the ticker wakes every ``period`` seconds while its members are busy
-and for ``linger`` seconds after, then sleeps until the next :meth:`Ticker.watch`.
+notice, within milliseconds, a state that no public hook announces. Waking a thread for
+every call would cost a thread switch per call, so instead the ticker wakes every
+``period`` seconds while its members are busy and for ``linger`` seconds after, then
+sleeps until the next :meth:`Ticker.watch`.
 """
 
 from __future__ import annotations
