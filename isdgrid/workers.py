@@ -37,25 +37,45 @@ class Workers:
         self._count = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        """Run ``fn(*args)`` in a worker thread; its Future."""
+        """Run ``fn(*args)`` in a worker thread; its Future.
+
+        Where no thread can be started (at interpreter exit, Python 3.12 refuses new threads)
+        and none is there to take it, the job runs at once in the calling thread.
+        """
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        job = (future, fn, args)
         with self._cond:
-            self._jobs.append((future, fn, args))
+            self._jobs.append(job)
             if self._waiting > len(self._jobs) - 1:
                 self._cond.notify()
                 return future
-            if self._threads < self.size:
-                self._threads += 1
-                self._count += 1
-                name = f"{self.name}-{self._count}"
-                try:
-                    threading.Thread(target=self._work, name=name, daemon=True).start()
-                except BaseException:
-                    self._threads -= 1
-                    if self._threads == 0:
-                        self._jobs.remove((future, fn, args))
-                    raise
+            if self._threads >= self.size:
+                return future
+            self._threads += 1
+            self._count += 1
+            name = f"{self.name}-{self._count}"
+            try:
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+                return future
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                self._threads -= 1
+                if self._threads > 0:
+                    return future  # a running worker takes it
+                self._jobs.remove(job)
+        self._run(job)
         return future
+
+    @staticmethod
+    def _run(job: tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]) -> None:
+        future, fn, args = job
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - the job's error is its Future's
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
 
     def _work(self) -> None:
         while True:
@@ -67,15 +87,8 @@ class Workers:
                 if not self._jobs:
                     self._threads -= 1
                     return
-                future, fn, args = self._jobs.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                value = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - the job's error is its Future's
-                future.set_exception(exc)
-            else:
-                future.set_result(value)
+                job = self._jobs.popleft()
+            self._run(job)
 
 
 _all: list[Workers] = []

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +186,18 @@ def test_workers_run_every_job_with_at_most_size_threads_and_end_when_idle() -> 
 
 def test_the_process_loop_is_one_and_the_same() -> None:
     assert get_loop() is get_loop()
+
+
+def test_workers_run_a_job_submitted_at_interpreter_exit(tmp_path: Path) -> None:
+    """At exit (Python 3.12 refuses new threads then) a job still runs: a grid's terminate at exit needs it."""
+    script = tmp_path / "at_exit.py"
+    script.write_text(
+        "import atexit\n"
+        "from isdgrid.workers import Workers\n"
+        "workers = Workers('exit-workers', 2)\n"
+        "atexit.register(lambda: print('ran', workers.submit(lambda: 42).result(30), flush=True))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ran 42", proc.stdout + proc.stderr
