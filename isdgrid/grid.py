@@ -164,9 +164,10 @@ class Grid:
         if attribute_timeout is not None and not attribute_timeout > 0:
             raise ConfigError(f"attribute_timeout must be positive seconds or None, not {attribute_timeout}")
         self.attribute_timeout = attribute_timeout
-        if launcher == "auto" and hosts is None and allocation_launcher():
-            launcher = allocation_launcher() or launcher
-            log.info("no hosts given: inside a %s job, the grid uses the %s launcher", launcher, launcher)
+        picked = allocation_launcher() if launcher == "auto" and hosts is None else None
+        if picked is not None:
+            log.info("no hosts given: inside a %s job, the grid uses the %s launcher", picked, picked)
+            launcher = picked
         if isinstance(launcher, Launcher):
             self._launcher = launcher
         else:

@@ -65,8 +65,9 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
             return what
         return f"{server.service.class_name}.{what} on {server.slot.label}"
 
-    def _in_loop_wait(self, timeout: float | None) -> float | None:
-        """In the I/O loop's own thread (a done-callback that waits): serve the loop meanwhile."""
+    def _before_wait(self, timeout: float | None) -> float | None:
+        """Before a wait: refuse a parent's Result in a forked child; in the I/O loop's own
+        thread (a done-callback that waits), serve the loop meanwhile. The time left."""
         if concurrent.futures.Future.done(self):
             return timeout
         if self._generation != _generation:
@@ -84,12 +85,12 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
     def result(self, timeout: float | None = None) -> Any:
         """As :meth:`concurrent.futures.Future.result`."""
         timeout = check_timeout(timeout, "Result.result")
-        return super().result(self._in_loop_wait(timeout))
+        return super().result(self._before_wait(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As :meth:`concurrent.futures.Future.exception`."""
         timeout = check_timeout(timeout, "Result.exception")
-        return super().exception(self._in_loop_wait(timeout))
+        return super().exception(self._before_wait(timeout))
 
     def get(self, timeout: float | None = None) -> Any:
         """The value of the call; waits at most ``timeout`` seconds (None: no limit).
@@ -99,7 +100,7 @@ class Result(concurrent.futures.Future):  # type: ignore[type-arg]
         """
         timeout = check_timeout(timeout, "Result.get")
         try:
-            return self.result(timeout)
+            return concurrent.futures.Future.result(self, self._before_wait(timeout))  # checked once, above
         except concurrent.futures.TimeoutError:
             if concurrent.futures.Future.done(self):
                 raise  # the remote method's own TimeoutError, with its remote traceback

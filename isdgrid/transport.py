@@ -269,6 +269,7 @@ class CallsChannel:
         which sends the batches of a whole fan-out at once (see there).
         """
         collecting: list[CallsChannel] | None = getattr(_collect, "channels", None)
+        flight.sent_at = time.monotonic()
         with self._lock:
             failed = self._failed
             if failed is None:
@@ -276,7 +277,6 @@ class CallsChannel:
                 queued = bool(self._outq)  # batches of this channel wait for the loop: keep their order
                 if queued or (collecting is not None and _small(flight)):
                     self._outq.append(flight)
-                    flight.sent_at = time.monotonic()
                     if not queued:
                         if collecting is not None:
                             collecting.append(self)
@@ -286,7 +286,6 @@ class CallsChannel:
         if failed is not None:
             flight.land(failed)
             return
-        flight.sent_at = time.monotonic()
         self._send_now(flight)
 
     def _flush_out(self) -> None:
@@ -354,10 +353,12 @@ class CallsChannel:
             return
         self.last_heard = time.monotonic()
         for frame in frames:
-            if frame[0] not in (wire.REPLY, wire.ERROR, wire.PONG):
+            if frame[0] in (wire.REPLY, wire.ERROR):
+                self._ready.append(frame)
+            elif frame[0] != wire.PONG:
+                self._ready.clear()
                 self._break(sock, f"unexpected frame {frame[0]!r} from the daemon")
                 return
-        self._ready.extend(f for f in frames if f[0] != wire.PONG)
         self._land_ready()
 
     def _land_ready(self) -> None:
@@ -387,11 +388,6 @@ class CallsChannel:
             flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
         else:
             flight.land((meta[2], buffers))
-
-    @property
-    def idle(self) -> bool:
-        """No batch out."""
-        return not self._flights
 
     # -- breaking and reconnecting ------------------------------------------------------------
     def _break(self, sock: socket.socket | None, why: str) -> None:

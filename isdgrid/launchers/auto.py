@@ -117,46 +117,40 @@ class AutoLauncher(Launcher):
         return [spec for host in hosts for spec in by_host.get(host.name, [])]
 
     def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
-        groups: dict[int, list[int]] = {}
-        launchers = {id(self.local): self.local, id(self.ssh): self.ssh}
-        for index, spec in enumerate(specs):
-            groups.setdefault(id(self._route(spec.host)), []).append(index)
         outcomes: list[DaemonHandle | LaunchError | None] = [None] * len(specs)
         errors: list[BaseException] = []
 
-        def run(key: int) -> None:
+        def run(launcher: Launcher, indexes: list[int]) -> None:
             try:
-                indexes = groups[key]
-                results = launchers[key].start([specs[i] for i in indexes], secret, timeout)
+                results = launcher.start([specs[i] for i in indexes], secret, timeout)
                 for i, result in zip(indexes, results, strict=True):
                     outcomes[i] = result
             except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
                 errors.append(exc)
 
-        keys = list(groups)
+        parts = [(launcher, [i for i, spec in enumerate(specs) if self._route(spec.host) is launcher])
+                 for launcher in (self.local, self.ssh)]
+        parts = [(launcher, indexes) for launcher, indexes in parts if indexes]
         helper = None
-        if len(keys) > 1:  # ssh hosts start while the local daemons do
-            helper = threading.Thread(target=run, args=(keys[1],), name="isdgrid-auto-start", daemon=True)
+        if len(parts) > 1:  # the ssh hosts start while the local daemons do
+            helper = threading.Thread(target=run, args=parts[1], name="isdgrid-auto-start", daemon=True)
             helper.start()
         try:
-            if keys:
-                run(keys[0])
+            if parts:
+                run(*parts[0])
         finally:
             if helper is not None:
                 helper.join()
         if errors:
-            started = [o for o in outcomes if isinstance(o, DaemonHandle)]
-            self.stop(started, 5.0)
+            self.stop([o for o in outcomes if isinstance(o, DaemonHandle)], self.local.stop_timeout)
             raise errors[0]
         return [o for o in outcomes if o is not None]
 
     def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
-        local = [h for h in handles if self._route(h.host) is self.local]
-        remote = [h for h in handles if self._route(h.host) is self.ssh]
-        if local:
-            self.local.stop(local, timeout, retire=retire)
-        if remote:
-            self.ssh.stop(remote, timeout, retire=retire)
+        for launcher in (self.local, self.ssh):
+            mine = [h for h in handles if self._route(h.host) is launcher]
+            if mine:
+                launcher.stop(mine, timeout, retire=retire)
 
     def close(self) -> None:
         self.local.close()
