@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import IO, Any
 
 import Pyro5.server
 
@@ -50,7 +50,7 @@ from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 from .output import TaggedOutput
 from .ticker import Ticker
 
-__all__ = ["Listener", "main", "serve"]
+__all__ = ["Listener", "enter_folder", "main", "serve", "set_slot_environment"]
 
 LAST_USER_WAIT = 5.0  # how long slot 0 waits for the host's other daemons to end before it leaves the folder
 TAKEOVER = 0.005  # a batch running longer than this in a connection's thread gets a new reader
@@ -296,6 +296,27 @@ def _peer(conn: socket.socket) -> str:
     return str(peer) or "a local socket"
 
 
+def enter_folder(temp_path: str | None, import_paths: Sequence[str] = ()) -> str:
+    """Work in ``temp_path`` (default: the current folder) and import from there first.
+
+    The folder must be private (only this user can write it); then ``import_paths`` (the
+    driver script's folder), the standard library and site-packages follow on ``sys.path``
+    (:mod:`isdgrid.importpath`). Returns the folder's absolute path.
+    """
+    start_folder = os.getcwd()
+    temp_path = os.path.abspath(temp_path or start_folder)
+    os.makedirs(temp_path, mode=0o700, exist_ok=True)
+    problem = importpath.private_problem(temp_path)
+    if problem is not None:
+        raise GridError(
+            f"the daemon's folder {temp_path} is not private: {problem}; its files would be imported, so "
+            "give --temp-path a folder only you can write (a grid makes one of its own under a host's temp_path)"
+        )
+    os.chdir(temp_path)
+    importpath.arrange(temp_path, import_paths, start_folder)
+    return temp_path
+
+
 def serve(
     secret: str,
     *,
@@ -313,8 +334,10 @@ def serve(
     nameserver: str | None = None,
     group: str = DEFAULT_GROUP,
     tag_output: bool = False,
-) -> None:
-    """Run a grid daemon until it is shut down or its driver is gone.
+    announce_to: IO[str] | None = None,
+    users: FolderUsers | None = None,
+) -> bool:
+    """Run a grid daemon until it is shut down or its driver is gone; True if the driver is gone.
 
     The daemon works in ``temp_path`` (default: the current folder), which must be a folder
     only this user can write; it imports from there first, then from ``import_paths`` (the
@@ -323,21 +346,13 @@ def serve(
 
     With ``unix_socket`` the daemon listens on that Unix socket instead of ``host:port``
     (the ssh launcher's tunnel forwards a socket of the driver's machine to it).
+    The ``ISDGRID-URI`` line goes to ``announce_to`` (default ``sys.stdout``). A slot worker
+    of a host daemon gets the host's ``users`` share of the folder (it removes no folder).
 
     With ``nameserver`` (``HOST:PORT``) the agent URI is registered there under
     ``isdgrid.<group>.<label or host-pid>`` while the daemon serves.
     """
-    start_folder = os.getcwd()
-    temp_path = os.path.abspath(temp_path or start_folder)
-    os.makedirs(temp_path, mode=0o700, exist_ok=True)
-    problem = importpath.private_problem(temp_path)
-    if problem is not None:
-        raise GridError(
-            f"the daemon's folder {temp_path} is not private: {problem}; its files would be imported, so "
-            "give --temp-path a folder only you can write (a grid makes one of its own under a host's temp_path)"
-        )
-    os.chdir(temp_path)
-    importpath.arrange(temp_path, import_paths, start_folder)
+    temp_path = enter_folder(temp_path, import_paths)
     agent = Agent(temp_path, label)
     listener = Listener(agent, secret, host=host, port=port, unix_socket=unix_socket)
     if not label:
@@ -367,9 +382,11 @@ def serve(
         with open(tmp, "w") as fh:
             fh.write(f"{uri}\n")
         os.replace(tmp, uri_file)
-    users = FolderUsers(temp_path)
+    own_users = users is None
+    users = users or FolderUsers(temp_path)
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(users.close)
+        if own_users:
+            cleanup.callback(users.close)
         cleanup.callback(listener.close)
         if remove_temp:
             # Only once the driver is gone (stdin closed, heartbeat silence): not when a
@@ -384,13 +401,15 @@ def serve(
         listener.start()
         if on_ready is not None:
             on_ready(uri)
-        sys.stdout.write(announcement(uri) + "\n")
-        sys.stdout.flush()
+        out = announce_to or sys.stdout
+        out.write(announcement(uri) + "\n")
+        out.flush()
         if tag_output:
             cleanup.enter_context(TaggedOutput())
         log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
         while not stop.wait(1.0):
             pass
+    return driver_gone.is_set() and not retired.is_set()
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -91,13 +91,16 @@ class DaemonHandle:
 
     spec: SlotSpec
     uri: str
-    process: subprocess.Popen[bytes] | None = None
+    #: The slot's worker (``pid``, ``poll()``, ``wait()``); None for a daemon the user started.
+    process: Any = None
     output: SlotOutput | None = None
     command: list[str] = field(default_factory=list)
     respawns: int = 0
     #: Bumped by a launcher each time it had to make the host's temp folder anew (a respawn
     #: after the old one was removed): the grid then sends what ``copy_files`` sent again.
     folder_generation: int = 0
+    #: The host daemon that forked this slot's worker (a ``HostProcess``), if the grid started it.
+    host_daemon: Any = None
 
     @property
     def host(self) -> Host:
@@ -112,7 +115,7 @@ class DaemonHandle:
         return self.spec.label
 
     def exited(self) -> int | None:
-        """The exit code if the process the grid started has ended, else None."""
+        """The exit code if the worker the grid started has ended, else None."""
         return None if self.process is None else self.process.poll()
 
 
@@ -150,67 +153,40 @@ class Launcher(abc.ABC):
 
 
 class SlotOutput:
-    """One daemon's output: first the URI line, then every line until the end.
+    """One slot worker's output: first the URI line, then every line until the end.
 
-    Lines the daemon marked as its objects' stdout or stderr go, prefixed ``[host/slot]``,
-    to the driver's ``sys.stdout`` or ``sys.stderr`` (``forward=True``) or else to the
-    ``isdgrid.remote`` logger; unmarked lines (the daemon's own log, ssh's messages) go to
-    that logger. Every line also goes to the slot's log file under ``log_dir``, made
-    readable by the user only. One thread reads every daemon's output (:class:`_OutputReader`),
-    whatever happens to a line, so no daemon waits on a full pipe for long.
+    Its host daemon's :class:`~isdgrid.launchers.hostprocess.HostOutput` hands it the
+    worker's lines. Lines marked as its objects' stdout or stderr go, prefixed
+    ``[host/slot]``, to the driver's ``sys.stdout`` or ``sys.stderr`` (``forward=True``) or
+    else to the ``isdgrid.remote`` logger; unmarked lines (the worker's own log) go to that
+    logger. Every line also goes to the slot's log file under ``log_dir``, made readable by
+    the user only.
     """
 
-    def __init__(self, spec: SlotSpec, stream: IO[bytes], log_dir: str | None, forward: bool = True) -> None:
-        self.name = f"isdgrid-output-{spec.label}"
+    def __init__(self, spec: SlotSpec, log_dir: str | None, forward: bool = True) -> None:
         self.spec = spec
         self.forward = forward
-        self._stream = stream
         self._uri: queue.Queue[str | None] = queue.Queue(maxsize=1)
         self.early_lines: list[str] = []
         self._seen_uri = False
-        self._partial = b""
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._log_file: IO[str] | None = None
         if forward:  # before the first line comes, so that one is whole too
             _console_lines_whole()
         if log_dir:
-            self._log_file = _open_log(log_dir, f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_"))
-
-    def start(self) -> None:
-        """Start reading (in the driver's one output thread)."""
-        _output_reader().add(self)
+            self._log_file = open_log(log_dir, f"{spec.host.name}-{spec.slot}.log".replace(os.sep, "_"))
 
     def is_alive(self) -> bool:
-        """True until the daemon's output has ended and been read."""
+        """True until the worker's output has ended."""
         return not self._done.is_set()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait (at most ``timeout`` seconds) until the output has ended and been read."""
+        """Wait (at most ``timeout`` seconds) until the output has ended."""
         self._done.wait(timeout)
 
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def read_some(self) -> bool:
-        """Read what the pipe holds now and handle its whole lines; False at its end."""
-        try:
-            data = os.read(self._stream.fileno(), 65536)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except (OSError, ValueError):
-            data = b""
-        if not data:
-            if self._partial:
-                self._line(self._partial)
-                self._partial = b""
-            return False
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for raw in lines:
-            self._line(raw)
-        return True
-
-    def _line(self, raw: bytes) -> None:
+    def line(self, raw: bytes) -> None:
+        """Handle one line of the worker (without its newline)."""
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         uri = None if self._seen_uri else parse_announcement(line)
         if uri is not None:
@@ -225,24 +201,27 @@ class SlotOutput:
 
     def finish(self) -> None:
         """The output ended: no URI will come, the log file is closed."""
-        if not self._seen_uri:
-            self._uri.put(None)
-        if self._log_file is not None:
-            self._log_file.close()
-        self._done.set()
+        with self._lock:
+            if self._done.is_set():
+                return
+            if not self._seen_uri:
+                self._uri.put(None)
+            if self._log_file is not None:
+                self._log_file.close()
+            self._done.set()
 
     def _forward(self, kind: str | None, text: str) -> None:
         if self._log_file is not None:
             try:
                 self._log_file.write(text + "\n")
-            except (OSError, ValueError):  # a full disk must not stop the reading
+            except (OSError, ValueError):  # a full disk (or a late line after the end) must not stop the reading
                 pass
         if kind is not None and self.forward and _echo(kind, f"[{self.spec.label}] {text}\n"):
             return
         remote_log.info("[%s] %s", self.spec.label, text)
 
     def wait_uri(self, timeout: float) -> str | None:
-        """The URI the daemon printed; None if it ended first or ``timeout`` passed."""
+        """The URI the worker printed; None if it ended first or ``timeout`` passed."""
         try:
             return self._uri.get(timeout=timeout)
         except queue.Empty:
@@ -250,7 +229,11 @@ class SlotOutput:
 
 
 class _OutputReader:
-    """The driver's one thread that reads the output pipes of every daemon it started."""
+    """The driver's one thread that reads the output pipes of every host daemon it started.
+
+    What it reads (:class:`~isdgrid.launchers.hostprocess.HostOutput`) has ``fileno()``,
+    ``read_some()`` (False at the end) and ``finish()``.
+    """
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
@@ -258,10 +241,10 @@ class _OutputReader:
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
-        self._new: list[SlotOutput] = []
+        self._new: list[Any] = []
         threading.Thread(target=self._run, name="isdgrid-output", daemon=True).start()
 
-    def add(self, output: SlotOutput) -> None:
+    def add(self, output: Any) -> None:
         os.set_blocking(output.fileno(), False)
         with self._lock:
             self._new.append(output)
@@ -296,7 +279,7 @@ class _OutputReader:
             try:
                 more = output.read_some()
             except BaseException:  # noqa: BLE001 - one daemon's line never stops the others
-                log.exception("%s: reading its output failed", output.spec.label)
+                log.exception("%s: reading its output failed", output.label)
                 more = True
             if not more:
                 self._selector.unregister(key.fileobj)
@@ -307,7 +290,8 @@ _reader: _OutputReader | None = None
 _reader_lock = threading.Lock()
 
 
-def _output_reader() -> _OutputReader:
+def output_reader() -> _OutputReader:
+    """The driver's one output thread (started at first use)."""
     global _reader
     with _reader_lock:
         if _reader is None:
@@ -324,7 +308,7 @@ def _forget_reader_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_reader_in_child)
 
 
-def _open_log(log_dir: str, name: str) -> IO[str]:
+def open_log(log_dir: str, name: str) -> IO[str]:
     """Open (append) a slot's log file, mode 0600; a folder made here is mode 0700."""
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(log_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -422,29 +406,53 @@ class Progress:
 
 
 class ProcessLauncher(Launcher):
-    """A launcher whose slots are child processes of the driver (local, ssh, srun, qrsh)."""
+    """A launcher that starts one host daemon per host (local, ssh, srun, qrsh) and forks slots there.
 
-    def __init__(self, *, log_dir: str | None = None, stop_timeout: float = 5.0, forward_output: bool = True) -> None:
+    Each start groups its slots by host: a host whose daemon this launcher runs gets the new
+    slots forked there (a respawn costs a fork, not a launch); any other host gets one new
+    host daemon (:mod:`isdgrid.hostd`) started with :meth:`command`, whose stdin carries
+    the secret and then the grid's commands. ``preload`` names modules every host daemon
+    imports once, before it forks its workers (numpy, openmm: each slot then starts with
+    them and shares their memory).
+    """
+
+    #: The launcher may signal workers by pid itself (they run on this machine).
+    local_pids = False
+
+    def __init__(self, *, log_dir: str | None = None, stop_timeout: float = 5.0, forward_output: bool = True,
+                 preload: Sequence[str] = ()) -> None:
         self.log_dir = log_dir
         self.stop_timeout = stop_timeout
         #: Show what the published objects print on the driver's stdout/stderr (else: logging).
         self.forward_output = forward_output
+        if isinstance(preload, str):
+            preload = [preload]
+        self.preload = [str(name) for name in preload]
+        for name in self.preload:
+            if not name or not all(part.isidentifier() for part in name.split(".")):
+                raise ConfigError(f"preload: {name!r} is not a module name")
+        self._host_daemons: dict[tuple[str, str], Any] = {}  # (host name, folder) -> HostProcess
+        self._hosts_lock = threading.Lock()
 
     @abc.abstractmethod
-    def command(self, spec: SlotSpec) -> list[str]:
-        """The argument list that starts the daemon of ``spec`` (run without a shell)."""
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        """The argument list that starts the host daemon for ``specs`` (slots of one host)."""
 
     def environment(self, spec: SlotSpec) -> dict[str, str] | None:
-        """Environment for the child process; None inherits the driver's."""
+        """Environment for the host daemon's process; None inherits the driver's."""
         return None
 
     def workdir(self, spec: SlotSpec) -> str | None:
-        """Folder the child process starts in; None: the driver's current folder."""
+        """Folder the host daemon's process starts in; None: the driver's current folder."""
         return None
 
     def import_paths(self, spec: SlotSpec) -> list[str]:
-        """Folders the daemon of ``spec`` puts on ``sys.path`` (``--path``): the driver's folder."""
+        """Folders the daemons of ``spec`` put on ``sys.path`` (``--path``): the driver's folder."""
         return [driver_folder()]
+
+    def gpu_argument(self, spec: SlotSpec) -> str:
+        """What the host daemon's ``spawn`` gets for the slot's GPU ("-": leave it alone)."""
+        return spec.gpu if spec.gpu is not None else "-"
 
     def start(self, specs: Sequence[SlotSpec], secret: str, timeout: float) -> list[DaemonHandle | LaunchError]:
         progress = Progress(len(specs))
@@ -453,24 +461,53 @@ class ProcessLauncher(Launcher):
     def start_processes(
         self, specs: Sequence[SlotSpec], secret: str, deadline: float, progress: Progress | None = None
     ) -> list[DaemonHandle | LaunchError]:
-        """Start ``specs`` at once and wait (until ``deadline``) for each daemon's address.
+        """Start ``specs`` at once and wait (until ``deadline``) for each worker's address.
 
-        If anything interrupts it (Ctrl-C included), every process it started is ended
-        before the exception goes on: the caller never got their handles.
+        If anything interrupts it (Ctrl-C included), every host daemon it started is ended
+        (with its workers) before the exception goes on: the caller never got their handles.
         """
-        launched: list[subprocess.Popen[bytes]] = []
+        launched: list[Any] = []
         try:
             return self._start_processes(specs, secret, deadline, progress, launched)
         except BaseException:
-            for proc in launched:  # all at once first, then each waited for (and killed if need be)
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except OSError:
-                    pass
-            for proc in launched:
-                self._kill(proc)
-                _close_pipes(proc)
+            for host in launched:
+                host.close_stdin()
+                with contextlib.suppress(OSError):
+                    os.killpg(host.process.pid, signal.SIGTERM)
+            for host in launched:
+                self._end_host(host, time.monotonic() + self.stop_timeout + 1.0)
             raise
+
+    def _host_daemon(self, specs: Sequence[SlotSpec], secret: str, launched: list[Any]) -> Any:
+        """The running host daemon for these slots' host, or a new one; a LaunchError if it cannot start."""
+        from .hostprocess import HostProcess
+
+        spec = specs[0]
+        key = (spec.host.name, spec.temp_path)
+        with self._hosts_lock:
+            host = self._host_daemons.get(key)
+        if host is not None and host.alive():
+            return host
+        cmd = self.command(specs)
+        try:
+            with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=self.environment(spec),
+                    cwd=self.workdir(spec),
+                    start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
+                )
+                host = HostProcess(spec, proc, cmd, self.log_dir, self.forward_output)
+                launched.append(host)
+        except OSError as exc:
+            return LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
+        host.send(secret)
+        with self._hosts_lock:
+            self._host_daemons[key] = host
+        return host
 
     def _start_processes(
         self,
@@ -478,80 +515,119 @@ class ProcessLauncher(Launcher):
         secret: str,
         deadline: float,
         progress: Progress | None,
-        launched: list[subprocess.Popen[bytes]],
+        launched: list[Any],
     ) -> list[DaemonHandle | LaunchError]:
-        pending: list[tuple[SlotSpec, list[str], subprocess.Popen[bytes] | None, SlotOutput | LaunchError]] = []
-        for spec in specs:
-            cmd = self.command(spec)
-            try:
-                with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
-                    proc = subprocess.Popen(
-                        cmd,
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        env=self.environment(spec),
-                        cwd=self.workdir(spec),
-                        start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
-                    )
-                    launched.append(proc)
-            except OSError as exc:
-                error = LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
-                pending.append((spec, cmd, None, error))
-                continue
-            assert proc.stdin is not None and proc.stdout is not None
-            try:
-                proc.stdin.write(secret.encode() + b"\n")
-                proc.stdin.flush()
-            except OSError:
-                pass  # it died at once; its output says why
-            reader = SlotOutput(spec, proc.stdout, self.log_dir, self.forward_output)
-            reader.start()
-            pending.append((spec, cmd, proc, reader))
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, spec in enumerate(specs):
+            groups.setdefault((spec.host.name, spec.temp_path), []).append(index)
+        outcome: dict[int, DaemonHandle | LaunchError] = {}
+        pending: list[tuple[int, Any, SlotOutput, Any]] = []
+        for indexes in groups.values():
+            host = self._host_daemon([specs[i] for i in indexes], secret, launched)
+            for index in indexes:
+                if isinstance(host, LaunchError):
+                    outcome[index] = host
+                    continue
+                output, worker = host.spawn(specs[index], self.gpu_argument(specs[index]))
+                pending.append((index, host, output, worker))
         timeout = max(0.0, deadline - time.monotonic())
-        results: list[DaemonHandle | LaunchError] = []
-        for spec, cmd, started, output in pending:
-            if isinstance(output, LaunchError):
-                results.append(output)
-                continue
-            assert started is not None
-            proc = started
+        for index, host, output, worker in pending:
+            spec = specs[index]
             uri = output.wait_uri(max(0.0, deadline - time.monotonic()))
             if uri is None:
-                reason = f"daemon did not report its address within {timeout:.0f} s"
-                if proc.poll() is not None or wait_for_exit(proc, 0.5):
-                    reason = f"daemon exited with code {proc.returncode} before serving"
-                self._kill(proc)
-                output.join(timeout=2.0)
-                _close_pipes(proc)
-                results.append(
-                    LaunchError(reason, host=spec.host.name, command=cmd, output="\n".join(output.early_lines))
-                )
+                outcome[index] = self._start_failure(spec, host, output, worker, timeout)
                 continue
-            results.append(DaemonHandle(spec, uri, proc, output, cmd))
+            outcome[index] = DaemonHandle(spec, uri, worker, output, host.command, host_daemon=host)
             if progress is not None:
                 progress.ready()
-        return results
+        return [outcome[i] for i in range(len(specs))]
+
+    def _start_failure(self, spec: SlotSpec, host: Any, output: SlotOutput, worker: Any, timeout: float) -> LaunchError:
+        """The error of a slot whose worker did not report its address (it is ended)."""
+        if worker.poll() is None and host.alive():
+            host.stop_slot(spec.slot)
+            wait_for_exit(worker, self.stop_timeout + 1.0)
+        code = worker.poll()
+        if code is None:
+            reason = f"daemon did not report its address within {timeout:.0f} s"
+        elif host.output.done() and worker.pid is None:
+            code = host.process.poll()
+            reason = f"daemon exited with code {code} before serving"
+        else:
+            reason = f"daemon exited with code {code} before serving"
+        lines = [*host.output.early_lines, *output.early_lines]
+        if host.output.done():
+            self._end_host(host, time.monotonic() + 2.0)
+        return LaunchError(reason, host=spec.host.name, command=host.command, output="\n".join(lines))
 
     def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
-        procs = [h.process for h in handles if h.process is not None]
-        for proc in procs:
-            close_stdin(proc, retire)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            if not wait_for_exit(proc, max(0.0, deadline - time.monotonic())):
-                log.warning("daemon pid %d did not exit after stdin closed; terminating it", proc.pid)
-                self._kill(proc)
+        """End these slots' workers; a host daemon left with none is ended too (bounded by ``timeout`` + 1 s).
+
+        The host daemons end their workers' process groups (TERM, then KILL after the
+        launcher's ``stop_timeout``); what is still there a second after ``timeout`` is
+        killed from here.
+        """
+        deadline = time.monotonic() + timeout + 1.0
+        hosts: dict[int, tuple[Any, list[DaemonHandle]]] = {}
+        for handle in handles:
+            if handle.host_daemon is not None:
+                hosts.setdefault(id(handle.host_daemon), (handle.host_daemon, []))[1].append(handle)
+        ending = []
+        for host, owned in hosts.values():
+            slots = {h.slot for h in owned}
+            if host.live_slots() <= slots or not host.alive():
+                host.close_stdin(retire)
+                ending.append(host)
+            else:
+                for handle in owned:
+                    host.stop_slot(handle.slot)
+        for handle in handles:
+            if (handle.process is not None and handle.host_daemon is not None
+                    and not wait_for_exit(handle.process, max(0.0, deadline - time.monotonic()))):
+                log.warning("%s: worker pid %s did not end; killing it", handle.label, handle.process.pid)
+                self._kill_worker(handle)
+        for host in ending:
+            self._end_host(host, deadline)
         for handle in handles:
             self._reap(handle)
 
+    def _kill_worker(self, handle: DaemonHandle) -> None:
+        """SIGKILL a worker's process group from here (a worker on this machine only)."""
+        pid = getattr(handle.process, "pid", None)
+        if self.local_pids and pid:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def _end_host(self, host: Any, deadline: float) -> None:
+        """Wait (until ``deadline``) for a host daemon to end, then kill it; its output is read to the end."""
+        proc = host.process
+        if not wait_for_exit(proc, max(0.0, deadline - time.monotonic())):
+            log.warning("host daemon of %s (pid %d) did not end in time; killing it", host.label, proc.pid)
+            for sig in (signal.SIGKILL,):
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+            if self.local_pids:
+                for worker in host.workers.values():
+                    if worker.pid and worker.returncode is None:
+                        with contextlib.suppress(OSError):
+                            os.killpg(worker.pid, signal.SIGKILL)
+            if not wait_for_exit(proc, 5.0):
+                log.error("host daemon pid %d survived SIGKILL", proc.pid)
+        host.output.join(timeout=2.0)
+        with self._hosts_lock:
+            for key, known in list(self._host_daemons.items()):
+                if known is host:
+                    del self._host_daemons[key]
+        _close_pipes(proc)
+
     @staticmethod
     def _reap(handle: DaemonHandle) -> None:
-        """After its process ended: the rest of its output read, its pipe closed."""
+        """After its worker ended: the rest of its output read."""
         if handle.output is not None:
-            handle.output.join(timeout=2.0)
-        if handle.process is not None and handle.process.stdout is not None:
-            handle.process.stdout.close()
+            handle.output.join(timeout=0.5)
 
     @staticmethod
     def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -570,6 +646,16 @@ class ProcessLauncher(Launcher):
                 break
         if proc.poll() is None:
             log.error("daemon pid %d survived SIGKILL", proc.pid)
+
+    def close(self) -> None:
+        """End every host daemon still running (each with its workers)."""
+        with self._hosts_lock:
+            hosts = list(self._host_daemons.values())
+        deadline = time.monotonic() + self.stop_timeout + 1.0
+        for host in hosts:
+            host.close_stdin()
+        for host in hosts:
+            self._end_host(host, deadline)
 
 
 @contextlib.contextmanager
@@ -622,7 +708,7 @@ def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
                 pass
 
 
-def wait_for_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+def wait_for_exit(proc: Any, timeout: float) -> bool:
     """Wait at most ``timeout`` seconds for ``proc`` to end; True if it did."""
     try:
         proc.wait(timeout=timeout)

@@ -1,7 +1,7 @@
 """What the batch-scheduler launchers (slurm, sge) share.
 
-Inside an allocation the driver starts one daemon per slot on the allocated nodes with
-the scheduler's own remote-start tool (``srun``, ``qrsh -inherit``). The nodes are
+Inside an allocation the driver starts one host daemon per allocated node with the
+scheduler's own remote-start tool (``srun``, ``qrsh -inherit``); it forks the node's slots. The nodes are
 assumed to see the driver's Python and its ``isdgrid`` at the same paths (a shared file
 system or the same installation), as is usual on a cluster; the driver script's folder
 is put on the daemons' ``sys.path`` at the same path.
@@ -48,8 +48,9 @@ class BatchLauncher(ProcessLauncher):
         temp_root: str | None = None,
         environ: Mapping[str, str] | None = None,
         forward_output: bool = True,
+        preload: Sequence[str] = (),
     ) -> None:
-        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output)
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output, preload=preload)
         self.environ = dict(os.environ if environ is None else environ)
         self.job_id = job_id
         self.tag = uuid.uuid4().hex[:8]
@@ -60,8 +61,8 @@ class BatchLauncher(ProcessLauncher):
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
         specs = []
         for host in hosts:
-            # A folder of the grid's own under the host's temp_path (made 0700 by the daemons,
-            # which refuse one another user could write); slot 0 removes it when it exits.
+            # A folder of the grid's own under the host's temp_path (made 0700 by the host daemon,
+            # which refuses one another user could write); the host daemon of slot 0 removes it.
             name = "shared" if self.shared_temp_path else host.name
             path = job_temp_path(host.temp_path or self.temp_root, self.job_id, self.tag, name)
             specs += [SlotSpec(host, slot, path, remove_temp=slot == 0) for slot in range(host.n_cpu)]
@@ -71,16 +72,18 @@ class BatchLauncher(ProcessLauncher):
         """The address the daemon of ``spec`` listens on."""
         return self.bind or spec.host.name
 
-    def daemon_command(self, spec: SlotSpec) -> list[str]:
-        """The daemon's own argument list on the node, host setup (nice, init_cmd) applied."""
-        return self.host_daemon_command(spec)
+    def daemon_command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        """The host daemon's own argument list on the node, host setup (nice, init_cmd) applied."""
+        return self.host_daemon_command(specs)
 
-    def host_daemon_command(self, spec: SlotSpec, *, set_gpu: bool = True) -> list[str]:
-        """:meth:`daemon_command`; ``set_gpu=False`` leaves ``CUDA_VISIBLE_DEVICES`` to the scheduler."""
+    def host_daemon_command(self, specs: Sequence[SlotSpec], *, gpus_per_slot: int = 0) -> list[str]:
+        """:meth:`daemon_command`; ``gpus_per_slot`` splits the scheduler's GPUs among the slots."""
+        spec = specs[0]
         python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
         args = daemon_args(
             spec, python, bind=self.bind_address(spec), heartbeat_timeout=self.heartbeat_timeout,
-            paths=self.import_paths(spec), set_gpu=set_gpu,
+            stop_timeout=self.stop_timeout, paths=self.import_paths(spec), preload=self.preload,
+            remove_temp=any(s.remove_temp for s in specs), gpus_per_slot=gpus_per_slot,
         )
         return wrap_host_setup(spec.host, args)
 

@@ -1,4 +1,4 @@
-"""The local launcher: one daemon subprocess per slot on this machine."""
+"""The local launcher: one host daemon on this machine, which forks every slot."""
 
 from __future__ import annotations
 
@@ -29,33 +29,39 @@ def daemon_args(
     *,
     bind: str = "127.0.0.1",
     heartbeat_timeout: float = 0.0,
+    stop_timeout: float = 5.0,
     paths: Sequence[str] = (),
-    set_gpu: bool = True,
+    preload: Sequence[str] = (),
+    remove_temp: bool | None = None,
+    unix_socket_dir: str | None = None,
+    gpus_per_slot: int = 0,
 ) -> list[str]:
-    """The ``python -m isdgrid.daemon`` argument list for one grid-started slot.
+    """The ``python -m isdgrid.hostd`` argument list of the host daemon for ``spec``'s host.
 
-    ``paths`` go on the daemon's ``sys.path`` (``--path``, after its temp folder) in place
-    of the folder the daemon starts in; ``--tag-output`` marks what its objects print.
-    ``--slot-env`` and ``--gpu`` give the daemon its place in the grid and its GPU (from
-    ``Host.gpus``; ``set_gpu=False`` when the scheduler binds GPUs itself), which it puts
-    in its environment before anything is published: on the command line, they reach the
-    daemon through ssh, srun and qrsh alike.
+    ``paths`` go on the daemons' ``sys.path`` (``--path``, after the temp folder) in place
+    of the folder the host daemon starts in; ``preload`` modules are imported once, before
+    the workers are forked. The slots themselves (their number, rank and GPU) reach the
+    host daemon as ``spawn`` commands on its stdin, through ssh, srun and qrsh alike.
     """
     args = [
-        python, "-u", "-m", "isdgrid.daemon",
-        "--host", bind, "--port", "0",
-        "--secret-stdin", "--watch-stdin", "--tag-output",
+        python, "-u", "-m", "isdgrid.hostd",
+        "--bind", bind,
+        "--secret-stdin",
         "--temp-path", spec.temp_path,
-        "--label", spec.label,
-        "--slot-env", spec.host.name, str(spec.slot), str(spec.rank),
+        "--label", spec.host.name,
+        "--stop-timeout", f"{stop_timeout:g}",
     ]
-    if set_gpu and spec.gpu is not None:
-        args += ["--gpu", spec.gpu]
+    if unix_socket_dir:
+        args += ["--unix-socket-dir", unix_socket_dir]
     for path in paths:
         args += ["--path", path]
+    for name in preload:
+        args += ["--preload", name]
+    if gpus_per_slot:
+        args += ["--gpus-per-slot", str(gpus_per_slot)]
     if heartbeat_timeout > 0:
         args += ["--heartbeat-timeout", f"{heartbeat_timeout:g}"]
-    if spec.remove_temp:
+    if spec.remove_temp if remove_temp is None else remove_temp:
         args.append("--remove-temp")
     return args
 
@@ -70,7 +76,7 @@ def wrap_host_setup(host: Host, args: list[str]) -> list[str]:
 
 
 class LocalLauncher(ProcessLauncher):
-    """Starts every slot as a subprocess of the driver on this machine.
+    """Starts one host daemon per host as a subprocess of the driver; it forks the slots.
 
     A host whose ``python`` is the default ``python3`` runs the driver's own interpreter
     (``sys.executable``), so a virtual environment carries over; the driver's ``isdgrid``
@@ -78,6 +84,7 @@ class LocalLauncher(ProcessLauncher):
     """
 
     name = "local"
+    local_pids = True
 
     def __init__(
         self,
@@ -86,8 +93,9 @@ class LocalLauncher(ProcessLauncher):
         heartbeat_timeout: float = 0.0,
         stop_timeout: float = 5.0,
         forward_output: bool = True,
+        preload: Sequence[str] = (),
     ) -> None:
-        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output)
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output, preload=preload)
         self.heartbeat_timeout = heartbeat_timeout
         self._made_dirs: list[str] = []
 
@@ -110,13 +118,17 @@ class LocalLauncher(ProcessLauncher):
                 path = tempfile.mkdtemp(prefix=f"isdgrid-{safe}-", dir=parent)
                 self._made_dirs.append(path)
                 shared[host.temp_path] = path
-            # Slot 0 removes the folder even if the driver dies without terminate().
+            # The host daemon of slot 0 removes the folder even if the driver dies without terminate().
             specs += [SlotSpec(host, slot, path, remove_temp=made and slot == 0) for slot in range(host.n_cpu)]
         return specs
 
-    def command(self, spec: SlotSpec) -> list[str]:
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        spec = specs[0]
         python = sys.executable if spec.host.python == DEFAULT_PYTHON else spec.host.python
-        args = daemon_args(spec, python, heartbeat_timeout=self.heartbeat_timeout, paths=self.import_paths(spec))
+        args = daemon_args(
+            spec, python, heartbeat_timeout=self.heartbeat_timeout, stop_timeout=self.stop_timeout,
+            paths=self.import_paths(spec), preload=self.preload, remove_temp=any(s.remove_temp for s in specs),
+        )
         return wrap_host_setup(spec.host, args)
 
     def workdir(self, spec: SlotSpec) -> str:
@@ -133,6 +145,7 @@ class LocalLauncher(ProcessLauncher):
         return env
 
     def close(self) -> None:
+        super().close()
         for path in self._made_dirs:
             shutil.rmtree(path, ignore_errors=True)
         self._made_dirs.clear()

@@ -106,9 +106,11 @@ class SgeLauncher(BatchLauncher):
         qrsh_args: Sequence[str] = (),
         environ: Mapping[str, str] | None = None,
         forward_output: bool = True,
+        preload: Sequence[str] = (),
     ) -> None:
         super().__init__(
             job_id="",
+            preload=preload,
             log_dir=log_dir,
             heartbeat_timeout=heartbeat_timeout,
             stop_timeout=stop_timeout,
@@ -131,13 +133,14 @@ class SgeLauncher(BatchLauncher):
             raise ConfigError("PE_HOSTFILE is not set: submit the job with a parallel environment (qsub -pe NAME N)")
         return pe_hosts(path)
 
-    def remote_command(self, spec: SlotSpec) -> list[str]:
-        """What runs on the node: the daemon, with the driver's isdgrid on its PYTHONPATH."""
-        return ["env", f"PYTHONPATH={self.python_path(spec)}", *self.daemon_command(spec)]
+    def remote_command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        """What runs on the node: the host daemon, with the driver's isdgrid on its PYTHONPATH."""
+        return ["env", f"PYTHONPATH={self.python_path(specs[0])}", *self.daemon_command(specs)]
 
-    def command(self, spec: SlotSpec) -> list[str]:
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
         return qrsh_command(
-            spec.host.name, self.remote_command(spec), qrsh=self.qrsh, export_env=self.export_env, extra=self.qrsh_args
+            specs[0].host.name, self.remote_command(specs), qrsh=self.qrsh, export_env=self.export_env,
+            extra=self.qrsh_args,
         )
 
     def environment(self, spec: SlotSpec) -> dict[str, str]:

@@ -164,9 +164,11 @@ class SlurmLauncher(BatchLauncher):
         srun_args: Sequence[str] = (),
         environ: Mapping[str, str] | None = None,
         forward_output: bool = True,
+        preload: Sequence[str] = (),
     ) -> None:
         super().__init__(
             job_id="",
+            preload=preload,
             log_dir=log_dir,
             heartbeat_timeout=heartbeat_timeout,
             stop_timeout=stop_timeout,
@@ -208,16 +210,21 @@ class SlurmLauncher(BatchLauncher):
                     )
         return super().slot_specs(hosts)
 
-    def daemon_command(self, spec: SlotSpec) -> list[str]:
-        return self.host_daemon_command(spec, set_gpu=not self.gpus_per_slot)
+    def daemon_command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        return self.host_daemon_command(specs, gpus_per_slot=self.gpus_per_slot)
 
-    def command(self, spec: SlotSpec) -> list[str]:
+    def gpu_argument(self, spec: SlotSpec) -> str:
+        # With gpus_per_slot, SLURM binds the step's GPUs; the host daemon gives each slot its share.
+        return f"@{spec.slot}" if self.gpus_per_slot else super().gpu_argument(spec)
+
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        spec = specs[0]
         return srun_command(
             spec.host.name,
-            self.daemon_command(spec),
+            self.daemon_command(specs),
             step_name=self.step_name,
-            cpus_per_task=self.cpus_per_task,
-            gpus_per_task=self.gpus_per_slot,
+            cpus_per_task=self.cpus_per_task * len(specs),
+            gpus_per_task=self.gpus_per_slot * len(specs),
             overlap=self.overlap,
             srun=self.srun,
             extra=self.srun_args,
