@@ -16,6 +16,7 @@ served through Pyro5 by a :class:`ControlEndpoint` per control connection.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import logging
@@ -39,6 +40,8 @@ from .errors import PayloadTooLargeError
 __all__ = ["AGENT_ID", "Agent", "ControlEndpoint", "Reply"]
 
 AGENT_ID = "isdgrid.agent"
+
+STAGE_FOLDER = ".isdgrid-stage"  # in the host's folder: payloads staged once for all its slots
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,51 @@ class Agent:
             self._services[service_id] = service
         log.info("%s: published %s (%s)", self.label, service_id, type(obj).__qualname__)
         return ""
+
+    def stage(self, payload: bytes) -> str:
+        """Keep ``payload`` in the host's folder, for the host's other slots; returns its SHA-256.
+
+        The folder is private to the grid's user (the daemon checked it at start), so a
+        staged payload is as trustworthy as one received; its digest is checked again when
+        it is read.
+        """
+        self.touch()
+        digest = hashlib.sha256(payload).hexdigest()
+        folder = os.path.join(self.temp_path, STAGE_FOLDER)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        path = os.path.join(folder, digest)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+        log.info("%s: staged %d bytes for the host's slots (%s)", self.label, len(payload), digest[:12])
+        return digest
+
+    def publish_staged(self, service_id: str, digest: str) -> str:
+        """:meth:`publish` the payload another slot of this host staged; '' on success, else the traceback.
+
+        Raises ``OSError`` or ``ValueError`` when the staged payload cannot be read or is
+        damaged (its SHA-256 differs): the driver then sends the payload itself.
+        """
+        with open(self._staged_path(digest), "rb") as fh:
+            payload = fh.read()
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise ValueError(f"the staged payload {digest[:12]} in {self.temp_path} is damaged")
+        return self.publish(service_id, payload)
+
+    def unstage(self, digest: str) -> bool:
+        """Remove a staged payload; True if it was there."""
+        try:
+            os.unlink(self._staged_path(digest))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _staged_path(self, digest: str) -> str:
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"not a SHA-256 digest: {digest!r}")
+        return os.path.join(self.temp_path, STAGE_FOLDER, digest)
 
     def unpublish(self, service_id: str) -> bool:
         """Forget ``service_id``; True when it was there."""
@@ -311,4 +359,6 @@ class ControlEndpoint:
             return False, codec.encode_error(exc, 0.0)
 
 
-CONTROL_METHODS = frozenset({"ping", "info", "identify", "publish", "unpublish", "put_files"})
+CONTROL_METHODS = frozenset(
+    {"ping", "info", "identify", "publish", "unpublish", "put_files", "stage", "publish_staged", "unstage"}
+)

@@ -387,7 +387,7 @@ class Grid:
         slots = [s for s in self._slots if not s.lost.is_set()]
         if not slots:
             raise ServiceUnavailableError(service_id, "no live host to publish on")
-        outcomes = self._fan_out(slots, "publish", service_id, payload)
+        outcomes = self._publish_payload(slots, service_id, payload)
         failures = [(slot, out) for slot, out in zip(slots, outcomes, strict=True) if out]
         if failures:
             ok_slots = [slot for slot, out in zip(slots, outcomes, strict=True) if not out]
@@ -418,9 +418,51 @@ class Grid:
         log.info("published %s on %d slots", service_id, len(slots))
         return service_id
 
-    def _fan_out(self, slots: Sequence[Slot], method: str, *args: Any) -> list[Any]:
-        """Call an agent method on every slot at once; each outcome is a value or an error."""
-        futures = [_CONTROL.submit(slot.control, method, *args) for slot in slots]
+    def _publish_payload(self, slots: Sequence[Slot], service_id: str, payload: bytes) -> list[Any]:
+        """Publish ``payload`` on ``slots``; its bytes go once to each host folder with several slots.
+
+        A payload of ``STAGE_MIN_BYTES`` or more is staged in each host's folder by one of
+        its slots, and the host's other slots load it from there; a smaller one (or a host
+        whose staging failed) goes to every slot, which costs less than a second round.
+        """
+        groups: dict[str, list[int]] = {}
+        for index, slot in enumerate(slots):
+            groups.setdefault(self._folder_key(slot), []).append(index)
+        staged_groups = [g for g in groups.values() if len(g) > 1] if len(payload) >= STAGE_MIN_BYTES else []
+        digests = self._fan_out([slots[g[0]] for g in staged_groups], "stage", payload)
+        calls: list[tuple[str, tuple[Any, ...]]] = [("publish", (service_id, payload))] * len(slots)
+        stagers: list[tuple[Slot, str]] = []
+        for group, digest in zip(staged_groups, digests, strict=True):
+            if isinstance(digest, str):
+                stagers.append((slots[group[0]], digest))
+                for index in group:
+                    calls[index] = ("publish_staged", (service_id, digest))
+            else:
+                log.warning("%s: staging the payload failed (%s); sending it to each slot", slots[group[0]].label,
+                            digest)
+        futures = [_CONTROL.submit(slot.control, method, *args) for slot, (method, args) in zip(slots, calls,
+                                                                                                strict=True)]
+        outcomes = self._outcomes(futures)
+        # A slot that could not read what was staged (a folder not shared after all) gets the payload itself.
+        again = [i for i, out in enumerate(outcomes) if calls[i][0] == "publish_staged" and isinstance(out, Exception)]
+        for index, outcome in zip(again, self._fan_out([slots[i] for i in again], "publish", service_id, payload),
+                                  strict=True):
+            outcomes[index] = outcome
+        self._fan_out_pairs([(slot, "unstage", digest) for slot, digest in stagers])
+        return outcomes
+
+    def _folder_key(self, slot: Slot) -> str:
+        """Slots with the same key share a temp folder (one host daemon's, or a shared file system's)."""
+        if not slot.handle.spec.temp_path:  # a daemon started by hand: a folder of its own, as far as we know
+            return "@" + slot.label
+        return "shared" if self.shared_temp_path else slot.handle.spec.temp_path + "@" + slot.host.name
+
+    def _fan_out_pairs(self, calls: Sequence[tuple[Slot, str, Any]]) -> list[Any]:
+        """Call ``method(arg)`` on each slot of ``calls`` at once; each outcome is a value or an error."""
+        return self._outcomes([_CONTROL.submit(slot.control, method, arg) for slot, method, arg in calls])
+
+    @staticmethod
+    def _outcomes(futures: Sequence[Any]) -> list[Any]:
         outcomes: list[Any] = []
         for future in futures:
             try:
@@ -428,6 +470,10 @@ class Grid:
             except Exception as exc:  # noqa: BLE001 - each slot's outcome, host-side errors included
                 outcomes.append(exc)
         return outcomes
+
+    def _fan_out(self, slots: Sequence[Slot], method: str, *args: Any) -> list[Any]:
+        """Call an agent method on every slot at once; each outcome is a value or an error."""
+        return self._outcomes([_CONTROL.submit(slot.control, method, *args) for slot in slots])
 
     # -- acquire / release ---------------------------------------------------------------
     def acquire_service(self, service_id: str, timeout: float | None = None) -> ServiceProxy:
@@ -721,8 +767,7 @@ class Grid:
         targets: dict[str, Slot] = {}
         for slot in self._slots:
             if slot.host.name in names and not slot.lost.is_set():
-                key = "shared" if self.shared_temp_path else slot.handle.spec.temp_path + "@" + slot.host.name
-                targets.setdefault(key, slot)
+                targets.setdefault(self._folder_key(slot), slot)
         outcomes = self._fan_out(list(targets.values()), "put_files", archive)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -1101,6 +1146,7 @@ _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 # threads for the whole driver, never one per slot; respawns (which may wait minutes for
 # a host) have their own, so they never hold up control calls.
 _CONTROL = Workers("isdgrid-control", 4)
+STAGE_MIN_BYTES = 1 << 16  # a published payload this large goes once to each host folder, not to each slot
 _RESPAWNS = Workers("isdgrid-respawn", 2)
 
 

@@ -326,6 +326,9 @@ class HostDaemon:
         log_stream = open(log_fd, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - the worker's life
         root.addHandler(_LineHandler(log_fd))
         daemon.set_slot_environment((self.label, str(slot), str(rank)), None if gpu == "-" else gpu)
+        if self.args.cpu_bind:
+            cores = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cores[slot % len(cores)]})
         unix_socket = None
         if self.args.unix_socket_dir:
             unix_socket = os.path.join(self.args.unix_socket_dir, f".isdgrid-{slot}.sock")
@@ -482,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-timeout", type=float, default=0.0, help="a worker exits after this many silent s")
     parser.add_argument("--stop-timeout", type=float, default=5.0, help="seconds from TERM to KILL (default 5)")
     parser.add_argument("--gpus-per-slot", type=int, default=0, help="split CUDA_VISIBLE_DEVICES into shares")
+    parser.add_argument("--cpu-bind", action="store_true", help="pin slot i to the i-th core this process may use")
     parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
                         help="import MODULE once, before the workers are forked (repeatable)")
     parser.add_argument("--path", action="append", metavar="DIR",

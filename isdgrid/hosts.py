@@ -52,6 +52,8 @@ class Host:
     (for example ``module load python``). ``gpus`` (device indexes or UUIDs, as
     ``CUDA_VISIBLE_DEVICES`` takes them) spreads the host's slots over its GPUs: slot ``i``
     runs with ``CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)]`` (more slots than GPUs share them).
+    ``cpu_bind`` pins slot ``i`` to one core of its own, the ``i``-th (modulo their number)
+    of the cores the host daemon may use, as ``srun --cpu-bind=cores`` does.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Host:
     python: str = "python3"
     init_cmd: str = ""
     gpus: Sequence[GpuId] | None = None  # kept as a tuple
+    cpu_bind: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -75,6 +78,8 @@ class Host:
             raise ConfigError(f"host {self.name!r}: temp_path must be a string")
         if not isinstance(self.init_cmd, str):
             raise ConfigError(f"host {self.name!r}: init_cmd must be a string")
+        if not isinstance(self.cpu_bind, bool):
+            raise ConfigError(f"host {self.name!r}: cpu_bind must be True or False, got {self.cpu_bind!r}")
         if self.gpus is not None:
             object.__setattr__(self, "gpus", _check_gpus(self.name, self.gpus))
 
@@ -200,6 +205,7 @@ def _check_keys(table: Mapping[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_HOST_FIELDS)}")
     types: dict[str, type | tuple[type, ...]] = {
         "name": str, "temp_path": str, "n_cpu": int, "niceness": int, "python": str, "init_cmd": str, "gpus": list,
+        "cpu_bind": bool,
     }
     for key, value in table.items():
         expected = types[key]

@@ -210,7 +210,7 @@ def namespaces(count: int) -> Iterator[list[NsHost]]:
 
 
 class NamespaceLauncher(BatchLauncher):
-    """Starts each host's daemons inside its namespace, as srun or qrsh start them on a node.
+    """Starts each host's host daemon inside its namespace, as srun or qrsh start it on a node.
 
     The daemons bind what a batch launcher binds by default: the host's name, resolved on
     the host (in its namespace, to its address).
@@ -222,8 +222,8 @@ class NamespaceLauncher(BatchLauncher):
         super().__init__(job_id="netns", temp_root=temp_root)
         self.ns_of = {h.alias: h.ns for h in hosts}
 
-    def command(self, spec: SlotSpec) -> list[str]:
-        return ["ip", "netns", "exec", self.ns_of[spec.host.name], *self.daemon_command(spec)]
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns_of[specs[0].host.name], *self.daemon_command(specs)]
 
     def environment(self, spec: SlotSpec) -> dict[str, str]:
         return {**self.environ, "PYTHONPATH": self.python_path(spec)}

@@ -178,8 +178,9 @@ def test_wait_for_respawn_without_respawn_raises_at_once() -> None:
     with Grid([Host("localhost", n_cpu=2)], **FAST_LOSS) as grid:
         sid = grid.publish(Tally())
         grid.wait_for_respawn(sid, timeout=1)  # nothing lost: returns
+        victim = grid.slots[0]  # a respawn (a fork) may replace it in grid.slots at once
         os.kill(_pid(grid, 0), signal.SIGKILL)
-        assert wait_until(lambda: grid.slots[0].lost.is_set(), 30)
+        assert wait_until(lambda: victim.lost.is_set(), 30)
         started = time.monotonic()
         with pytest.raises(HostLostError, match="will not come back"):
             grid.wait_for_respawn(sid, timeout=60)
@@ -253,8 +254,9 @@ def test_restored_replicas_keep_their_step_counters() -> None:
         rex.run(4)  # checkpoints at rounds 0 and 3, and at the end (4)
         grid.gather(grid.broadcast(rex.service_id, "sample", 50), timeout=30)  # after the last checkpoint
         grid.release_all(rex.service_id)
+        victim = grid.slots[1]  # a respawn (a fork) may replace it in grid.slots at once
         os.kill(_pid(grid, 1), signal.SIGKILL)
-        assert wait_until(lambda: grid.slots[1].lost.is_set(), 30)
+        assert wait_until(lambda: victim.lost.is_set(), 30)
         grid.wait_for_respawn(rex.service_id, timeout=60)
         steps = grid.gather(grid.broadcast(rex.service_id, "steps_done"), timeout=30)
         assert steps == [5 * 50, 4 * 50]  # the respawned one went back to its snapshot, no further
@@ -443,8 +445,9 @@ def test_a_respawn_brings_back_the_restored_snapshot_not_a_newer_one() -> None:
         grid.checkpoint(sid, timeout=60)  # newer than `old`, kept for a respawn until the restore
         grid.restore(sid, old, timeout=60)  # the driver rolls back
         assert proxy.seen == [1]
+        victim = grid.slots[0]  # a respawn (a fork) may replace it in grid.slots at once
         os.kill(_pid(grid, 0), signal.SIGKILL)
-        assert wait_until(lambda: grid.slots[0].lost.is_set(), 30)
+        assert wait_until(lambda: victim.lost.is_set(), 30)
         grid.wait_for_respawn(sid, timeout=60)
         assert proxy.seen == [1]  # the restored state, not the newer snapshot [1, 2]
         grid.release_service(proxy)
@@ -468,8 +471,9 @@ def test_a_restore_that_fails_on_one_server_puts_every_server_back_and_names_it(
         assert (err.host, err.slot, err.class_name) == ("localhost", servers[1].slot_index, "Tally"), str(err)
         assert "server 1 of 3" in str(err) and "does not load" in str(err) and "back to its state" in str(err)
         # The failed restore changed no respawn state either: a lost server comes back with `good`.
-        os.kill(servers[0].slot.handle.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        assert wait_until(lambda: servers[0].lost, 30)
+        victim = servers[0].slot  # the server moves to a new slot as soon as the respawn (a fork) is done
+        os.kill(victim.handle.process.pid, signal.SIGKILL)
+        assert wait_until(lambda: victim.lost.is_set(), 30)
         grid.wait_for_respawn(sid, timeout=60)
         assert grid.gather(grid.broadcast(sid, "seen"), timeout=30) == [[10], [20, 21], [30, 31]]
         grid.restore(sid, good, timeout=60)  # and a good restore still works afterwards

@@ -164,9 +164,10 @@ def test_prints_of_a_published_object_show_on_the_drivers_streams_at_once(tmp_pa
     assert not any("serving" in line for _, _, line in lines), _show(lines)
     assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
     logs = sorted(log_dir.iterdir())
-    assert [p.name for p in logs] == ["localhost-0.log", "localhost-1.log"]
+    assert [p.name for p in logs] == ["localhost-0.log", "localhost-1.log", "localhost-host.log"]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in logs)
-    text = "".join(p.read_text() for p in logs)
+    assert "host daemon ready" in logs[2].read_text()  # the host daemon's own lines: a log of their own
+    text = "".join(p.read_text() for p in logs[:2])
     assert "out:w1\n" in text and "err:w1\n" in text and "child:w1\n" in text and "serving" in text
     assert "\x1e" not in text  # the marks are the launcher's business, not the log's
 
@@ -380,13 +381,13 @@ def test_every_launcher_gives_the_daemon_the_drivers_folder_and_output_marks() -
     slurm_env = {"SLURM_JOB_ID": "7", "PATH": os.environ.get("PATH", "")}
     sge_env = {"JOB_ID": "7", "PATH": os.environ.get("PATH", "")}
     commands = {
-        "local": LocalLauncher().command(spec),
+        "local": LocalLauncher().command([spec]),
         "ssh": slot_command(spec, bind="127.0.0.1", paths=[driver_folder()]),
-        "slurm": SlurmLauncher(environ=slurm_env, forward_output=False).command(spec),
-        "sge": SgeLauncher(environ=sge_env).command(spec),
+        "slurm": SlurmLauncher(environ=slurm_env, forward_output=False).command([spec]),
+        "sge": SgeLauncher(environ=sge_env).command([spec]),
     }
     for name, cmd in commands.items():
         words = cmd[:-1] + shlex.split(cmd[-1]) if name == "sge" else cmd  # qrsh: one remote string
-        assert "--tag-output" in words, name
+        assert "isdgrid.hostd" in words, name  # the host daemon marks its workers' output itself
         at = words.index("--path")
         assert words[at + 1] == driver_folder(), name

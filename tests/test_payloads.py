@@ -23,7 +23,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ SLACK = 5.0
 
 
 class UnixSocketLauncher(LocalLauncher):
-    """The local launcher, but each daemon listens on a Unix socket (the ssh tunnel mode)."""
+    """The local launcher, but each slot worker listens on a Unix socket (the ssh tunnel mode)."""
 
     name = "unix-socket"
 
@@ -51,8 +51,8 @@ class UnixSocketLauncher(LocalLauncher):
         super().__init__()
         self.folder = folder
 
-    def command(self, spec: SlotSpec) -> list[str]:
-        return [*super().command(spec), "--unix-socket", os.path.join(self.folder, f"slot{spec.slot}.sock")]
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        return [*super().command(specs), "--unix-socket-dir", self.folder]
 
 
 @pytest.fixture

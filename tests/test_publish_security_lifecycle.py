@@ -87,7 +87,8 @@ def test_terminate_leaves_no_child_process_and_removes_temp_dirs() -> None:
     proxy = g.acquire_service(sid)
     proxy.sleep(30)  # still running at terminate
     daemons = child_pids() - before
-    assert len(daemons) == 3
+    assert len(daemons) == 4  # the host daemon and the 3 slot workers it forked
+    assert {s.handle.process.pid for s in g.slots} | {g.slots[0].handle.host_daemon.process.pid} == daemons
     temp_dirs = {slot.handle.spec.temp_path for slot in g.slots}
     assert all(os.path.isdir(d) for d in temp_dirs)
     g.terminate()
@@ -100,7 +101,7 @@ def test_terminate_leaves_no_child_process_and_removes_temp_dirs() -> None:
 def test_context_manager_terminates(tmp_path: os.PathLike[str]) -> None:
     before = child_pids()
     with Grid([Host("localhost", n_cpu=2)]) as g:
-        assert len(child_pids() - before) == 2
+        assert len(child_pids() - before) == 3  # the host daemon and its 2 slot workers
     assert g.ishalted()
     assert not (child_pids() - before)
 

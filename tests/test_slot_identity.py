@@ -25,7 +25,7 @@ from test_attach import SECRET, _end, _start_daemon
 
 from isdgrid import ConfigError, Grid, Host, load_hosts
 from isdgrid.launchers.base import SlotSpec
-from isdgrid.launchers.local import daemon_args
+from isdgrid.launchers.local import LocalLauncher, daemon_args
 from isdgrid.statusfile import format_status, snapshot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ class Whereabouts:
 
     def where(self) -> dict[str, Any]:
         now = {name: os.environ.get(name) for name in NAMES}
-        return {"now": now, "at_load": self.at_load, "pid": os.getpid()}
+        return {"now": now, "at_load": self.at_load, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}
 
 
 def _by_rank(grid: Grid, sid: str) -> dict[int, dict[str, Any]]:
@@ -121,14 +121,39 @@ def test_an_attached_daemon_is_told_its_place_when_the_grid_attaches(tmp_path: P
             _end(daemon.proc)
 
 
-def test_the_daemon_command_line_carries_the_slot_identity_and_gpu() -> None:
+def test_the_host_daemon_gets_each_slots_gpu_when_it_forks_the_slot() -> None:
+    # One host daemon serves all slots of a host: its command line names none of them; each
+    # slot's identity and GPU go with its spawn command.
     spec = SlotSpec(Host("node7", n_cpu=4, gpus=[2, 3]), 3, "/tmp/x", rank=11)
     args = daemon_args(spec, "python3")
-    at = args.index("--slot-env")
-    assert args[at + 1:at + 4] == ["node7", "3", "11"]
-    assert args[args.index("--gpu") + 1] == "3"
-    assert "--gpu" not in daemon_args(spec, "python3", set_gpu=False)
-    assert "--gpu" not in daemon_args(dataclasses.replace(spec, host=Host("node7", n_cpu=4)), "python3")
+    assert args[1:4] == ["-u", "-m", "isdgrid.hostd"]
+    assert "--slot-env" not in args and "--gpu" not in args
+    launcher = LocalLauncher()
+    assert launcher.gpu_argument(spec) == "3"
+    assert launcher.gpu_argument(dataclasses.replace(spec, host=Host("node7", n_cpu=4))) == "-"
+
+
+def test_cpu_bind_pins_each_slot_to_a_core_of_its_own() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    with Grid([Host("localhost", n_cpu=3, cpu_bind=True)]) as grid:
+        sid = grid.publish(Whereabouts())
+        pinned = {int(r["now"]["ISDGRID_SLOT"]): r["cores"] for r in grid.gather(grid.broadcast(sid, "where"),
+                                                                                  timeout=60)}
+        assert pinned == {slot: [cores[slot % len(cores)]] for slot in range(3)}
+        grid.release_all(sid)
+    with Grid([Host("localhost", n_cpu=2)]) as grid:  # without cpu_bind: every core, as the driver has
+        sid = grid.publish(Whereabouts())
+        assert all(r["cores"] == cores for r in grid.gather(grid.broadcast(sid, "where"), timeout=60))
+        grid.release_all(sid)
+
+
+def test_cpu_bind_in_a_hosts_file_must_be_a_boolean(tmp_path: Path) -> None:
+    path = tmp_path / "hosts.toml"
+    path.write_text('[[host]]\nname = "n1"\ncpu_bind = true\n')
+    assert load_hosts(path)[0].cpu_bind is True
+    path.write_text('[[host]]\nname = "n1"\ncpu_bind = "yes"\n')
+    with pytest.raises(ConfigError, match="cpu_bind"):
+        load_hosts(path)
 
 
 def test_host_gpus_map_slots_round_robin_and_say_when_shared() -> None:

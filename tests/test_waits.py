@@ -175,8 +175,9 @@ def test_a_thread_holding_one_server_waits_for_the_other_to_respawn(waits: _Wait
             others = [slot for slot in grid.slots if slot.handle.process and slot.handle.process.pid != my_pid]
             assert len(others) == 1, "cannot tell which daemon serves the held proxy"
             hold.touch()
-            os.kill(others[0].handle.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-            assert wait_until(lambda: any(row.lost for row in grid.status()), T), "the kill went unnoticed"
+            victim = others[0]  # replaced in grid.slots as soon as the respawn's fork serves
+            os.kill(victim.handle.process.pid, signal.SIGKILL)
+            assert wait_until(victim.lost.is_set, T), "the kill went unnoticed"
 
             exc, waited = on_acquirer(_timed_out, lambda: grid.acquire_service(sid, timeout=0.5)).result(T)
             assert waited >= 0.45, f"refused after {waited:.2f} s instead of waiting 0.5 s: {exc}"
@@ -187,7 +188,7 @@ def test_a_thread_holding_one_server_waits_for_the_other_to_respawn(waits: _Wait
             assert waits.seen.wait(T), "the acquirer did not wait for the respawn"
             hold.unlink()  # the respawn goes on
             other = waiting.result(T)
-            assert other.pid().get(timeout=T) not in (my_pid, others[0].handle.process.pid)  # type: ignore[union-attr]
+            assert other.pid().get(timeout=T) not in (my_pid, victim.handle.process.pid)
             grid.release_service(other)
             grid.release_service(mine)
         finally:

@@ -484,28 +484,28 @@ class ProcessLauncher(Launcher):
 
         spec = specs[0]
         key = (spec.host.name, spec.temp_path)
+        # Under the lock: the respawns of a lost host's slots, at once in two threads, start one host daemon.
         with self._hosts_lock:
             host = self._host_daemons.get(key)
-        if host is not None and host.alive():
-            return host
-        cmd = self.command(specs)
-        try:
-            with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    env=self.environment(spec),
-                    cwd=self.workdir(spec),
-                    start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
-                )
-                host = HostProcess(spec, proc, cmd, self.log_dir, self.forward_output)
-                launched.append(host)
-        except OSError as exc:
-            return LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
-        host.send(secret)
-        with self._hosts_lock:
+            if host is not None and host.alive():
+                return host
+            cmd = self.command(specs)
+            try:
+                with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        env=self.environment(spec),
+                        cwd=self.workdir(spec),
+                        start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
+                    )
+                    host = HostProcess(spec, proc, cmd, self.log_dir, self.forward_output)
+                    launched.append(host)
+            except OSError as exc:
+                return LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
+            host.send(secret)
             self._host_daemons[key] = host
         return host
 

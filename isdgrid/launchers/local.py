@@ -63,6 +63,8 @@ def daemon_args(
         args += ["--heartbeat-timeout", f"{heartbeat_timeout:g}"]
     if spec.remove_temp if remove_temp is None else remove_temp:
         args.append("--remove-temp")
+    if spec.host.cpu_bind:
+        args.append("--cpu-bind")
     return args
 
 
