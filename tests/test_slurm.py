@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import psutil
 import pytest
 from conftest import alive, require, wait_until
 
-from isdgrid import ConfigError, Host
+from isdgrid import ConfigError, Grid, Host
+from isdgrid.hostd import _gpu_shares
 from isdgrid.launchers.base import SlotSpec
 from isdgrid.launchers.slurm import (
     SlurmLauncher,
@@ -36,6 +39,9 @@ from isdgrid.launchers.slurm import (
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The daemons cannot import this module: its classes travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 # -- pure parts ------------------------------------------------------------------------
@@ -101,6 +107,63 @@ def test_gpus_per_slot_asks_srun_for_gpus_and_leaves_the_binding_to_slurm() -> N
     cmd = plain.command(specs)
     assert not any(a.startswith("--gres") for a in cmd) and "--gpus-per-slot" not in cmd
     assert [plain.gpu_argument(spec) for spec in specs] == ["6", "6"]
+
+
+def test_the_host_daemon_cuts_the_step_s_gpus_into_shares() -> None:
+    assert _gpu_shares("4,5,6,7,8,9", 2) == ["4,5", "6,7", "8,9"]
+    assert _gpu_shares("GPU-a,GPU-b,GPU-c", 1) == ["GPU-a", "GPU-b", "GPU-c"]
+    assert _gpu_shares("0,1,2", 2) == ["0,1"]  # never a short share
+    assert _gpu_shares("0,1", 0) == [] and _gpu_shares(None, 1) == [] and _gpu_shares("", 1) == []
+
+
+class GpuProbe:
+    """Reports the slot's place and GPUs, and its worker's pid."""
+
+    def where(self) -> dict[str, Any]:
+        names = ("ISDGRID_SLOT", "ISDGRID_RANK", "CUDA_VISIBLE_DEVICES")
+        return {"pid": os.getpid(), **{name: os.environ.get(name) for name in names}}
+
+
+class StepHere(SlurmLauncher):
+    """The SLURM launcher's host daemon and spawn commands, run here as SLURM runs the node's
+    step (this test cluster has no GPUs): with ``CUDA_VISIBLE_DEVICES`` set to the step's GPUs."""
+
+    local_pids = True
+    step_gpus = "4,5,6,7,8,9"
+
+    def command(self, specs: Any) -> list[str]:
+        cmd = super().command(specs)
+        assert f"--gres=gpu:{self.gpus_per_slot * len(specs)}" in cmd
+        return self.daemon_command(specs)  # what srun would run in the step
+
+    def environment(self, spec: SlotSpec) -> dict[str, str]:
+        return {**super().environment(spec), "CUDA_VISIBLE_DEVICES": self.step_gpus}
+
+    def close(self) -> None:  # no srun step to cancel
+        pass
+
+
+def test_each_slot_of_a_step_sees_its_own_gpu_share_also_when_respawned() -> None:
+    launcher = StepHere(environ=_env(SLURM_JOB_ID="gpus"), bind="127.0.0.1", gpus_per_slot=2)
+    with Grid([Host("localhost", n_cpu=3)], launcher, respawn=True, heartbeat_interval=0.2, host_timeout=10.0) as grid:
+        folder = grid.slots[0].handle.spec.temp_path
+        sid = grid.publish(GpuProbe())
+        before = {int(r["ISDGRID_SLOT"]): r for r in grid.gather(grid.broadcast(sid, "where"), timeout=60)}
+        shares = {0: "4,5", 1: "6,7", 2: "8,9"}
+        assert {slot: r["CUDA_VISIBLE_DEVICES"] for slot, r in before.items()} == shares
+        assert [r.gpu for r in sorted(grid.status(), key=lambda r: r.slot)] == [None] * 3  # SLURM's, not the grid's
+        victim = grid.slots[1]
+        assert victim.handle.process.pid == before[1]["pid"]
+        host_daemon = victim.handle.host_daemon
+        os.kill(before[1]["pid"], signal.SIGKILL)
+        assert wait_until(lambda: grid.respawn_count == 1, 60), "the killed slot was not respawned"
+        grid.wait_for_respawn(sid, timeout=60)
+        after = {int(r["ISDGRID_SLOT"]): r for r in grid.gather(grid.broadcast(sid, "where"), timeout=60)}
+        assert after[1]["pid"] != before[1]["pid"]
+        assert grid.slots[1].handle.host_daemon is host_daemon  # a fork of the same host daemon, not a new step
+        assert {slot: r["CUDA_VISIBLE_DEVICES"] for slot, r in after.items()} == shares
+        assert [after[slot]["ISDGRID_RANK"] for slot in range(3)] == ["0", "1", "2"]
+    assert not os.path.exists(folder)
 
 
 def test_step_listing_and_cancel_commands() -> None:
