@@ -243,8 +243,9 @@ class Grid:
     ) -> Grid:
         """A grid on the nodes and tasks of the SLURM allocation it runs in (see docs/clusters.md).
 
-        ``gpus_per_slot``: each daemon's ``srun`` step asks for that many GPUs
-        (``--gres=gpu:N``) and SLURM binds them (it sets ``CUDA_VISIBLE_DEVICES``).
+        ``gpus_per_slot``: each node's ``srun`` step asks for that many GPUs per slot
+        (``--gres=gpu:N*slots``), SLURM binds them (it sets ``CUDA_VISIBLE_DEVICES``) and
+        the host daemon gives each slot its own N of them.
         """
         options = {
             **({"bind": bind} if bind else {}),

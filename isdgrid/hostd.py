@@ -28,9 +28,10 @@ On stdout, one line each::
 
 Each worker runs in a process group of its own, so what a published object starts ends
 with its slot. Its stdin is a pipe from the host daemon: when the host daemon dies, the
-worker sees its end and exits. A worker that finds its driver silent for
-``--heartbeat-timeout`` seconds exits with :data:`EXIT_DRIVER_GONE`; when the last one
-does, the host daemon takes the driver for gone and ends too.
+worker sees its end and exits, ending its process group on the way out (no one else
+will). A worker that finds its driver silent for ``--heartbeat-timeout`` seconds exits
+with :data:`EXIT_DRIVER_GONE`; when the last one does, the host daemon takes the driver
+for gone and ends too.
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ class HostDaemon:
             _write_all(1, f"{EXIT_PREFIX}{slot} 0 255\n".encode())
             return
         gc.freeze()  # what the template holds stays shared: the workers' collections never touch it
+        host_pid = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -280,6 +282,17 @@ class HostDaemon:
                 with contextlib.suppress(BaseException):
                     logging.getLogger("isdgrid.daemon").exception("slot %d failed", slot)
             finally:
+                with contextlib.suppress(BaseException):
+                    # What its objects started ends with the slot: TERM now; the host daemon
+                    # KILLs the group once it has reaped the worker. If the host daemon is gone
+                    # (killed: qdel, scancel, the OOM killer), no one will: KILL it here (the
+                    # worker with it). Its end may reach the worker before its parent changes,
+                    # so the TERM does not wait for that.
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    if os.getpgrp() == os.getpid():  # never the host daemon's group
+                        os.killpg(0, signal.SIGTERM)
+                        if os.getppid() != host_pid:
+                            os.killpg(0, signal.SIGKILL)
                 os._exit(code)
         os.close(life_r)
         for _, write_end in ends:

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Replica exchange on the hosts of a Grid Engine parallel job: one daemon per slot,
-# started with `qrsh -inherit` (the parallel environment needs control_slaves TRUE).
+# Replica exchange on the hosts of a Grid Engine parallel job: one host daemon per host,
+# started with `qrsh -inherit` (the parallel environment needs control_slaves TRUE), which
+# forks one worker per slot.
 # Grid Engine runs a job script with /bin/sh unless told otherwise: `-S /bin/bash` below.
 #
 #   cd /path/to/project && qsub -pe smp 4 scripts/sge_job.sh

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Replica exchange on the nodes of a SLURM allocation: one daemon (srun step) per task.
+# Replica exchange on the nodes of a SLURM allocation: one srun step (host daemon) per node,
+# which forks one worker per task.
 #
 #   cd /path/to/project && sbatch scripts/slurm_job.sh
 #

@@ -3,9 +3,9 @@
 The jobs run on the single-node Grid Engine that .ci/setup-sge.sh sets up (queue all.q,
 parallel environment smp with control_slaves TRUE). Each job's driver runs as the job
 script (as root, the driver's interpreter by absolute path, this worktree's isdgrid through
-PYTHONPATH and ``qsub -V``); its daemons are ``qrsh -inherit`` tasks of the job. Every job a
-test submits is deleted at the end, and the test checks by PID and by process listing that
-none of its processes is left.
+PYTHONPATH and ``qsub -V``); its host daemon is a ``qrsh -inherit`` task of the job (one per
+host), which forks the slot workers. Every job a test submits is deleted at the end, and the
+test checks by PID and by process listing that none of its processes is left.
 """
 
 from __future__ import annotations
@@ -97,21 +97,25 @@ def test_launcher_command_lines_for_the_hosts_of_the_job() -> None:
         "node-1-7.cluster.local/0", "node-1-7.cluster.local/1"]
     assert [s.remove_temp for s in specs] == [True, False, False, False, True, False]
     assert all(s.temp_path.startswith("/scratch/isdgrid-4711-") for s in specs)
-    cmd = launcher.command(specs[5])
-    assert cmd[1:4] == ["-inherit", "-V", "node-1-7.cluster.local"]
+    node_1_7 = specs[4:]
+    cmd = launcher.command(node_1_7)  # one qrsh -inherit for the host, whatever its number of slots
+    assert cmd[1:4] == ["-inherit", "-V", "node-1-7.cluster.local"] and len(cmd) == 5
     remote = shlex.split(cmd[4])
     assert remote[0] == "env" and remote[1].startswith(f"PYTHONPATH={REPO_ROOT}")
-    assert remote[2:6] == [sys.executable, "-u", "-m", "isdgrid.daemon"]
-    assert remote[remote.index("--host") + 1] == "node-1-7.cluster.local"
-    assert remote[remote.index("--label") + 1] == "node-1-7.cluster.local/1"
-    assert remote[remote.index("--slot-env") + 1:][:3] == ["node-1-7.cluster.local", "1", "0"]  # rank: the grid's
-    assert "--secret-stdin" in remote and "--watch-stdin" in remote
-    env = launcher.environment(specs[5])
+    assert remote[2:6] == [sys.executable, "-u", "-m", "isdgrid.hostd"]
+    assert remote[remote.index("--bind") + 1] == "node-1-7.cluster.local"
+    assert remote[remote.index("--label") + 1] == "node-1-7.cluster.local"
+    assert remote[remote.index("--temp-path") + 1] == node_1_7[0].temp_path
+    assert "--remove-temp" in remote  # the host's slot 0 is among them
+    assert "--secret-stdin" in remote and "--gpus-per-slot" not in remote
+    # the slots reach it as spawn commands on its stdin: slot, rank (the grid's), GPU
+    assert launcher.gpu_argument(node_1_7[1]) == "-"
+    env = launcher.environment(node_1_7[0])
     assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO_ROOT
     assert env["SGE_TASK_ID"] == "undefined"  # qrsh -inherit refuses to run without it
     in_array_job = SgeLauncher(environ={**env, "SGE_TASK_ID": "7"})
     assert in_array_job.environment(specs[0])["SGE_TASK_ID"] == "7"
-    niced = launcher.command(launcher.slot_specs([Host("n9", niceness=5, init_cmd="module load python")])[0])
+    niced = launcher.command(launcher.slot_specs([Host("n9", niceness=5, init_cmd="module load python")]))
     remote = shlex.split(niced[4])
     assert remote[2:4] == ["sh", "-c"] and remote[4].startswith("module load python && exec nice -n 5 ")
 
@@ -194,7 +198,7 @@ def _line(output: Path, tag: str, timeout: float = 60) -> dict[str, Any]:
 
 
 def _job_processes(ready: dict[str, Any]) -> list[psutil.Process]:
-    """Processes of the job's grid: daemons and qrsh name its folder on their command line."""
+    """Processes of the job's grid: host daemons, their workers and qrsh name its folder on their command line."""
     marker = f"{ready['tmpdir']}/isdgrid-{ready['job']}-"
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
@@ -205,8 +209,9 @@ def _job_processes(ready: dict[str, Any]) -> list[psutil.Process]:
 
 
 def _processes(ready: dict[str, Any]) -> list[psutil.Process]:
-    """The driver, its daemons and their qrsh processes, as READY lists them."""
-    return [psutil.Process(pid) for pid in [ready["driver"], *ready["daemons"], *ready["launchers"]]]
+    """The driver, the slot workers, their children, the host daemons and their qrsh, as READY lists them."""
+    pids = [ready["driver"], *ready["daemons"], *ready["children"], *ready["host_daemons"], *ready["launchers"]]
+    return [psutil.Process(pid) for pid in pids]
 
 
 def _no_process_left(ready: dict[str, Any], procs: list[psutil.Process], timeout: float = 20) -> None:
@@ -236,10 +241,10 @@ def test_replica_exchange_job_runs_on_qrsh_tasks(tmp_path: Path) -> None:
         result = json.loads(lines[0][len("RESULT "):])
         assert result["hosts"] == [os.uname().nodename]  # from $PE_HOSTFILE
         replicas = result["replicas"]
-        assert len(replicas) == 2  # one daemon per slot of the job
+        assert len(replicas) == 2  # one worker per slot of the job
         assert {r["sge_job"] for r in replicas} == {job_id}
         tasks = [r["sge_task"] for r in replicas]
-        assert None not in tasks and len(set(tasks)) == 2  # each daemon is its own qrsh -inherit task
+        assert None not in tasks and len(set(tasks)) == 1  # the host's one qrsh -inherit task forked both
         assert len({r["pid"] for r in replicas}) == 2
         assert [r["identity"][1:] for r in replicas] == [["0", "0"], ["1", "1"]]  # through qrsh -inherit
         assert [r["identity"][0] for r in replicas] == result["hosts"] * 2
@@ -266,17 +271,23 @@ def test_qdel_ends_the_driver_and_every_task(tmp_path: Path) -> None:
         ready = _line(output, "READY")
         assert ready["job"] == job_id and ready["hosts"] == [[os.uname().nodename, 2]]
         procs = _processes(ready)
-        assert len(alive(procs)) == 5, _read(output)  # driver, 2 daemons, 2 qrsh
+        # driver, 2 workers, their 2 children, 1 host daemon, 1 qrsh
+        assert len(ready["host_daemons"]) == 1 and len(ready["launchers"]) == 1, _read(output)
+        assert len(alive(procs)) == 7, _read(output)
         for proc in procs:  # the secret went over stdin, never on a command line
             assert secret not in " ".join(proc.cmdline())
-        for pid in ready["launchers"]:  # one qrsh -inherit per slot, started by the driver
-            qrsh = psutil.Process(pid).cmdline()  # /usr/bin/qrsh execs Grid Engine's own
-            assert os.path.basename(qrsh[0]) == "qrsh" and qrsh[1] == "-inherit"
-            assert psutil.Process(pid).ppid() == ready["driver"]
-        for pid in ready["daemons"]:  # each daemon runs under Grid Engine's shepherd, not the driver
-            names = [p.name() for p in psutil.Process(pid).parents()]
-            assert "sge_shepherd" in names and ready["driver"] not in [p.pid for p in psutil.Process(pid).parents()]
-        assert {p.pid for p in _job_processes(ready)} >= set(ready["daemons"]) | set(ready["launchers"])
+        [qrsh_pid] = ready["launchers"]  # one qrsh -inherit for the host, started by the driver
+        qrsh = psutil.Process(qrsh_pid).cmdline()  # /usr/bin/qrsh execs Grid Engine's own
+        assert os.path.basename(qrsh[0]) == "qrsh" and qrsh[1] == "-inherit"
+        assert psutil.Process(qrsh_pid).ppid() == ready["driver"]
+        [host_pid] = ready["host_daemons"]  # the host daemon runs under Grid Engine's shepherd, not the driver
+        parents = psutil.Process(host_pid).parents()
+        assert "sge_shepherd" in [p.name() for p in parents] and ready["driver"] not in [p.pid for p in parents]
+        for pid in ready["daemons"]:  # each worker: forked by the host daemon, in a process group of its own
+            assert psutil.Process(pid).ppid() == host_pid and os.getpgid(pid) == pid
+        for pid in ready["children"]:  # what a published object started: in its worker's group
+            assert os.getpgid(pid) in ready["daemons"]
+        assert {p.pid for p in _job_processes(ready)} >= {*ready["daemons"], host_pid, qrsh_pid}
         subprocess.run(["qdel", job_id], capture_output=True, timeout=20, check=True)
         assert wait_until(lambda: not _listed(job_id), 30, step=0.2), _read(output)
         _no_process_left(ready, procs)
@@ -305,22 +316,49 @@ def test_killed_driver_leaves_no_task_and_the_job_runs_on(tmp_path: Path) -> Non
         _delete(job_id)
 
 
-def test_daemon_killed_mid_call_is_host_lost_then_grid_engine_kills_the_job(tmp_path: Path) -> None:
+def test_worker_killed_mid_call_is_host_lost_and_the_job_runs_on(tmp_path: Path) -> None:
     _need_sge()
     output = tmp_path / "job.out"
-    job_id = _qsub("tests/sge_hold_job.sh", output, "--bind", "127.0.0.1", "--kill-one", "--host-timeout", "10")
+    job_id = _qsub("tests/sge_hold_job.sh", output, "--bind", "127.0.0.1", "--kill-one", "--host-timeout", "10",
+                   "--nap", "5", HOLD="120")
     try:
         ready = _line(output, "READY")
         procs = _processes(ready)
         lost = _line(output, "LOST", timeout=30)
         assert (lost["index"], lost["host"], lost["slot"]) == (0, ready["hosts"][0][0], 0)
         assert "lost" in lost["error"]
+        assert lost["after_kill"] < 10  # host_timeout: the host daemon's report told the driver first
+        # The host daemon reaped the worker (and ended its child): its task, the qrsh, is
+        # unharmed, so the other slot finishes its call and Grid Engine leaves the job alone.
+        child = procs[[p.pid for p in procs].index(ready["children"][0])]
+        assert wait_until(lambda: not alive([child]), 10), "the killed worker's child survived it"
+        assert _line(output, "ENDED", timeout=30) == {"index": 1, "error": None}
+        _line(output, "DONE", timeout=30)
+        _no_process_left(ready, procs)
+        assert _line(output, "DRIVER-EXIT", timeout=10) == 0
+        assert "d" not in _state(job_id) and _state(job_id) in ("r", "t"), f"{_state(job_id)}\n{_read(output)}"
+    finally:
+        _delete(job_id)
+
+
+def test_host_daemon_killed_mid_call_is_host_lost_then_grid_engine_kills_the_job(tmp_path: Path) -> None:
+    _need_sge()
+    output = tmp_path / "job.out"
+    job_id = _qsub("tests/sge_hold_job.sh", output, "--bind", "127.0.0.1", "--kill-host", "--host-timeout", "10",
+                   HOLD="300")
+    try:
+        ready = _line(output, "READY")
+        procs = _processes(ready)
+        shell = psutil.Process(_line(output, "SHELL")["pid"])
+        lost = _line(output, "LOST", timeout=30)
+        assert lost["host"] == ready["hosts"][0][0] and "lost" in lost["error"]
         assert lost["after_kill"] < 10  # host_timeout: the qrsh's end told the driver first
         # The task died of a signal: Grid Engine marks the job for deletion and kills all of
-        # it, driver included, at execd's next report.
+        # it at execd's next report, long before the job script's HOLD ends. The workers (in
+        # process groups of their own) end when their host daemon's pipe closes, and end
+        # their groups (the children) with them.
         assert wait_until(lambda: not _listed(job_id), 60, step=0.2), _read(output)
+        assert not alive([shell])
         _no_process_left(ready, procs)
-        text = _read(output)
-        assert "DONE" not in text and "DRIVER-EXIT" not in text, text  # the job script was killed
     finally:
         _delete(job_id)

@@ -1,4 +1,4 @@
-"""The SGE launcher: daemons started with ``qrsh -inherit`` inside a parallel environment job.
+"""The SGE launcher: one host daemon per host, started with ``qrsh -inherit`` inside a parallel environment job.
 
 The driver runs as the job script of a Grid Engine job submitted with a parallel
 environment (``qsub -pe NAME N``) whose ``control_slaves`` is TRUE (tight integration).
@@ -6,22 +6,27 @@ Hosts and slots come from ``$PE_HOSTFILE``, one line per host and queue::
 
     node01.cluster 4 all.q@node01.cluster UNDEFINED
 
-(host, slots, queue, processor range). Every slot is started, as the original PyroGrid
-did, with ``qrsh -inherit HOST 'command'``::
+(host, slots, queue, processor range). Each host runs one task of the job, its host
+daemon (:mod:`isdgrid.hostd`), which forks the host's slot workers::
 
-    qrsh -inherit -V HOST 'env PYTHONPATH=... python -u -m isdgrid.daemon ...'
+    qrsh -inherit -V HOST 'env PYTHONPATH=... python -u -m isdgrid.hostd ...'
 
-without ``-nostdin``, so ``qrsh`` forwards its stdin (the secret, then the end of file
-that ends the daemon) to the remote command; ``-V`` passes the job's environment on.
-``qrsh -inherit`` joins its arguments and has a shell on the node parse them again, like
-ssh, so the command is one string quoted with :func:`shlex.join`; the interpreter is the
-driver's by absolute path (a task's ``PATH`` is the node's default one).
+without ``-nostdin``, so ``qrsh`` forwards its stdin (the secret, the grid's commands,
+then the end of file that ends the host daemon) to the remote command; ``-V`` passes the
+job's environment on. ``qrsh -inherit`` joins its arguments and has a shell on the node
+parse them again, like ssh, so the command is one string quoted with :func:`shlex.join`;
+the interpreter is the driver's by absolute path (a task's ``PATH`` is the node's default
+one).
 
-Grid Engine watches every task: one that ends by a signal (a daemon killed, or the local
-``qrsh`` killed) makes it kill the whole job, driver included, at the execution daemon's
-next report. So daemons are stopped by closing their stdin, and ``qrsh`` is signalled only
-when a daemon has not exited ``stop_timeout`` seconds later. Tested on a real single-node
-Grid Engine (Son of Grid Engine 8.1.9, see docs/clusters.md and tests/test_sge.py).
+Grid Engine watches every task: one that ends by a signal (the host daemon killed, or
+the local ``qrsh`` killed) makes it kill the whole job, driver included, at the execution
+daemon's next report. A slot worker killed is not a task: its host daemon reaps it, the
+slot is lost and the job runs on. So host daemons are stopped by closing their stdin, and
+``qrsh`` is signalled only when a host daemon has not exited ``stop_timeout`` seconds
+later. ``qdel`` kills the tasks' process groups; the workers, in groups of their own, end
+when their host daemon's pipe closes, and end their groups with them. Tested on a real
+single-node Grid Engine (Son of Grid Engine 8.1.9, see docs/clusters.md and
+tests/test_sge.py).
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def qrsh_command(
 
 
 class SgeLauncher(BatchLauncher):
-    """Starts each slot with ``qrsh -inherit`` on its host of the current SGE job.
+    """Starts one host daemon per host of the current SGE job with ``qrsh -inherit``.
 
     ``qrsh_args`` are extra ``qrsh`` options; ``export_env=False`` drops ``-V``. See
     :class:`~isdgrid.launchers.batch.BatchLauncher` for ``bind`` and ``temp_root``.

@@ -1,22 +1,24 @@
-"""The SLURM launcher: daemons as ``srun`` job steps inside the driver's allocation.
+"""The SLURM launcher: one host daemon per node, as an ``srun`` job step inside the driver's allocation.
 
 The driver runs in a batch script (``sbatch``) or an interactive allocation (``salloc``).
 Hosts and slots come from the allocation: the nodes of ``$SLURM_JOB_NODELIST`` (expanded
-with ``scontrol show hostnames``) with ``$SLURM_TASKS_PER_NODE`` slots each. Every slot
-is one job step::
+with ``scontrol show hostnames``) with ``$SLURM_TASKS_PER_NODE`` slots each. Each node
+runs one job step, its host daemon (:mod:`isdgrid.hostd`), which forks the node's slot
+workers (a respawn is a fork in the same step, not a new step)::
 
-    srun --nodes=1 --ntasks=1 --cpus-per-task=C --exact --mem=0 --nodelist=NODE \\
-         --input=all --job-name=isdgrid-TAG [--gres=gpu:G] [--overlap] python -u -m isdgrid.daemon ...
+    srun --nodes=1 --ntasks=1 --cpus-per-task=C*N --exact --mem=0 --nodelist=NODE \
+         --input=all --job-name=isdgrid-TAG [--gres=gpu:G*N] [--overlap] python -u -m isdgrid.hostd ...
 
-``--exact`` limits a step to the CPUs it asks for, so the steps together never use more
-than the allocation; ``--mem=0`` lets every step use the job's memory without taking it
-from the other steps; ``--overlap`` (added when the driver itself runs inside a step,
-which holds the CPUs) lets the daemons share them. ``--gres=gpu:G`` (``gpus_per_slot``)
-gives each step G GPUs of its own, which SLURM binds (it sets ``CUDA_VISIBLE_DEVICES`` in
-the step); ``--gres`` rather than ``--gpus-per-task`` works with ``select/cons_res`` too,
-and with one task per step the two ask for the same. The secret goes over ``srun``'s stdin,
-which ``--input=all`` forwards to the task; when ``srun`` ends, its task's stdin closes
-and the daemon exits. Teardown closes stdin, then signals ``srun``, and finally cancels
+for the node's N slots. ``--exact`` limits the step to the CPUs it asks for (C per slot),
+so the grid never uses more than the allocation; ``--mem=0`` lets the step use the job's
+memory; ``--overlap`` (added when the driver itself runs inside a step, which holds the
+CPUs) lets the daemons share them. ``--gres=gpu:G*N`` (``gpus_per_slot`` G) asks for
+the node's slots' GPUs, which SLURM binds to the step (it sets ``CUDA_VISIBLE_DEVICES``);
+the host daemon (``--gpus-per-slot G``) gives slot k the k-th G of them (``spawn ... @k``).
+``--gres`` rather than ``--gpus-per-task`` works with ``select/cons_res`` too. The
+secret and then the grid's commands go over ``srun``'s stdin, which ``--input=all``
+forwards to the task; when ``srun`` ends, the host daemon's stdin closes and it ends its
+workers and exits. Teardown closes stdin, then signals ``srun``, and finally cancels
 (``scancel``) any step of this grid that is still listed.
 """
 
@@ -138,12 +140,13 @@ def allocation_hosts(environ: Mapping[str, str], scontrol: str = "scontrol") -> 
 
 
 class SlurmLauncher(BatchLauncher):
-    """Starts each slot as a one-task ``srun`` step on its node of the current allocation.
+    """Starts one host daemon per node of the current allocation as a one-task ``srun`` step.
 
-    ``cpus_per_task`` defaults to the job's ``$SLURM_CPUS_PER_TASK`` (else 1);
-    ``overlap`` defaults to True only when the driver runs inside a job step;
-    ``gpus_per_slot`` GPUs are asked for each daemon's step, bound by SLURM (the hosts then
-    may not list ``gpus``: SLURM, not the grid, sets ``CUDA_VISIBLE_DEVICES``);
+    ``cpus_per_task`` (CPUs per slot) defaults to the job's ``$SLURM_CPUS_PER_TASK`` (else
+    1); ``overlap`` defaults to True only when the driver runs inside a job step;
+    ``gpus_per_slot`` GPUs per slot are asked for the node's step, bound by SLURM and split
+    among the slots by the host daemon (the hosts then may not list ``gpus``: SLURM, not
+    the grid, picks the devices);
     ``srun_args`` are extra ``srun`` options. See :class:`BatchLauncher` for ``bind``
     and ``temp_root``.
     """
