@@ -371,12 +371,6 @@ def serve(
             stop.set()
             log.info("%s: %s; shutting down", agent.label, reason)
 
-    if watch_stdin:
-        threading.Thread(target=_watch_stdin, args=(shut,), name="stdin-watch", daemon=True).start()
-    if heartbeat_timeout > 0:
-        threading.Thread(
-            target=_watch_heartbeat, args=(agent, heartbeat_timeout, stop, shut), name="heartbeat-watch", daemon=True
-        ).start()
     if uri_file:
         tmp = uri_file + ".tmp"
         with open(tmp, "w") as fh:
@@ -407,8 +401,7 @@ def serve(
         if tag_output:
             cleanup.enter_context(TaggedOutput())
         log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
-        while not stop.wait(1.0):
-            pass
+        _watch(agent, stop, shut, watch_stdin, heartbeat_timeout)
     return driver_gone.is_set() and not retired.is_set()
 
 
@@ -444,29 +437,42 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _watch_stdin(shut: Any) -> None:
+def _watch(agent: Agent, stop: threading.Event, shut: Any, watch_stdin: bool, heartbeat_timeout: float) -> None:
+    """The main thread's watch until the daemon stops: stdin, heartbeat silence, a stop from elsewhere.
+
+    With ``watch_stdin``, the end of stdin means the driver is gone and a line ``retire``
+    that the grid replaced this slot; with ``heartbeat_timeout``, that long without a
+    request means the driver is gone. One thread for both (a host runs hundreds of these).
+    """
+    step = max(0.2, min(1.0, heartbeat_timeout / 4)) if heartbeat_timeout > 0 else 1.0
+    fd: int | None = None
+    if watch_stdin:
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError, AttributeError):
+            shut("no stdin to watch (the driver is gone)")
+            return
     seen = b""
-    try:
-        while True:
-            data = os.read(sys.stdin.fileno(), 65536)
+    while not stop.is_set():
+        if fd is None:
+            stop.wait(step)
+        elif select.select([fd], [], [], step)[0]:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
             if not data:
-                break
+                shut("stdin closed (the driver is gone)")
+                return
             seen = (seen + data)[-64:]
             if b"retire\n" in seen:
                 shut("retired by the grid (the slot is replaced)", gone=False)
                 return
-    except (OSError, ValueError):
-        pass
-    shut("stdin closed (the driver is gone)")
-
-
-def _watch_heartbeat(agent: Agent, timeout: float, stop: threading.Event, shut: Any) -> None:
-    step = max(0.2, min(1.0, timeout / 4))
-    while not stop.wait(step):
-        silent = time.monotonic() - agent.last_contact
-        if silent > timeout:
-            shut(f"no heartbeat for {silent:.1f} s")
-            return
+        if heartbeat_timeout > 0:
+            silent = time.monotonic() - agent.last_contact
+            if silent > heartbeat_timeout:
+                shut(f"no heartbeat for {silent:.1f} s")
+                return
 
 
 def _read_secret(args: argparse.Namespace) -> str:
