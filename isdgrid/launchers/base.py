@@ -433,6 +433,7 @@ class ProcessLauncher(Launcher):
                 raise ConfigError(f"preload: {name!r} is not a module name")
         self._host_daemons: dict[tuple[str, str], Any] = {}  # (host name, folder) -> HostProcess
         self._hosts_lock = threading.Lock()
+        self._host_starts: dict[tuple[str, str], threading.Lock] = {}  # held while a host daemon starts
 
     @abc.abstractmethod
     def command(self, specs: Sequence[SlotSpec]) -> list[str]:
@@ -480,10 +481,20 @@ class ProcessLauncher(Launcher):
 
     def _host_daemon(self, specs: Sequence[SlotSpec], secret: str, launched: list[Any]) -> Any:
         """The running host daemon for these slots' host, or a new one; a LaunchError if it cannot start."""
+        spec = specs[0]
+        key = (spec.host.name, spec.temp_path)
+        with self._hosts_lock:
+            starting = self._host_starts.setdefault(key, threading.Lock())
+        # One start at a time per host: slots respawned at once after their host daemon died
+        # all come back under the one new host daemon.
+        with starting:
+            return self._host_daemon_locked(key, specs, secret, launched)
+
+    def _host_daemon_locked(self, key: tuple[str, str], specs: Sequence[SlotSpec], secret: str,
+                            launched: list[Any]) -> Any:
         from .hostprocess import HostProcess
 
         spec = specs[0]
-        key = (spec.host.name, spec.temp_path)
         with self._hosts_lock:
             host = self._host_daemons.get(key)
         if host is not None and host.alive():
