@@ -323,7 +323,9 @@ class HostDaemon:
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
-        log_stream = open(log_fd, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - the worker's life
+        # closefd=False: when this frame ends, the stream's collection must not close the log
+        # descriptor under a thread still logging its way out (os._exit follows).
+        log_stream = open(log_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         root.addHandler(_LineHandler(log_fd))
         daemon.set_slot_environment((self.label, str(slot), str(rank)), None if gpu == "-" else gpu)
         unix_socket = None
