@@ -48,6 +48,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import daemon
 from .announce import STDERR_MARK, STDOUT_MARK
@@ -116,6 +117,9 @@ def _write_all(fd: int, data: bytes) -> None:
 class HostDaemon:
     """The host daemon's state and its one loop (see the module's documentation)."""
 
+    #: The grid's commands come on stdin (a daemon started by hand takes none: :mod:`isdgrid.handstarted`).
+    commands_on_stdin = True
+
     def __init__(self, secret: str, args: argparse.Namespace) -> None:
         self.secret = secret
         self.args = args
@@ -142,9 +146,10 @@ class HostDaemon:
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        os.set_blocking(0, False)
-        self.selector.register(0, selectors.EVENT_READ, "stdin")
-        _write_all(1, f"{HOST_PREFIX}{os.getpid()}\n".encode())
+        if self.commands_on_stdin:
+            os.set_blocking(0, False)
+            self.selector.register(0, selectors.EVENT_READ, "stdin")
+        self._tell(f"{HOST_PREFIX}{os.getpid()}")
         log.info("%s: host daemon ready in %s (pid %d)", self.label, self.temp_path, os.getpid())
         self._commands(pending_stdin)
         while True:
@@ -261,7 +266,7 @@ class HostDaemon:
             for fd in fds:
                 os.close(fd)
             log.error("%s: cannot start slot %d: %s", self.label, slot, exc)
-            _write_all(1, f"{EXIT_PREFIX}{slot} 0 255\n".encode())
+            self._tell(f"{EXIT_PREFIX}{slot} 0 255")
             return
         gc.freeze()  # what the template holds stays shared: the workers' collections never touch it
         try:
@@ -270,7 +275,7 @@ class HostDaemon:
             for fd in fds:
                 os.close(fd)
             log.error("%s: cannot fork a worker for slot %d: %s", self.label, slot, exc)
-            _write_all(1, f"{EXIT_PREFIX}{slot} 0 255\n".encode())
+            self._tell(f"{EXIT_PREFIX}{slot} 0 255")
             return
         if pid == 0:
             code = 1
@@ -293,7 +298,7 @@ class HostDaemon:
             self.selector.register(read_end, selectors.EVENT_READ, _Pipe(worker, mark))
         self.workers[pid] = worker
         self.by_slot[slot] = worker
-        _write_all(1, f"{WORKER_PREFIX}{slot} {pid}\n".encode())
+        self._tell(f"{WORKER_PREFIX}{slot} {pid}")
 
     def _worker_main(self, slot: int, rank: int, gpu: str, life: tuple[int, int], ends: list[tuple[int, int]]) -> int:
         """The forked worker: its own process group and descriptors, then the slot's daemon."""
@@ -344,10 +349,19 @@ class HostDaemon:
                 heartbeat_timeout=self.args.heartbeat_timeout,
                 announce_to=log_stream,
                 users=self.users,
+                **self._serve_options(slot),
             )
         except KeyboardInterrupt:
             pass
         return EXIT_DRIVER_GONE if gone else 0
+
+    def _serve_options(self, slot: int) -> dict[str, Any]:
+        """More keyword arguments of the worker's :func:`isdgrid.daemon.serve` (port, name server)."""
+        return {}
+
+    def _tell(self, report: str) -> None:
+        """One report line (``ISDGRID-HOST``, ``-WORKER``, ``-EXIT``) to the driver."""
+        _write_all(1, f"{report}\n".encode())
 
     def _stop(self, worker: Worker) -> None:
         """End a worker's process group: its stdin closed, TERM (and CONT), KILL at the deadline."""
@@ -407,7 +421,7 @@ class HostDaemon:
                     self._read_pipe(fd, key.data, drain=True)
             if self.by_slot.get(worker.slot) is worker:
                 del self.by_slot[worker.slot]
-            _write_all(1, f"{EXIT_PREFIX}{worker.slot} {pid} {worker.code}\n".encode())
+            self._tell(f"{EXIT_PREFIX}{worker.slot} {pid} {worker.code}")
             if worker.code == EXIT_DRIVER_GONE and not self.workers and self.stopping_at is None:
                 log.info("%s: its last worker took the driver for gone; ending", self.label)
                 self.driver_gone = True
