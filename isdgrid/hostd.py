@@ -119,6 +119,8 @@ class HostDaemon:
 
     #: The grid's commands come on stdin (a daemon started by hand takes none: :mod:`isdgrid.handstarted`).
     commands_on_stdin = True
+    #: Sent to a worker's process group when it is to end (with its stdin closed; KILL at the deadline).
+    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGCONT)
 
     def __init__(self, secret: str, args: argparse.Namespace) -> None:
         self.secret = secret
@@ -374,7 +376,7 @@ class HostDaemon:
             worker.life = None
         if worker.kill_at is None:
             worker.kill_at = time.monotonic() + self.args.stop_timeout
-        for sig in (signal.SIGTERM, signal.SIGCONT):
+        for sig in self.stop_signals:
             with contextlib.suppress(OSError):
                 os.killpg(worker.pid, sig)
 
