@@ -10,8 +10,8 @@ to them (``Grid.attach``) by their URIs or through a Pyro5 name server.
 - ``--nameserver HOST:PORT --group G``: worker i registers as ``isdgrid.G.<label>_<i>``
   (label: ``--label``, else ``<hostname>-<pid>``) and unregisters when it ends.
 - stderr: its log, and what the published objects print, prefixed ``[label/slot]``.
-- Ctrl-C or SIGTERM ends every worker (TERM to its process group, KILL after
-  ``--stop-timeout``); it also ends once no worker is left. A worker that ends is not
+- Ctrl-C or SIGTERM ends every worker (its stdin closed, its process group killed if it
+  is still there after ``--stop-timeout``); it also ends once no worker is left. A worker that ends is not
   started again: a grid attached to it sees its slot lost.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -41,6 +42,9 @@ class HandStartedHostDaemon(HostDaemon):
     """A host daemon that forks ``--slots`` workers itself and takes no commands."""
 
     commands_on_stdin = False
+    # No TERM: a worker whose stdin closes unregisters from the name server and ends; a TERM
+    # could cut that short (KeyboardInterrupt). CONT wakes a stopped one; KILL comes at the deadline.
+    stop_signals = (signal.SIGCONT,)
 
     def __init__(self, secret: str, args: argparse.Namespace) -> None:
         super().__init__(secret, args)
