@@ -54,6 +54,10 @@ def cli(verbose: int) -> None:
 @click.option("--label", default="", help="Name in logs and in the name server.")
 @click.option("--nameserver", metavar="HOST:PORT", help="Register the URI at this Pyro5 name server.")
 @click.option("--group", default="default", show_default=True, help="Name server group the grid attaches to.")
+@click.option(
+    "--slots", type=click.IntRange(1), default=None,
+    help="Run a host daemon that forks this many slot workers, each with its own URI (--port P: slot i on P+i).",
+)
 def daemon(
     host: str,
     port: int,
@@ -65,11 +69,35 @@ def daemon(
     label: str,
     nameserver: str | None,
     group: str,
+    slots: int | None,
 ) -> None:
-    """Start a host daemon by hand; a grid attaches to it by its URI or through a name server."""
+    """Start a daemon by hand; a grid attaches to it by its URI or through a name server.
+
+    With --slots N: one host daemon that forks N slot workers (one URI each, all
+    registered at the name server, all in --uri-file one a line); Ctrl-C or SIGTERM ends
+    them all.
+    """
+    if slots is not None:
+        from .handstarted import main as host_main
+
+        hand_argv = ["--slots", str(slots), "--bind", host, "--port", str(port),
+                     "--heartbeat-timeout", str(heartbeat_timeout)]
+        hand_argv += _daemon_options(secret_stdin, secret_file, temp_path, uri_file, label, nameserver, group)
+        host_main(hand_argv)
+        return
     from .daemon import main as daemon_main
 
     argv = ["--host", host, "--port", str(port), "--heartbeat-timeout", str(heartbeat_timeout)]
+    argv += _daemon_options(secret_stdin, secret_file, temp_path, uri_file, label, nameserver, group)
+    daemon_main(argv)
+
+
+def _daemon_options(
+    secret_stdin: bool, secret_file: str | None, temp_path: str | None, uri_file: str | None, label: str,
+    nameserver: str | None, group: str,
+) -> list[str]:
+    """The options ``isdgrid daemon`` passes on to the daemon it runs."""
+    argv: list[str] = []
     if secret_stdin:
         argv.append("--secret-stdin")
     elif secret_file:
@@ -84,7 +112,7 @@ def daemon(
         argv += ["--label", label]
     if nameserver:
         argv += ["--nameserver", nameserver, "--group", group]
-    daemon_main(argv)
+    return argv
 
 
 def _launcher_option(help_text: str) -> Any:

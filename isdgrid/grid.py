@@ -175,6 +175,7 @@ class Grid:
                 "log_dir": log_dir,
                 "forward_output": forward_output,
                 "heartbeat_timeout": daemon_timeout,
+                "stop_timeout": stop_timeout,  # the host daemons' TERM-to-KILL grace
                 **(launcher_options or {}),
             }
             self._launcher = make_launcher(launcher, **options)

@@ -49,6 +49,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import daemon
 from .announce import STDERR_MARK, STDOUT_MARK
@@ -117,6 +118,11 @@ def _write_all(fd: int, data: bytes) -> None:
 class HostDaemon:
     """The host daemon's state and its one loop (see the module's documentation)."""
 
+    #: The grid's commands come on stdin (a daemon started by hand takes none: :mod:`isdgrid.handstarted`).
+    commands_on_stdin = True
+    #: Sent to a worker's process group when it is to end (with its stdin closed; KILL at the deadline).
+    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGCONT)
+
     def __init__(self, secret: str, args: argparse.Namespace) -> None:
         self.secret = secret
         self.args = args
@@ -144,9 +150,10 @@ class HostDaemon:
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        os.set_blocking(0, False)
-        self.selector.register(0, selectors.EVENT_READ, "stdin")
-        _write_all(1, f"{HOST_PREFIX}{os.getpid()}\n".encode())
+        if self.commands_on_stdin:
+            os.set_blocking(0, False)
+            self.selector.register(0, selectors.EVENT_READ, "stdin")
+        self._tell(f"{HOST_PREFIX}{os.getpid()}")
         log.info("%s: host daemon ready in %s (pid %d)", self.label, self.temp_path, os.getpid())
         self._commands(pending_stdin)
         while True:
@@ -264,7 +271,7 @@ class HostDaemon:
             for fd in fds:
                 os.close(fd)
             log.error("%s: cannot start slot %d: %s", self.label, slot, exc)
-            _write_all(1, f"{EXIT_PREFIX}{slot} 0 255\n".encode())
+            self._tell(f"{EXIT_PREFIX}{slot} 0 255")
             return
         gc.freeze()  # what the template holds stays shared: the workers' collections never touch it
         host_pid = os.getpid()
@@ -274,7 +281,7 @@ class HostDaemon:
             for fd in fds:
                 os.close(fd)
             log.error("%s: cannot fork a worker for slot %d: %s", self.label, slot, exc)
-            _write_all(1, f"{EXIT_PREFIX}{slot} 0 255\n".encode())
+            self._tell(f"{EXIT_PREFIX}{slot} 0 255")
             return
         if pid == 0:
             code = 1
@@ -308,7 +315,7 @@ class HostDaemon:
             self.selector.register(read_end, selectors.EVENT_READ, _Pipe(worker, mark))
         self.workers[pid] = worker
         self.by_slot[slot] = worker
-        _write_all(1, f"{WORKER_PREFIX}{slot} {pid}\n".encode())
+        self._tell(f"{WORKER_PREFIX}{slot} {pid}")
 
     def _worker_main(self, slot: int, rank: int, gpu: str, life: tuple[int, int], ends: list[tuple[int, int]]) -> int:
         """The forked worker: its own process group and descriptors, then the slot's daemon."""
@@ -335,7 +342,9 @@ class HostDaemon:
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
-        log_stream = open(log_fd, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - the worker's life
+        # closefd=False: when this frame ends, the stream's collection must not close the log
+        # descriptor under a thread still logging its way out (os._exit follows).
+        log_stream = open(log_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         root.addHandler(_LineHandler(log_fd))
         daemon.set_slot_environment((self.label, str(slot), str(rank)), None if gpu == "-" else gpu)
         if self.args.cpu_bind:
@@ -357,10 +366,19 @@ class HostDaemon:
                 heartbeat_timeout=self.args.heartbeat_timeout,
                 announce_to=log_stream,
                 users=self.users,
+                **self._serve_options(slot),
             )
         except KeyboardInterrupt:
             pass
         return EXIT_DRIVER_GONE if gone else 0
+
+    def _serve_options(self, slot: int) -> dict[str, Any]:
+        """More keyword arguments of the worker's :func:`isdgrid.daemon.serve` (port, name server)."""
+        return {}
+
+    def _tell(self, report: str) -> None:
+        """One report line (``ISDGRID-HOST``, ``-WORKER``, ``-EXIT``) to the driver."""
+        _write_all(1, f"{report}\n".encode())
 
     def _stop(self, worker: Worker) -> None:
         """End a worker's process group: its stdin closed, TERM (and CONT), KILL at the deadline."""
@@ -373,7 +391,7 @@ class HostDaemon:
             worker.life = None
         if worker.kill_at is None:
             worker.kill_at = time.monotonic() + self.args.stop_timeout
-        for sig in (signal.SIGTERM, signal.SIGCONT):
+        for sig in self.stop_signals:
             with contextlib.suppress(OSError):
                 os.killpg(worker.pid, sig)
 
@@ -420,7 +438,7 @@ class HostDaemon:
                     self._read_pipe(fd, key.data, drain=True)
             if self.by_slot.get(worker.slot) is worker:
                 del self.by_slot[worker.slot]
-            _write_all(1, f"{EXIT_PREFIX}{worker.slot} {pid} {worker.code}\n".encode())
+            self._tell(f"{EXIT_PREFIX}{worker.slot} {pid} {worker.code}")
             if worker.code == EXIT_DRIVER_GONE and not self.workers and self.stopping_at is None:
                 log.info("%s: its last worker took the driver for gone; ending", self.label)
                 self.driver_gone = True

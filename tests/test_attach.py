@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import Pyro5.core
 import Pyro5.errors
 import pytest
+from conftest import wait_until
 from remote_objects import Recorder
 
 from isdgrid import AuthenticationError, ConfigError, Grid, LaunchError
@@ -289,3 +291,118 @@ def test_daemon_with_a_bad_group_says_so_in_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "bad group name 'a.b'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- a host daemon started by hand: isdgrid daemon --slots N --------------------------------
+
+
+def _read_uris(proc: subprocess.Popen[bytes], count: int, timeout: float = 60.0) -> list[str]:
+    """The first ``count`` URIs ``proc`` prints on stdout (bounded by ``timeout``)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    uris: list[str] = []
+    pending = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while len(uris) < count and time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            data = os.read(fd, 65536)  # not the buffered reader: one read may hold several lines
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            uris += [u for u in (parse_announcement(line.decode()) for line in lines) if u is not None]
+    assert len(uris) >= count, f"host daemon pid {proc.pid} printed {len(uris)} of {count} URIs within {timeout} s"
+    return uris[:count]
+
+
+def _start_host(tmp: Path, name: str, slots: int, options: list[str]) -> tuple[subprocess.Popen[bytes], list[str]]:
+    folder = tmp / f"{name}-cwd"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process ends
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "isdgrid", "daemon", "--slots", str(slots), "--secret-file", str(tmp / "secret"),
+         *options],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=folder,
+    )
+    log.close()
+    try:
+        return proc, _read_uris(proc, slots)
+    except BaseException:
+        _end(proc)
+        raise
+
+
+def _running(procs: list[psutil.Process]) -> list[int]:
+    still = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                still.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return still
+
+
+def test_a_host_daemon_with_slots_serves_each_slot_and_registers_them_all(setup: Setup) -> None:
+    uri_file = setup.tmp / "host.uris"
+    proc, uris = _start_host(setup.tmp, "host3", 3, [
+        "--nameserver", setup.nameserver, "--group", "hand", "--label", "node-a", "--uri-file", str(uri_file)])
+    workers: list[psutil.Process] = []
+    try:
+        entries = _wait_entries(setup.nameserver, "hand", 3)
+        names = [entry_name("hand", f"node-a/{i}") for i in range(3)]
+        assert sorted(entries) == names and sorted(entries.values()) == sorted(uris)
+        assert wait_until(uri_file.exists, 30)
+        assert uri_file.read_text().split() == [entries[name] for name in names]  # one URI a line, slot order
+        with Grid.attach(nameserver=setup.nameserver, group="hand", secret=SECRET) as grid:
+            assert sorted(slot.uri for slot in grid.slots) == sorted(uris)
+            sid = grid.publish(Recorder())
+            pids = grid.gather(grid.broadcast(sid, "pid"), timeout=30)
+            grid.release_all()
+        workers = [psutil.Process(pid) for pid in pids]
+        assert len(set(pids)) == 3 and proc.pid not in pids
+        for worker in workers:  # forked by the host daemon, each in a process group of its own
+            assert worker.ppid() == proc.pid and os.getpgid(worker.pid) == worker.pid
+        with Grid.attach(uri_file.read_text().split(), secret=SECRET) as grid:  # the file serves attach too
+            sid = grid.publish(Recorder())
+            assert grid.gather(grid.broadcast(sid, "ident", 5), timeout=30) == [5, 5, 5]
+        assert proc.poll() is None and _running(workers) == [w.pid for w in workers]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert wait_until(lambda: not _running(workers), 30), f"workers outlived their host daemon: {_running(workers)}"
+        assert _wait_entries(setup.nameserver, "hand", 0) == {}  # every worker unregistered
+    finally:
+        _end(proc)
+        for pid in _running(workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_of_a_host_daemon_with_slots_ends_every_worker(setup: Setup) -> None:
+    proc, uris = _start_host(setup.tmp, "host2", 2, [])
+    workers: list[psutil.Process] = []
+    try:
+        with Grid.attach(uris, secret=SECRET) as grid:
+            sid = grid.publish(Recorder())
+            workers = [psutil.Process(pid) for pid in grid.gather(grid.broadcast(sid, "pid"), timeout=30)]
+        assert [w.ppid() for w in workers] == [proc.pid, proc.pid]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert wait_until(lambda: not _running(workers), 30), f"workers outlived their host daemon: {_running(workers)}"
+        for uri in uris:  # nothing listens there any more
+            with pytest.raises(OSError), socket.create_connection(uri_address(uri), timeout=5):
+                pass
+    finally:
+        _end(proc)
+        for pid in _running(workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_daemon_slots_must_be_positive_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "isdgrid", "daemon", "--slots", "0", "--secret-file", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=60, env=_env(), stdin=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "--slots" in proc.stderr and "Traceback" not in proc.stderr

@@ -433,6 +433,7 @@ class ProcessLauncher(Launcher):
                 raise ConfigError(f"preload: {name!r} is not a module name")
         self._host_daemons: dict[tuple[str, str], Any] = {}  # (host name, folder) -> HostProcess
         self._hosts_lock = threading.Lock()
+        self._host_starts: dict[tuple[str, str], threading.Lock] = {}  # held while a host daemon starts
 
     @abc.abstractmethod
     def command(self, specs: Sequence[SlotSpec]) -> list[str]:
@@ -480,32 +481,42 @@ class ProcessLauncher(Launcher):
 
     def _host_daemon(self, specs: Sequence[SlotSpec], secret: str, launched: list[Any]) -> Any:
         """The running host daemon for these slots' host, or a new one; a LaunchError if it cannot start."""
+        spec = specs[0]
+        key = (spec.host.name, spec.temp_path)
+        with self._hosts_lock:
+            starting = self._host_starts.setdefault(key, threading.Lock())
+        # One start at a time per host: slots respawned at once after their host daemon died
+        # all come back under the one new host daemon.
+        with starting:
+            return self._host_daemon_locked(key, specs, secret, launched)
+
+    def _host_daemon_locked(self, key: tuple[str, str], specs: Sequence[SlotSpec], secret: str,
+                            launched: list[Any]) -> Any:
         from .hostprocess import HostProcess
 
         spec = specs[0]
-        key = (spec.host.name, spec.temp_path)
-        # Under the lock: the respawns of a lost host's slots, at once in two threads, start one host daemon.
         with self._hosts_lock:
             host = self._host_daemons.get(key)
-            if host is not None and host.alive():
-                return host
-            cmd = self.command(specs)
-            try:
-                with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
-                    proc = subprocess.Popen(
-                        cmd,
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        env=self.environment(spec),
-                        cwd=self.workdir(spec),
-                        start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
-                    )
-                    host = HostProcess(spec, proc, cmd, self.log_dir, self.forward_output)
-                    launched.append(host)
-            except OSError as exc:
-                return LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
-            host.send(secret)
+        if host is not None and host.alive():
+            return host
+        cmd = self.command(specs)
+        try:
+            with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=self.environment(spec),
+                    cwd=self.workdir(spec),
+                    start_new_session=True,  # a Ctrl-C in the driver's terminal is the driver's alone
+                )
+                host = HostProcess(spec, proc, cmd, self.log_dir, self.forward_output)
+                launched.append(host)
+        except OSError as exc:
+            return LaunchError(f"cannot run command: {exc}", host=spec.host.name, command=cmd)
+        host.send(secret)
+        with self._hosts_lock:
             self._host_daemons[key] = host
         return host
 
