@@ -273,7 +273,7 @@ class _OutputReader:
                 for added in new:
                     try:
                         self._selector.register(added.fileno(), selectors.EVENT_READ, added)
-                    except (ValueError, OSError):
+                    except (ValueError, OSError, KeyError):
                         added.finish()
                 continue
             try:
@@ -499,6 +499,8 @@ class ProcessLauncher(Launcher):
             host = self._host_daemons.get(key)
         if host is not None and host.alive():
             return host
+        if host is not None:  # ended (or ending): its pipe to it goes; the output thread closes the other
+            host.close_stdin()
         cmd = self.command(specs)
         try:
             with _sigint_held():  # a Ctrl-C comes once the process is on the list to end
@@ -561,9 +563,9 @@ class ProcessLauncher(Launcher):
         code = worker.poll()
         if code is None:
             reason = f"daemon did not report its address within {timeout:.0f} s"
-        elif host.output.done() and worker.pid is None:
-            code = host.process.poll()
-            reason = f"daemon exited with code {code} before serving"
+        elif host.output.done() and worker.pid is None:  # the host daemon ended before it forked the slot
+            wait_for_exit(host.process, 2.0)
+            reason = f"host daemon exited with code {host.process.returncode} before serving"
         else:
             reason = f"daemon exited with code {code} before serving"
         lines = [*host.output.early_lines, *output.early_lines]
@@ -632,7 +634,7 @@ class ProcessLauncher(Launcher):
             for key, known in list(self._host_daemons.items()):
                 if known is host:
                     del self._host_daemons[key]
-        _close_pipes(proc)
+        host.close_stdin()  # its stdout is closed by the output thread, once it has read it to the end
 
     @staticmethod
     def _reap(handle: DaemonHandle) -> None:
@@ -708,15 +710,6 @@ def close_stdin(proc: subprocess.Popen[bytes], retire: bool = False) -> None:
             proc.stdin.close()
         except OSError:
             pass
-
-
-def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            try:
-                pipe.close()
-            except OSError:
-                pass
 
 
 def wait_for_exit(proc: Any, timeout: float) -> bool:

@@ -11,6 +11,7 @@ daemon's own to ``logging`` and its log file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -195,6 +196,8 @@ class HostOutput:
             output.finish()
         if self._log_file is not None:
             self._log_file.close()
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.close()  # here, once the output thread no longer watches it (its number may come again)
 
 
 class HostProcess:
