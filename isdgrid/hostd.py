@@ -484,6 +484,32 @@ class HostDaemon:
         log.info("%s: host daemon ends", self.label)
 
 
+def _warm_up() -> None:
+    """Import and run once, in the template, what every worker's first minutes would.
+
+    A module imported, or a function first run, after the fork costs each worker its own
+    copy of the memory it writes (module objects, and code the interpreter specializes in
+    place); done here, before the fork, the workers share it. No thread is started.
+    """
+    import locale  # noqa: F401 - imported by the workers' text streams
+
+    import Pyro5.svr_existingconn  # noqa: F401 - each control connection's Pyro5 daemon
+
+    from . import codec
+    from .agent import AGENT_ID, Agent, ControlEndpoint
+
+    ends = socket.socketpair()
+    try:
+        pyro = Pyro5.server.Daemon(connected_socket=ends[0])
+        pyro.register(ControlEndpoint(Agent(os.getcwd(), "warm-up")), AGENT_ID)
+        pyro.close()
+    finally:
+        for end in ends:
+            end.close()
+    for _ in range(3):
+        codec.loads(codec.dumps({"warm": [1, 2.0, "up", b"x" * 64]}))
+
+
 def _gpu_shares(visible: str | None, per_slot: int) -> list[str]:
     """``CUDA_VISIBLE_DEVICES`` cut into shares of ``per_slot`` devices (one share per slot)."""
     if not per_slot or not visible:
@@ -537,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     code = 0
     try:
         host = HostDaemon(secret, args)
+        _warm_up()
         for name in args.preload:
             started = time.monotonic()
             importlib.import_module(name)
