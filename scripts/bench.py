@@ -1176,7 +1176,9 @@ def report_scale(res: Results) -> str:
         for kind, k, key in [*hung, ("host", 0, "hung_host")]:
             what = _hung_what(kind, k)
             if key in res.values:
-                lines.append(f"| {what} | {_s(g(key))} | {g(f'{key}_exiting'):.0f} | {g(f'{key}_left'):.0f} |")
+                exiting = g(f"{key}_exiting")
+                shown = f"{exiting:.0f}" if exiting == exiting else "-"  # not in runs saved before it was counted
+                lines.append(f"| {what} | {_s(g(key))} | {shown} | {g(f'{key}_left'):.0f} |")
             elif key in res.notes:
                 lines.append(f"| {what} | {res.notes[key]} | | |")
     lines += ["", "| target (issues 18 and 19) | measured | met |", "| --- | ---: | :---: |"]
