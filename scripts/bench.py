@@ -43,14 +43,23 @@ Pyro5), ``payloads`` (echo of 1 KB to 8 MB against a raw socket and raw Pyro5), 
   idle slot (summed over every process the grid started, over the slots), against forking as
   many floor processes and their Pss.
 - ``scale``: the floor at ``--floor-scale`` (1,000) processes; with ``--scale N`` also a grid of
-  N local slots (off by default: today 1,000 slots do not fit the machine): start, broadcast +
-  gather, ``terminate()``, then no process of the grid and no folder may be left.
+  N local slots (off by default: a minute or more): start, Pss per idle slot, broadcast +
+  gather against the floor at N, ``terminate()``, then no process of the grid and no folder
+  may be left. ``--start-sizes 8,64,1000`` also puts 1,000 slots in the ``start`` table.
+- ``respawn``: a grid of ``--respawn-slots`` (8) slots with ``respawn=True``; ``--kills`` (5)
+  times one worker is ``kill -9``ed (``slot.handle.process.pid``): the time until the grid logs
+  the loss, and from there until the slot serves a call again (a broadcast + gather answered
+  by the new worker).
+- ``hung``: ``terminate()`` of a grid with k (``--hung``, 1,3,6) slot workers SIGSTOPped, or
+  stuck in C code that holds the GIL (only SIGKILL ends them), and with its host daemon
+  SIGSTOPped; ``--stop-timeout`` (5 s) is the grids' ``stop_timeout``, the bound is it + 1 s.
 
 These run once per run (not ``--repeat`` times); each is a median over interleaved blocks. One
 section takes under about two minutes::
 
     PYTHONPATH=. nice -n 10 python scripts/bench.py --only fanout --repeat 1 --plot ''
     PYTHONPATH=. nice -n 10 python scripts/bench.py --only latency,start,scale --repeat 1 --plot ''
+    PYTHONPATH=. nice -n 10 python scripts/bench.py --only respawn,hung --repeat 1 --plot ''   # about a minute
     PYTHONPATH=. python scripts/bench.py --only scale --scale 1000 --repeat 1 --plot ''
 
 Reading it: a ratio is isdgrid's figure over the peer's (the floor's) in the same run; 1.00x
@@ -69,6 +78,7 @@ import concurrent.futures
 import faulthandler
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -158,6 +168,13 @@ class Bench:
 
     def nap(self, seconds: float) -> None:
         time.sleep(seconds)
+
+    def stuck(self) -> None:
+        """Hang in C code that holds the GIL (catastrophic regex backtracking): no signal
+        handler, no other thread of the process runs again; only SIGKILL ends it."""
+        import re
+
+        re.match(r"(a+)+$", "a" * 64 + "b")
 
 
 def _noop(*_: Any) -> None:
@@ -761,6 +778,133 @@ def bench_scale(res: Results, n_floor: int, n_grid: int, start_timeout: float) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _Seen(logging.Handler):
+    """Notes when the grid logs that a slot was lost, and that it was respawned (``time.perf_counter``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.times: dict[str, float] = {}
+        self.changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for key, head in (("lost", "host "), ("respawned", "respawned ")):
+            if text.startswith(head):
+                label = text[len(head) :].split(" ", 1)[0].rstrip(":")
+                with self.changed:
+                    self.times.setdefault(f"{key} {label}", time.perf_counter())
+                    self.changed.notify_all()
+
+    def wait(self, key: str, timeout: float) -> float | None:
+        """When ``key`` ("lost LABEL" or "respawned LABEL") was logged; None if not within ``timeout`` s."""
+        with self.changed:
+            self.changed.wait_for(lambda: key in self.times, timeout)
+            return self.times.get(key)
+
+
+def bench_respawn(res: Results, n: int, kills: int, start_timeout: float) -> None:
+    """``kill -9`` of one slot worker of a running grid (``respawn=True``): how soon the loss is
+    seen, and how soon after that the slot serves a call again.
+
+    The loss is seen when the grid logs it (the slot is marked lost: its calls fail with
+    ``HostLostError``); the slot serves again when a broadcast + gather returns a reply from
+    the new worker (its pid differs from the killed one). Taken ``kills`` times, on different
+    slots, one at a time.
+    """
+    seen = _Seen()
+    logging.getLogger("isdgrid").addHandler(seen)
+    before = _descendants()
+    grid: Grid | None = None
+    try:
+        grid = Grid([Host("localhost", n_cpu=n)], status_file=False, start_timeout=start_timeout, respawn=True)
+        sid = grid.publish(Bench())
+        grid.gather(grid.broadcast(sid, "pid"))
+        grid.release_all(sid)
+        for k in range(kills):
+            slot = grid.slots[k % n]
+            label, pid = slot.label, slot.handle.process.pid
+            seen.times.pop(f"lost {label}", None)
+            seen.times.pop(f"respawned {label}", None)
+            t_kill = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            t_lost = seen.wait(f"lost {label}", 30.0)
+            t_back = seen.wait(f"respawned {label}", 60.0)
+            if t_lost is None or t_back is None:
+                res.note("respawn", f"{label}: {'no loss' if t_lost is None else 'no respawn'} logged in time")
+                return
+            pids = grid.gather(grid.broadcast(sid, "pid"), timeout=60.0)
+            t_served = time.perf_counter()
+            grid.release_all(sid)
+            if pid in pids or len(set(pids)) != n:
+                res.note("respawn", f"{label}: the round after the respawn did not reach a new worker ({pids})")
+                return
+            res.add("respawn_seen", t_lost - t_kill)
+            res.add("respawn_back", t_back - t_lost)
+            res.add("respawn_serving", t_served - t_lost)
+    except Exception as exc:  # noqa: BLE001 -- a failure is a figure of the run
+        res.note("respawn", _why(exc))
+    finally:
+        logging.getLogger("isdgrid").removeHandler(seen)
+        if grid is not None:
+            grid.terminate()
+        left = _end([p for pid, p in _descendants().items() if pid not in before])
+        if left:
+            res.note("respawn_left", f"left running after terminate (ended by the bench): {left}")
+
+
+HUNG_KINDS = ("stopped", "stuck")
+
+
+def bench_hung(res: Results, counts: Sequence[int], stop_timeout: float, start_timeout: float) -> None:
+    """``terminate()`` of a grid with k hung slot workers, and with its host daemon SIGSTOPped.
+
+    Per case: a grid of max(8, k + 2) local slots with a service published, k of its workers
+    hung, then ``terminate()`` timed (``stop_timeout`` as given), and any process of the grid
+    still there afterwards counted, then ended by the bench. Hung is either *stopped*
+    (``SIGSTOP`` to ``slot.handle.process.pid``, as issue 18 measured) or *stuck* (a call that
+    never returns and holds the GIL, so the worker runs no signal handler and reads no stdin:
+    only SIGKILL ends it). Issue 18's bound: ``stop_timeout`` + 1 s however many are hung.
+    The last case is the host daemon itself stopped (it then takes no command: the driver
+    kills it and its workers at the deadline).
+    """
+    cases = [(kind, k) for kind in HUNG_KINDS for k in counts] + [("host", 0)]
+    for kind, k in cases:
+        key = f"hung_{kind}_{k}" if k else "hung_host"
+        before = _descendants()
+        grid: Grid | None = None
+        try:
+            n = max(8, k + 2)
+            grid = Grid([Host("localhost", n_cpu=n)], status_file=False, start_timeout=start_timeout,
+                        stop_timeout=stop_timeout)
+            sid = grid.publish(Bench())
+            ours = [p for pid, p in _descendants().items() if pid not in before]
+            if kind == "stopped":
+                for slot in grid.slots[:k]:
+                    os.kill(slot.handle.process.pid, signal.SIGSTOP)
+            elif kind == "stuck":
+                proxies = [grid.acquire_service(sid) for _ in range(k)]
+                for proxy in proxies:
+                    proxy.stuck()
+                time.sleep(0.5)  # each call has reached its worker
+            else:
+                host = grid.slots[0].handle.host_daemon
+                os.kill(host.process.pid, signal.SIGSTOP)
+            t0 = time.perf_counter()
+            grid.terminate()
+            res.add(key, time.perf_counter() - t0)
+            # A worker killed by pid (not a child of the driver) may take a few ms to be gone.
+            res.add(f"{key}_exiting", len(_alive(ours)))
+            res.add(f"{key}_left", len(_end(ours, grace=1.0)))
+        except Exception as exc:  # noqa: BLE001 -- a failure is a figure of the run
+            res.note(key, _why(exc))
+        finally:
+            if grid is not None:
+                grid.terminate()
+            left = _end([p for pid, p in _descendants().items() if pid not in before], grace=0.0)
+            if left:
+                res.note(f"{key}_left", f"left running after terminate (ended by the bench): {left}")
+
+
 # -- report ------------------------------------------------------------------------------------
 def _us(x: float) -> str:
     return f"{x * 1e6:,.0f} us"
@@ -1003,6 +1147,40 @@ def report_scale(res: Results) -> str:
             ]
         if f"scale_grid_{n}" in res.notes:
             lines.append(f"| the grid at {n:,} slots | {res.notes[f'scale_grid_{n}']} | | |")
+    if "respawn_serving" in res.values or "respawn" in res.notes:
+        lines += [
+            "",
+            f"| kill -9 of one slot worker, respawn=True (median of {len(res.values.get('respawn_serving', []))}) "
+            "| time |",
+            "| --- | ---: |",
+            f"| kill -> the grid sees the loss (slot lost, its calls fail) | {_ms(g('respawn_seen'))} |",
+            f"| loss seen -> respawned (new worker forked, connected, service re-published) | "
+            f"{_ms(g('respawn_back'))} |",
+            f"| loss seen -> the slot serves a call again | {_ms(g('respawn_serving'))} |",
+        ]
+        if "respawn" in res.notes:
+            lines.append(f"| {res.notes['respawn']} | |")
+    hung = [
+        (kind, k, f"hung_{kind}_{k}")
+        for kind in HUNG_KINDS
+        for k in _sizes(res, f"hung_{kind}_")
+        if f"hung_{kind}_{k}" in res.values or f"hung_{kind}_{k}" in res.notes
+    ]
+    if hung or "hung_host" in res.values or "hung_host" in res.notes:
+        lines += [
+            "",
+            f"| terminate() with hung processes (stop_timeout {g('hung_stop_timeout'):g} s) | terminate() | "
+            "processes of the grid still exiting when it returned | left 1 s later |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for kind, k, key in [*hung, ("host", 0, "hung_host")]:
+            what = _hung_what(kind, k)
+            if key in res.values:
+                exiting = g(f"{key}_exiting")
+                shown = f"{exiting:.0f}" if exiting == exiting else "-"  # not in runs saved before it was counted
+                lines.append(f"| {what} | {_s(g(key))} | {shown} | {g(f'{key}_left'):.0f} |")
+            elif key in res.notes:
+                lines.append(f"| {what} | {res.notes[key]} | | |")
     lines += ["", "| target (issues 18 and 19) | measured | met |", "| --- | ---: | :---: |"]
     for text, value, shown, met in _scale_targets(res):
         if value == value:  # not nan: the section ran
@@ -1039,15 +1217,39 @@ def _scale_targets(res: Results) -> list[tuple[str, float, str, bool]]:
     for n in _sizes(res, "pss_grid_"):
         pss = g(f"pss_grid_{n}") / MB
         out.append((f"memory per idle slot (Pss) <= 4 MB, {n} slots", pss, f"{pss:.1f} MB", pss <= 4))
+    for n in _sizes(res, "start_publish_grid_"):
+        if n >= 1000:
+            start = g(f"start_publish_grid_{n}")
+            out.append((f"{n:,} local slots start + publish <= 20 s", start, _s(start), start <= 20))
     for n in _sizes(res, "scale_start_grid_"):
         if n >= 1000:
-            start = g(f"scale_start_grid_{n}")
-            out.append((f"{n:,} local slots start <= 20 s", start, _s(start), start <= 20))
+            start = g(f"scale_start_publish_grid_{n}")
+            out.append((f"{n:,} local slots start + publish <= 20 s (scale)", start, _s(start), start <= 20))
             ratio = g(f"scale_grid_{n}") / g(f"scale_floor_{n}")
             out.append((f"{n:,} local slots broadcast+gather <= 3x the floor", ratio, f"{ratio:.2f}x", ratio <= 3))
         left = g(f"scale_left_grid_{n}") + g(f"scale_folders_grid_{n}")
         out.append((f"{n:,} slots: terminate() leaves no process and no folder", left, f"{left:.0f} left", left == 0))
+    seen = g("respawn_seen")
+    out.append(("a killed worker's loss seen by the driver <= 0.2 s", seen, _ms(seen), seen <= 0.2))
+    back = g("respawn_serving")
+    what = "respawn of a kill -9ed slot serving again <= 0.3 s after the loss is seen"
+    out.append((what, back, _ms(back), back <= 0.3))
+    bound = g("hung_stop_timeout") + 1.0
+    keys = [(kind, k, f"hung_{kind}_{k}") for kind in HUNG_KINDS for k in _sizes(res, f"hung_{kind}_")]
+    for kind, k, key in [*keys, ("host", 0, "hung_host")]:
+        took = g(key)
+        out.append((f"terminate() with {_hung_what(kind, k)} <= stop_timeout + 1 s", took, _s(took), took <= bound))
+        left = g(f"{key}_left")
+        if left == left and left:
+            out.append((f"terminate() with {_hung_what(kind, k)} leaves no process", left, f"{left:.0f} left", False))
     return out
+
+
+def _hung_what(kind: str, k: int) -> str:
+    if kind == "host":
+        return "the host daemon SIGSTOPped"
+    workers = f"{k} slot worker{'s' if k > 1 else ''}"
+    return f"{workers} SIGSTOPped" if kind == "stopped" else f"{workers} stuck in C code holding the GIL"
 
 
 def _drop_empty_tables(lines: list[str]) -> list[str]:
@@ -1251,13 +1453,20 @@ def measure(res: Results, args: argparse.Namespace, sections: set[str]) -> None:
             if "scale" in sections and run == 0:
                 section("scale", args.start_timeout)
                 bench_scale(res, args.floor_scale, args.scale, args.start_timeout)
+            if "respawn" in sections and run == 0:
+                section("respawn", args.start_timeout)
+                bench_respawn(res, args.respawn_slots, args.kills, args.start_timeout)
+            if "hung" in sections and run == 0:
+                section("hung", (args.start_timeout + args.stop_timeout) * (len(args.hung) + 1))
+                res.add("hung_stop_timeout", args.stop_timeout)
+                bench_hung(res, args.hung, args.stop_timeout, args.start_timeout)
     finally:
         faulthandler.cancel_dump_traceback_later()
         if peers is not None:
             peers.close()
 
 
-SECTIONS = ("calls", "payloads", "bcast", "pool", "idle", "latency", "fanout", "start", "scale")
+SECTIONS = ("calls", "payloads", "bcast", "pool", "idle", "latency", "fanout", "start", "scale", "respawn", "hung")
 
 
 def _ints(text: str) -> list[int]:
@@ -1294,6 +1503,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--start-timeout", type=float, default=300.0, help="the grids' start_timeout, seconds (default %(default)s)"
+    )
+    parser.add_argument(
+        "--respawn-slots", type=int, default=8, help="respawn: slots of the grid (default %(default)s)"
+    )
+    parser.add_argument(
+        "--kills", type=int, default=5, help="respawn: workers killed, one at a time (default %(default)s)"
+    )
+    parser.add_argument(
+        "--hung", type=_ints, default=[1, 3, 6], help="hung: SIGSTOPped workers per terminate() (default 1,3,6)"
+    )
+    parser.add_argument(
+        "--stop-timeout", type=float, default=5.0, help="hung: the grids' stop_timeout (default %(default)s)"
     )
     parser.add_argument("--json", default="", help="also write every figure of this run to this JSON file")
     parser.add_argument("--before", default="", help="JSON of an earlier run (--json): print a before/after table")
