@@ -706,3 +706,44 @@ def test_respawn_of_a_killed_daemon_over_ssh_is_a_fork_in_the_same_session(
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
     assert not os.path.exists(str(before[0]["cwd"]))
+
+
+def test_a_retired_host_daemons_session_is_left_to_deliver_retire(
+    ssh_config: str, sshd_pid: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replaced host daemon whose session cannot deliver ``retire`` yet is not killed.
+
+    Its ssh client is stopped (SIGSTOP): with the tunnel, the host is then cut off from the
+    driver as by a partition. The slot is lost and respawned in a new host daemon (a new
+    session); once the old session runs again it delivers ``retire``, and its host daemon
+    ends its worker and leaves the folder to the new one.
+    """
+    caplog.set_level(logging.INFO)
+    grid = ssh_grid([Host("node-a", python=PY)], ssh_config, respawn=True, heartbeat_interval=0.5, host_timeout=3.0,
+                    launcher_options={"tunnel": True})
+    try:
+        sid = grid.publish(Probe())
+        before = grid.gather(grid.broadcast(sid, "where"), timeout=60)[0]
+        grid.release_all()
+        old = grid.slots[0].handle.host_daemon
+        session = psutil.Process(old.process.pid)
+        session.suspend()
+        try:
+            assert wait_until(lambda: grid.respawn_count >= 1 and not grid.slots[0].lost.is_set(), 60.0, step=0.1)
+            after = grid.gather(grid.broadcast(sid, "where"), timeout=60)[0]
+            grid.release_all()
+            assert grid.slots[0].handle.host_daemon is not old
+            assert old.process.poll() is None  # left open, to deliver 'retire' later
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                session.resume()
+        assert old.process.wait(timeout=30) == 0  # it ended by itself, not killed
+        assert wait_until(lambda: not psutil.pid_exists(int(before["pid"])), 15.0)  # type: ignore[call-overload]
+        assert after["pid"] != before["pid"] and after["cwd"] == before["cwd"]
+        assert os.path.isdir(str(before["cwd"]))
+        assert any("retired by the grid" in r.getMessage() for r in caplog.records if r.name == "isdgrid.remote")
+        assert grid.gather(grid.broadcast(sid, "where"), timeout=60)[0]["pid"] == after["pid"]
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(str(before["cwd"]))
