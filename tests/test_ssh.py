@@ -454,7 +454,7 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
             "node-b-host.log",
         ]
         assert "host daemon ready" in (tmp_path / "logs" / "node-a-host.log").read_text()
-        assert "received 201 files" in (tmp_path / "logs" / "node-b-0.log").read_text()
+        assert wait_until(lambda: "received 201 files" in (tmp_path / "logs" / "node-b-0.log").read_text(), 15.0)
     finally:
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
@@ -474,8 +474,10 @@ def test_shared_temp_path_gets_one_copy(ssh_config: str, sshd_pid: int, tmp_path
         assert where[0]["cwd"] == where[1]["cwd"]
         assert grid.copy_files(str(tree), ["simmod/*.py", "*.txt"]) == 4
         assert grid.gather(grid.broadcast(sid, "use_copied"), timeout=60) == ["data0:3"] * 2
-        received = [f for f in os.listdir(tmp_path / "logs") if "received" in (tmp_path / "logs" / f).read_text()]
-        assert len(received) == 1
+        def received() -> list[str]:  # the log lines come through the host daemon, maybe after the call returned
+            return [f for f in os.listdir(tmp_path / "logs") if "received" in (tmp_path / "logs" / f).read_text()]
+
+        assert wait_until(lambda: len(received()) == 1, 15.0), received()
     finally:
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
