@@ -451,10 +451,10 @@ class SshLauncher(ProcessLauncher):
 
     # -- start -----------------------------------------------------------------------------
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
-        # The folder's full path is known once the host is prepared (see start()).
+        # The folder's full path is known once the host is prepared (see start()); who
+        # removes it is the host daemon's business (see command()), not a slot's.
         return [
-            SlotSpec(host, slot, f"{host.temp_path or '$TMPDIR'}/{self._folder_name(host)}",
-                     remove_temp=slot == 0 and not self.keep_temp)
+            SlotSpec(host, slot, f"{host.temp_path or '$TMPDIR'}/{self._folder_name(host)}")
             for host in hosts
             for slot in range(host.n_cpu)
         ]
