@@ -113,6 +113,8 @@ def _write_all(fd: int, data: bytes) -> None:
             data = data[os.write(fd, data):]
         except InterruptedError:
             continue
+        except BrokenPipeError:  # nobody reads (the driver or its ssh is gone): the workers still end, the folder goes
+            return
 
 
 class HostDaemon:

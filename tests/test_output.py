@@ -32,7 +32,7 @@ from isdgrid.launchers.base import SlotSpec, driver_folder
 from isdgrid.launchers.local import LocalLauncher
 from isdgrid.launchers.sge import SgeLauncher
 from isdgrid.launchers.slurm import SlurmLauncher
-from isdgrid.launchers.ssh import slot_command
+from isdgrid.launchers.ssh import host_command
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 SSHD_DIR = Path(os.environ.get("ISDGRID_SSHD_DIR", "/tmp/isdgrid-sshd"))
@@ -382,7 +382,7 @@ def test_every_launcher_gives_the_daemon_the_drivers_folder_and_output_marks() -
     sge_env = {"JOB_ID": "7", "PATH": os.environ.get("PATH", "")}
     commands = {
         "local": LocalLauncher().command([spec]),
-        "ssh": slot_command(spec, bind="127.0.0.1", paths=[driver_folder()]),
+        "ssh": host_command([spec], bind="127.0.0.1", paths=[driver_folder()]),
         "slurm": SlurmLauncher(environ=slurm_env, forward_output=False).command([spec]),
         "sge": SgeLauncher(environ=sge_env).command([spec]),
     }

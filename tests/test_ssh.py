@@ -17,6 +17,8 @@ import sys
 import tarfile
 import textwrap
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -31,11 +33,11 @@ from isdgrid.launchers.base import Progress, SlotSpec
 from isdgrid.launchers.ssh import (
     LIB_FOLDER,
     SshLauncher,
+    host_command,
     merge_options,
     package_archive,
     parse_probe,
     prepare_command,
-    slot_command,
     ssh_args,
 )
 
@@ -79,10 +81,8 @@ def sshd_pid() -> int:
     return pid
 
 
-@pytest.fixture(scope="module")
-def ssh_config(sshd_pid: int, tmp_path_factory: pytest.TempPathFactory) -> str:
-    port = (SSHD_DIR / "port").read_text().strip()
-    common = textwrap.dedent(
+def _client_settings() -> str:
+    return textwrap.dedent(
         f"""\
             User root
             IdentityFile {SSHD_DIR}/client_ed25519
@@ -92,6 +92,12 @@ def ssh_config(sshd_pid: int, tmp_path_factory: pytest.TempPathFactory) -> str:
             LogLevel ERROR
         """
     )
+
+
+@pytest.fixture(scope="module")
+def ssh_config(sshd_pid: int, tmp_path_factory: pytest.TempPathFactory) -> str:
+    port = (SSHD_DIR / "port").read_text().strip()
+    common = _client_settings()
     text = (
         f"Host node-a node-b\n    HostName 127.0.0.1\n    Port {port}\n{common}"
         f"Host node-dead\n    HostName 127.0.0.1\n    Port {_closed_port()}\n{common}"
@@ -99,6 +105,48 @@ def ssh_config(sshd_pid: int, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("ssh") / "config"
     path.write_text(text)
     return str(path)
+
+
+@pytest.fixture
+def default_sshd(sshd_pid: int, tmp_path: Path) -> Iterator[tuple[int, str, Path]]:
+    """A second sshd, started here, left at OpenSSH's default MaxStartups and MaxSessions.
+
+    The test sshd of .ci/setup-ssh.sh raises both; this one has the same keys and settings
+    without those two lines, on a port of its own. Its pid, an ssh config naming it
+    ``node-c`` and ``node-d``, and its log file.
+    """
+    require(os.path.exists("/usr/sbin/sshd") and os.geteuid() == 0, "a second sshd needs root and /usr/sbin/sshd")
+    folder = tmp_path / "sshd-defaults"
+    folder.mkdir()
+    port = _closed_port()
+    raised = {"port", "pidfile", "maxstartups", "maxsessions"}
+    lines = [line for line in (SSHD_DIR / "sshd_config").read_text().splitlines()
+             if line.split() and line.split()[0].lower() not in raised]
+    config = folder / "sshd_config"
+    config.write_text("\n".join([*lines, f"Port {port}", f"PidFile {folder}/sshd.pid"]) + "\n")
+    shown = subprocess.run(["/usr/sbin/sshd", "-T", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    settings = dict(line.split(" ", 1) for line in shown.stdout.splitlines() if " " in line)
+    assert (settings["maxstartups"], settings["maxsessions"]) == ("10:30:100", "10")  # OpenSSH's defaults
+    log_file = folder / "sshd.log"
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(log_file)])
+    try:
+        def listening() -> bool:
+            with socket.socket() as sock:
+                sock.settimeout(1.0)
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        assert wait_until(listening, 15.0), log_file.read_text() if log_file.exists() else "no log"
+        client = folder / "ssh_config"
+        client.write_text(f"Host node-c node-d\n    HostName 127.0.0.1\n    Port {port}\n{_client_settings()}")
+        yield proc.pid, str(client), log_file
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 def sshd_descendants(sshd_pid: int) -> list[psutil.Process]:
@@ -116,6 +164,27 @@ def wait_no_sessions(sshd_pid: int, timeout: float = 15.0) -> list[str]:
         if not left or time.monotonic() > deadline:
             return [" ".join(p.cmdline()) for p in left if p.is_running()]
         time.sleep(0.2)
+
+
+def host_daemon_sessions(sshd_pid: int) -> list[psutil.Process]:
+    """The host daemons running under ``sshd_pid`` (not their workers, forks of them)."""
+    found = []
+    for proc in sshd_descendants(sshd_pid):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.cmdline()
+            parent = proc.parent()
+            if "isdgrid.hostd" in " ".join(cmdline) and (parent is None or parent.cmdline() != cmdline):
+                found.append(proc)
+    return found
+
+
+def driver_ssh_sessions() -> list[psutil.Process]:
+    """The ssh clients this process (the driver) runs a host daemon through."""
+    return [
+        p for p in psutil.Process().children()
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p.name() == "ssh"
+        and "isdgrid.hostd" in " ".join(p.cmdline())
+    ]
 
 
 def ssh_grid(hosts: list[Host], ssh_config: str, **kwargs: object) -> Grid:
@@ -209,8 +278,8 @@ def test_user_ssh_options_override_defaults_and_tunnel_forwards_a_socket() -> No
     assert "BatchMode" not in merge_options({"batchmode": "no"}, 10)
     with pytest.raises(Exception, match="Key=Value"):
         merge_options(["nonsense"], 10)
-    args = ssh_args("n", ["true"], options=options, tunnel=("/tmp/l.sock", "/tmp/r.sock"))
-    assert args[args.index("-L") + 1] == "/tmp/l.sock:/tmp/r.sock"
+    args = ssh_args("n", ["true"], options=options, tunnel=[("/tmp/l0.sock", "/tmp/r0.sock"), ("/tmp/l1", "/tmp/r1")])
+    assert [args[i + 1] for i, a in enumerate(args) if a == "-L"] == ["/tmp/l0.sock:/tmp/r0.sock", "/tmp/l1:/tmp/r1"]
     assert "ExitOnForwardFailure=yes" in args
 
 
@@ -228,8 +297,18 @@ def test_progress_is_logged_for_many_slots(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_make_launcher_knows_ssh() -> None:
-    launcher = make_launcher("ssh", keep_temp=True, tunnel=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no option given: no warning
+        launcher = make_launcher("ssh", keep_temp=True, tunnel=True, preload=["json"])
     assert isinstance(launcher, SshLauncher) and launcher.keep_temp and launcher.tunnel
+    assert launcher.preload == ["json"]
+
+
+def test_max_starts_per_host_is_accepted_with_a_deprecation_warning() -> None:
+    # Each host has one session now: the old option is ignored, and says so.
+    with pytest.warns(FutureWarning, match="max_starts_per_host is deprecated and ignored"):
+        launcher = make_launcher("ssh", max_starts_per_host=2)
+    assert isinstance(launcher, SshLauncher) and not hasattr(launcher, "max_starts_per_host")
 
 
 def test_prepare_script_through_a_local_shell(tmp_path: Path) -> None:
@@ -267,15 +346,18 @@ def test_prepare_script_reports_what_is_wrong(host: HostType, message: str, tmp_
     assert not (tmp_path / "isdgrid-x").exists()
 
 
-def test_slot_command_through_a_local_shell(tmp_path: Path) -> None:
-    """The slot command runs init, nice and the daemon from a shipped folder, secret on stdin."""
+def test_host_command_through_a_local_shell(tmp_path: Path) -> None:
+    """The host command runs init, nice and the host daemon from a shipped folder, secret on stdin.
+
+    Its workers listen on the sockets the launcher forwards with the tunnel (``.isdgrid-SLOT.sock``).
+    """
     lib = tmp_path / LIB_FOLDER
     lib.mkdir()
     with tarfile.open(fileobj=io.BytesIO(package_archive(("isdgrid",))), mode="r:gz") as tar:
         tar.extractall(lib, filter="data")
-    host = Host("h", python=PY, niceness=3, init_cmd="echo init-ran")
-    spec = SlotSpec(host, 0, str(tmp_path), remove_temp=False)
-    remote = slot_command(spec, bind="127.0.0.1", lib_dir=str(lib))
+    host = Host("h", n_cpu=2, python=PY, niceness=3, init_cmd="echo init-ran")
+    specs = [SlotSpec(host, slot, str(tmp_path)) for slot in range(2)]
+    remote = host_command(specs, bind="127.0.0.1", lib_dir=str(lib), unix_socket_dir=str(tmp_path))
     assert remote[:2] == ["sh", "-c"] and "nice" in remote and "--secret-stdin" in remote
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # isdgrid only from the shipped copy
     proc = subprocess.Popen(
@@ -284,26 +366,31 @@ def test_slot_command_through_a_local_shell(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(b"a-secret\n")
+        proc.stdin.write(b"a-secret\nspawn 0 0 -\nspawn 1 1 -\n")
         proc.stdin.flush()
-        lines = []
+        lines, uris = [], []
         for raw in iter(proc.stdout.readline, b""):
             lines.append(raw.decode())
-            if raw.startswith(b"ISDGRID-URI "):
-                break
+            if raw.startswith(b"\x1d") and b"ISDGRID-URI " in raw:
+                uris.append(raw.decode().split("ISDGRID-URI ", 1)[1].strip())
+                if len(uris) == 2:
+                    break
         assert lines[0].strip() == "init-ran"
-        assert lines[-1].startswith("ISDGRID-URI PYRO:isdgrid.agent@127.0.0.1:")
+        assert sorted(uris) == [f"PYRO:isdgrid.agent@./u:{tmp_path}/.isdgrid-{slot}.sock" for slot in range(2)]
         shell = psutil.Process(proc.pid)
-        daemon = next(p for p in [shell, *shell.children(recursive=True)] if "--secret-stdin" in p.cmdline())
-        assert daemon.nice() == 3 and str(lib) in daemon.cmdline()
-        proc.stdin.close()  # the daemon's cue to exit
+        hostd = [p for p in [shell, *shell.children(recursive=True)] if "--secret-stdin" in p.cmdline()]
+        assert len(hostd) == 3  # the host daemon and its two workers (forks of it)
+        assert all(p.nice() == min(19, os.nice(0) + 3) and str(lib) in p.cmdline() for p in hostd)
+        proc.stdin.close()  # the host daemon's cue to end its workers and exit
         assert proc.wait(timeout=30) == 0
+        assert wait_until(lambda: not alive(hostd), 10)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, 9)
             proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 # -- against the real sshd -------------------------------------------------------------
@@ -328,8 +415,7 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
     tree = tmp_path / "src"
     _make_tree(tree, 200)
     hosts = [Host("node-a", n_cpu=3, python=PY, gpus=[1, 0]), Host("node-b", n_cpu=2, python=PY, niceness=2)]
-    # two sessions at a time per host: node-a's third slot starts in a second wave
-    grid = ssh_grid(hosts, ssh_config, log_dir=str(tmp_path / "logs"), launcher_options={"max_starts_per_host": 2})
+    grid = ssh_grid(hosts, ssh_config, log_dir=str(tmp_path / "logs"))
     try:
         assert [s.label for s in grid.slots] == ["node-a/0", "node-a/1", "node-a/2", "node-b/0", "node-b/1"]
         assert all(s.uri.startswith("PYRO:isdgrid.agent@127.0.0.1:") for s in grid.slots)
@@ -346,6 +432,12 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
         assert len(temp_dirs) == 2 and all(os.path.isdir(d) for d in temp_dirs)
         daemons = sshd_descendants(sshd_pid)
         assert {w["pid"] for w in where} <= {p.pid for p in daemons}  # the daemons run under sshd
+        # one host daemon (one ssh session) per host, whose forks serve the slots
+        assert len({id(s.handle.host_daemon) for s in grid.slots}) == 2
+        assert sorted(p.cmdline()[-2] for p in driver_ssh_sessions()) == ["node-a", "node-b"]
+        hostds = host_daemon_sessions(sshd_pid)
+        assert len(hostds) == 2
+        assert all(psutil.Process(w["pid"]).ppid() in {p.pid for p in hostds} for w in where)
         assert all(psutil.Process(w["pid"]).nice() == 2 for w in where[3:])
 
         assert grid.copy_files(str(tree), ["simmod/*.py", "simmod/data/*.txt"]) == 201
@@ -357,8 +449,12 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
         for label in ("node-a/0", "node-a/2", "node-b/1"):
             assert any(f"[{label}]" in r.getMessage() and "serving" in r.getMessage() for r in remote)
         logs = sorted(os.listdir(tmp_path / "logs"))
-        assert logs == ["node-a-0.log", "node-a-1.log", "node-a-2.log", "node-b-0.log", "node-b-1.log"]
-        assert "received 201 files" in (tmp_path / "logs" / "node-b-0.log").read_text()
+        assert logs == [
+            "node-a-0.log", "node-a-1.log", "node-a-2.log", "node-a-host.log", "node-b-0.log", "node-b-1.log",
+            "node-b-host.log",
+        ]
+        assert "host daemon ready" in (tmp_path / "logs" / "node-a-host.log").read_text()
+        assert wait_until(lambda: "received 201 files" in (tmp_path / "logs" / "node-b-0.log").read_text(), 15.0)
     finally:
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
@@ -378,8 +474,10 @@ def test_shared_temp_path_gets_one_copy(ssh_config: str, sshd_pid: int, tmp_path
         assert where[0]["cwd"] == where[1]["cwd"]
         assert grid.copy_files(str(tree), ["simmod/*.py", "*.txt"]) == 4
         assert grid.gather(grid.broadcast(sid, "use_copied"), timeout=60) == ["data0:3"] * 2
-        received = [f for f in os.listdir(tmp_path / "logs") if "received" in (tmp_path / "logs" / f).read_text()]
-        assert len(received) == 1
+        def received() -> list[str]:  # the log lines come through the host daemon, maybe after the call returned
+            return [f for f in os.listdir(tmp_path / "logs") if "received" in (tmp_path / "logs" / f).read_text()]
+
+        assert wait_until(lambda: len(received()) == 1, 15.0), received()
     finally:
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
@@ -406,6 +504,49 @@ def test_zero_install_bare_python_through_the_tunnel(ssh_config: str, sshd_pid: 
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
     assert not os.path.exists(temp_dir)
+
+
+@pytest.mark.timeout(300)
+def test_two_hosts_of_32_slots_one_session_each_under_default_sshd_limits(
+    default_sshd: tuple[int, str, Path]
+) -> None:
+    """64 slots over ssh against OpenSSH's default MaxStartups (10:30:100) and MaxSessions (10)."""
+    sshd, config, sshd_log = default_sshd
+    hosts = [Host("node-c", n_cpu=32, python=PY), Host("node-d", n_cpu=32, python=PY)]
+    procs: list[psutil.Process] = []
+    folders: set[str] = set()
+    grid = ssh_grid(hosts, config)
+    try:
+        assert len(grid.slots) == 64
+        # From the driver's side: one host daemon, run through one ssh session, per host.
+        assert len({id(s.handle.host_daemon) for s in grid.slots}) == 2
+        sessions = driver_ssh_sessions()
+        assert sorted(p.cmdline()[-2] for p in sessions) == ["node-c", "node-d"]
+
+        # From the server's: two connections open (the preparing ones ended), two host daemons.
+        def connections() -> int:
+            return len([p for p in psutil.Process(sshd).children() if p.status() != psutil.STATUS_ZOMBIE])
+
+        assert wait_until(lambda: connections() == 2, 15.0), connections()
+        hostds = host_daemon_sessions(sshd)
+        assert len(hostds) == 2
+        sid = grid.publish(Probe())
+        where = grid.gather(grid.broadcast(sid, "where"), timeout=120)
+        expected = [[h.name, str(slot), str(32 * i + slot)] for i, h in enumerate(hosts) for slot in range(32)]
+        assert [w["identity"] for w in where] == expected
+        pids = {int(w["pid"]) for w in where}  # type: ignore[call-overload]
+        assert len(pids) == 64
+        assert {psutil.Process(pid).ppid() for pid in pids} == {p.pid for p in hostds}  # forks of the host daemons
+        folders = {str(w["cwd"]) for w in where}
+        assert len(folders) == 2
+        procs = [*(psutil.Process(pid) for pid in pids), *hostds, *sessions]
+    finally:
+        grid.terminate()
+    assert len(procs) == 64 + 2 + 2
+    assert wait_until(lambda: not alive(procs), 15.0), alive(procs)
+    assert not any(os.path.exists(folder) for folder in folders)
+    assert wait_no_sessions(sshd) == []
+    assert "MaxStartups" not in sshd_log.read_text()  # sshd logs each connection it drops past MaxStartups
 
 
 DRIVER = textwrap.dedent(
@@ -536,12 +677,18 @@ def test_min_hosts_goes_on_with_the_hosts_that_started_and_keep_temp(
     assert os.path.isdir(temp_dir)  # keep_temp=True
 
 
-def test_respawn_of_a_killed_daemon_over_ssh(ssh_config: str, sshd_pid: int) -> None:
-    grid = ssh_grid([Host("node-a", n_cpu=2, python=PY)], ssh_config, respawn=True, host_timeout=5.0)
+@pytest.mark.parametrize("tunnel", [False, True])
+def test_respawn_of_a_killed_daemon_over_ssh_is_a_fork_in_the_same_session(
+    ssh_config: str, sshd_pid: int, tunnel: bool
+) -> None:
+    grid = ssh_grid([Host("node-a", n_cpu=2, python=PY)], ssh_config, respawn=True, host_timeout=5.0,
+                    launcher_options={"tunnel": tunnel})
     try:
         sid = grid.publish(Probe())
         before = grid.gather(grid.broadcast(sid, "where"), timeout=60)
         grid.release_all()
+        sessions = [p.pid for p in driver_ssh_sessions()]
+        assert len(sessions) == 1
         psutil.Process(int(before[1]["pid"])).kill()  # type: ignore[call-overload]
         deadline = time.monotonic() + 60
         while grid.respawn_count < 1 or any(s.lost.is_set() for s in grid.slots):
@@ -551,7 +698,54 @@ def test_respawn_of_a_killed_daemon_over_ssh(ssh_config: str, sshd_pid: int) -> 
         assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
         assert after[1]["cwd"] == before[1]["cwd"]  # same host folder
         assert after[1]["identity"] == before[1]["identity"] == ["node-a", "1", "1"]  # same place in the grid
+        # forked by the same host daemon, reached through the same session (and, tunnelled, its forward)
+        assert [p.pid for p in driver_ssh_sessions()] == sessions
+        assert len({id(s.handle.host_daemon) for s in grid.slots}) == 1
+        parents = {psutil.Process(int(a["pid"])).ppid() for a in after}  # type: ignore[call-overload]
+        assert len(parents) == 1 and parents == {p.pid for p in host_daemon_sessions(sshd_pid)}
+        assert grid.slots[1].uri.startswith("PYRO:isdgrid.agent@./u:" if tunnel else "PYRO:isdgrid.agent@127.0.0.1:")
     finally:
         grid.terminate()
     assert wait_no_sessions(sshd_pid) == []
     assert not os.path.exists(str(before[0]["cwd"]))
+
+
+def test_a_retired_host_daemons_session_is_left_to_deliver_retire(
+    ssh_config: str, sshd_pid: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replaced host daemon whose session cannot deliver ``retire`` yet is not killed.
+
+    Its ssh client is stopped (SIGSTOP): with the tunnel, the host is then cut off from the
+    driver as by a partition. The slot is lost and respawned in a new host daemon (a new
+    session); once the old session runs again it delivers ``retire``, and its host daemon
+    ends its worker and leaves the folder to the new one.
+    """
+    caplog.set_level(logging.INFO)
+    grid = ssh_grid([Host("node-a", python=PY)], ssh_config, respawn=True, heartbeat_interval=0.5, host_timeout=3.0,
+                    launcher_options={"tunnel": True})
+    try:
+        sid = grid.publish(Probe())
+        before = grid.gather(grid.broadcast(sid, "where"), timeout=60)[0]
+        grid.release_all()
+        old = grid.slots[0].handle.host_daemon
+        session = psutil.Process(old.process.pid)
+        session.suspend()
+        try:
+            assert wait_until(lambda: grid.respawn_count >= 1 and not grid.slots[0].lost.is_set(), 60.0, step=0.1)
+            after = grid.gather(grid.broadcast(sid, "where"), timeout=60)[0]
+            grid.release_all()
+            assert grid.slots[0].handle.host_daemon is not old
+            assert old.process.poll() is None  # left open, to deliver 'retire' later
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                session.resume()
+        assert old.process.wait(timeout=30) == 0  # it ended by itself, not killed
+        assert wait_until(lambda: not psutil.pid_exists(int(before["pid"])), 15.0)  # type: ignore[call-overload]
+        assert after["pid"] != before["pid"] and after["cwd"] == before["cwd"]
+        assert os.path.isdir(str(before["cwd"]))
+        assert any("retired by the grid" in r.getMessage() for r in caplog.records if r.name == "isdgrid.remote")
+        assert grid.gather(grid.broadcast(sid, "where"), timeout=60)[0]["pid"] == after["pid"]
+    finally:
+        grid.terminate()
+    assert wait_no_sessions(sshd_pid) == []
+    assert not os.path.exists(str(before["cwd"]))

@@ -5,10 +5,12 @@ folder is made under ``Host.temp_path`` (``$TMPDIR`` or ``/tmp`` when None), and
 probe tells which Python the host runs and whether it can import isdgrid, Pyro5, serpent
 and cloudpickle at the driver's versions. What is missing is shipped from the driver's own
 installed copies (pure Python) as one tar over a second session into the temp folder
-("zero-install"). Then each slot is one ssh session running the daemon, which reads the
-grid's secret from the session's stdin and exits when that stdin closes, so a dead ssh
-session or driver never leaves a daemon behind. The driver script's folder is put on the
-daemon's ``sys.path`` as a path on the host: it is there only on a shared file system.
+("zero-install"). Then each host gets one more ssh session, which runs the host daemon
+(:mod:`isdgrid.hostd`): it reads the grid's secret and then the grid's commands from the
+session's stdin, forks one worker per slot, and ends with its workers when that stdin
+closes, so a dead ssh session or driver never leaves a daemon behind. A respawned slot is
+a fork in the running host daemon, not a new session. The driver script's folder is put
+on the daemons' ``sys.path`` as a path on the host: it is there only on a shared file system.
 
 All command lines are built by the pure functions below; the part run by the remote
 shell is a single string made with :func:`shlex.join` of ``sh -c SCRIPT`` and its
@@ -34,15 +36,17 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from Pyro5.core import URI
 
 from ..agent import AGENT_ID
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
-from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec, close_stdin, wait_for_exit
+from .base import DaemonHandle, ProcessLauncher, Progress, SlotSpec, wait_for_exit
 from .local import daemon_args
 
 __all__ = [
@@ -50,10 +54,10 @@ __all__ = [
     "HostSetup",
     "SHIPPABLE",
     "SshLauncher",
+    "host_command",
     "package_archive",
     "parse_probe",
     "prepare_command",
-    "slot_command",
     "ssh_args",
 ]
 
@@ -75,7 +79,7 @@ LIB_FOLDER = ".isdgrid-lib"
 SSH_FAILED = 255  # ssh's own exit code when it cannot connect (else: the remote command's)
 FOLDER_MISSING = 3  # exit code of folder_check_command when the grid's folder is gone
 REACHED_FRESH = 2.0  # seconds a successful reachability probe of a host stands for
-RETIRE_LINGER = 60.0  # seconds a replaced slot's ssh session may take to deliver "retire"
+RETIRE_LINGER = 60.0  # seconds a replaced host daemon's ssh session may take to deliver "retire"
 UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 # The scripts run by ``sh -c`` on the host. One line each (a csh login shell rejects a
@@ -98,7 +102,7 @@ PREPARE_SCRIPT = (
     '|| { isdgrid_rc=$?; [ "$isdgrid_shared" = 1 ] || rm -rf -- "$isdgrid_dir"; exit $isdgrid_rc; }'
 )
 
-SLOT_SCRIPT = (
+HOST_SCRIPT = (
     'isdgrid_init=$1; cd -- "$2" || exit 4; shift 2; '
     'if [ -n "$isdgrid_init" ]; then eval "$isdgrid_init" '
     '|| { echo "isdgrid: init_cmd failed: $isdgrid_init" >&2; exit 3; }; fi; '
@@ -133,9 +137,9 @@ PROBE_CODE = (
     "    print('ISDGRID-SHIPPED %d' % len(tar.getnames()))\n"
 ).replace("LIB", LIB_FOLDER)
 
-# Runs the daemon from the shipped folder even under ``python -I`` (which ignores
-# PYTHONPATH): the folder comes first on sys.path, then the daemon's main() runs.
-BOOT_CODE = "import sys; sys.path.insert(0, sys.argv.pop(1)); from isdgrid.daemon import main; main()"
+# Runs the host daemon from the shipped folder even under ``python -I`` (which ignores
+# PYTHONPATH): the folder comes first on sys.path, then the host daemon's main() runs.
+BOOT_CODE = "import sys; sys.path.insert(0, sys.argv.pop(1)); from isdgrid.hostd import main; main()"
 
 
 # -- pure command builders -------------------------------------------------------------
@@ -145,16 +149,16 @@ def ssh_args(
     *,
     options: Mapping[str, str],
     config_file: str | None = None,
-    tunnel: tuple[str, str] | None = None,
+    tunnel: Sequence[tuple[str, str]] = (),
     ssh: str = "ssh",
 ) -> list[str]:
     """The ssh argument list that runs ``remote_command`` on ``host_alias``.
 
     ``options`` become ``-o Key=Value`` (given before the user's ssh config is read, so
     they win over it); user, port, identity and jump hosts come from the ssh config
-    (``config_file`` or ``~/.ssh/config``). ``tunnel=(local_socket, remote_socket)``
-    forwards a Unix socket of this machine to one on the host. The remote command is
-    joined into one shell string with :func:`shlex.join`.
+    (``config_file`` or ``~/.ssh/config``). Each ``(local_socket, remote_socket)`` of
+    ``tunnel`` forwards a Unix socket of this machine to one on the host (one ``-L``
+    each). The remote command is joined into one shell string with :func:`shlex.join`.
     """
     args = [ssh]
     if config_file:
@@ -162,9 +166,10 @@ def ssh_args(
     for key, value in options.items():
         args += ["-o", f"{key}={value}"]
     args += ["-T", "-x", "-a"]  # no terminal, no X11, no agent forwarding
-    if tunnel is not None:
-        local, remote = tunnel
-        args += ["-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote}"]
+    if tunnel:
+        args += ["-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes"]
+        for local, remote in tunnel:
+            args += ["-L", f"{local}:{remote}"]
     args += ["--", host_alias, shlex.join(list(remote_command))]
     return args
 
@@ -204,29 +209,38 @@ def prepare_command(host: Host, folder_name: str, *, shared: bool = False) -> li
     ]
 
 
-def slot_command(
-    spec: SlotSpec,
+def host_command(
+    specs: Sequence[SlotSpec],
     *,
     bind: str,
     lib_dir: str | None = None,
-    unix_socket: str | None = None,
+    unix_socket_dir: str | None = None,
     heartbeat_timeout: float = 0.0,
+    stop_timeout: float = 5.0,
     paths: Sequence[str] = (),
+    preload: Sequence[str] = (),
+    remove_temp: bool = False,
 ) -> list[str]:
-    """Remote argv that runs one slot's daemon in its temp folder (init, nice, python).
+    """Remote argv that runs the host daemon of ``specs`` (slots of one host) in its temp folder.
 
-    ``paths`` (folders on the host) go on the daemon's ``sys.path``, after its temp folder.
+    ``init_cmd`` runs first, then ``nice`` and the host's python, with the host daemon
+    booted from ``lib_dir`` (the shipped modules) when given. ``paths`` (folders on the
+    host) go on the daemons' ``sys.path``, after the temp folder; with ``unix_socket_dir``
+    the workers listen on ``DIR/.isdgrid-SLOT.sock`` instead of a port. The slots
+    themselves reach the host daemon as ``spawn`` commands on its stdin.
     """
+    spec = specs[0]
     host = spec.host
-    args = daemon_args(spec, host.python, bind=bind, heartbeat_timeout=heartbeat_timeout, paths=paths)
+    args = daemon_args(
+        spec, host.python, bind=bind, heartbeat_timeout=heartbeat_timeout, stop_timeout=stop_timeout,
+        paths=paths, preload=preload, remove_temp=remove_temp, unix_socket_dir=unix_socket_dir,
+    )
     if lib_dir:
         at = args.index("-m")
         args[at:at + 2] = ["-c", BOOT_CODE, lib_dir]
-    if unix_socket:
-        args += ["--unix-socket", unix_socket]
     if host.niceness:
         args = ["nice", "-n", str(host.niceness), *args]
-    return ["sh", "-c", SLOT_SCRIPT, "isdgrid-slot", host.init_cmd, spec.temp_path, *args]
+    return ["sh", "-c", HOST_SCRIPT, "isdgrid-host", host.init_cmd, spec.temp_path, *args]
 
 
 def folder_check_command(folder: str) -> list[str]:
@@ -249,6 +263,7 @@ class HostSetup:
     python_version: tuple[int, ...] = ()
     modules: dict[str, str] = dataclasses.field(default_factory=dict)
     lib_dir: str | None = None
+    #: A host daemon that removes the folder when the driver is gone has started there.
     slot0_started: bool = False
 
     def to_ship(self, driver_versions: Mapping[str, str], always: bool = False) -> list[str]:
@@ -313,21 +328,24 @@ def package_archive(names: tuple[str, ...]) -> bytes:
 
 # -- the launcher ----------------------------------------------------------------------
 class SshLauncher(ProcessLauncher):
-    """Starts each slot's daemon on its host through ``ssh`` (one session per slot).
+    """Starts one host daemon per host through ``ssh``; it forks the host's slots (one session per host).
 
     Options (``Grid(..., launcher="ssh", launcher_options={...})``):
 
     - ``ssh_config``: an ssh config file used instead of ``~/.ssh/config``;
     - ``ssh_options``: extra ``-o`` options, a mapping or ``"Key=Value"`` strings;
     - ``connect_timeout``: seconds to wait for a host to answer (default 10);
-    - ``tunnel``: carry all grid traffic through the ssh connections (daemons listen on a
-      Unix socket in their temp folder, forwarded to a socket on this machine);
+    - ``tunnel``: carry all grid traffic through the ssh connections (each worker listens on
+      a Unix socket in its temp folder; the host's one session forwards a socket on this
+      machine to each of them);
     - ``bind``: address the daemons listen on; default: the host's address that ssh
       reached (from ``$SSH_CONNECTION``); ``"0.0.0.0"`` only when asked;
     - ``keep_temp``: leave the hosts' temp folders in place at terminate;
     - ``ship``: ``"auto"`` (ship what the host lacks), ``"always"`` or ``"never"``;
-    - ``max_starts_per_host``: ssh sessions opened at once on one host (sshd drops new
-      connections beyond its ``MaxStartups``, 10 by default); more slots start in waves.
+    - ``preload``: modules each host daemon imports once, before it forks its workers.
+
+    ``max_starts_per_host`` (sessions opened at once on one host, when each slot had its
+    own session) is deprecated and ignored: it gives a ``FutureWarning``.
     """
 
     name = "ssh"
@@ -345,15 +363,21 @@ class SshLauncher(ProcessLauncher):
         bind: str | None = None,
         keep_temp: bool = False,
         ship: str = "auto",
-        max_starts_per_host: int = 8,
         ssh: str = "ssh",
         forward_output: bool = True,
+        preload: Sequence[str] = (),
+        max_starts_per_host: int | None = None,
     ) -> None:
-        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output)
+        super().__init__(log_dir=log_dir, stop_timeout=stop_timeout, forward_output=forward_output, preload=preload)
         if ship not in ("auto", "always", "never"):
             raise ConfigError(f"ssh launcher: ship must be 'auto', 'always' or 'never', got {ship!r}")
-        if max_starts_per_host < 1:
-            raise ConfigError("ssh launcher: max_starts_per_host must be >= 1")
+        if max_starts_per_host is not None:
+            warnings.warn(
+                "ssh launcher: max_starts_per_host is deprecated and ignored: each host now gets one ssh "
+                "session, whatever its number of slots",
+                FutureWarning,
+                stacklevel=2,
+            )
         if tunnel and bind:
             raise ConfigError("ssh launcher: give either tunnel=True or bind, not both")
         self.heartbeat_timeout = heartbeat_timeout
@@ -365,7 +389,6 @@ class SshLauncher(ProcessLauncher):
         self.bind = bind
         self.keep_temp = keep_temp
         self.ship = ship
-        self.max_starts_per_host = max_starts_per_host
         self.ssh = ssh
         self._token = uuid.uuid4().hex[:10]
         self._setups: dict[str, HostSetup] = {}
@@ -373,11 +396,12 @@ class SshLauncher(ProcessLauncher):
         self._reach_locks: dict[str, threading.Lock] = {}
         self._reached: dict[str, float] = {}
         self._folder_generation: dict[str, int] = {}  # hosts whose folder was made anew, how often
-        self._lingering: set[subprocess.Popen[bytes]] = set()
+        self._starting = threading.Lock()
+        self._lingering: set[Any] = set()  # retired host daemons (HostProcess) whose session is still open
         self._socket_dir: str | None = None
 
     # -- commands --------------------------------------------------------------------------
-    def _ssh(self, host: Host, remote: Sequence[str], tunnel: tuple[str, str] | None = None) -> list[str]:
+    def _ssh(self, host: Host, remote: Sequence[str], tunnel: Sequence[tuple[str, str]] = ()) -> list[str]:
         return ssh_args(
             host.name, remote, options=self.options, config_file=self.config_file, tunnel=tunnel, ssh=self.ssh
         )
@@ -389,33 +413,48 @@ class SshLauncher(ProcessLauncher):
         return f"isdgrid-{self._token}-{safe}"
 
     def _sockets(self, spec: SlotSpec) -> tuple[str, str]:
-        if self._socket_dir is None:
-            self._socket_dir = tempfile.mkdtemp(prefix="isdgrid-ssh-")
+        """The slot's socket on this machine and the one its worker listens on (hostd's naming)."""
+        with self._lock:
+            if self._socket_dir is None:
+                self._socket_dir = tempfile.mkdtemp(prefix="isdgrid-ssh-")
+            folder = self._socket_dir
         safe = "".join(c if c.isalnum() else "_" for c in spec.host.name)[:40]
-        local = os.path.join(self._socket_dir, f"{safe}-{spec.slot}.sock")
+        local = os.path.join(folder, f"{safe}-{spec.slot}.sock")
         remote = f"{spec.temp_path}/.isdgrid-{spec.slot}.sock"
         return local, remote
 
-    def command(self, spec: SlotSpec) -> list[str]:
+    def command(self, specs: Sequence[SlotSpec]) -> list[str]:
+        """One ssh session running the host daemon of ``specs``' host (with the tunnel: a forward per slot)."""
+        spec = specs[0]
         setup = self._setups[spec.host.name]
-        bind = self.bind or setup.server_address
-        tunnel = self._sockets(spec) if self.tunnel else None
-        remote = slot_command(
-            spec,
-            bind="127.0.0.1" if self.tunnel else bind,
+        forwards: list[tuple[str, str]] = []
+        if self.tunnel:
+            # Every slot of the host, not only those started now: a slot respawned later is
+            # forked by this host daemon, and reached through this session.
+            slots = sorted({s.slot for s in specs} | set(range(spec.host.n_cpu)))
+            forwards = [self._sockets(dataclasses.replace(spec, slot=slot)) for slot in slots]
+        remote = host_command(
+            specs,
+            bind="127.0.0.1" if self.tunnel else self.bind or setup.server_address,
             lib_dir=setup.lib_dir,
-            unix_socket=tunnel[1] if tunnel else None,
+            unix_socket_dir=setup.temp_dir if self.tunnel else None,
             heartbeat_timeout=self.heartbeat_timeout,
+            stop_timeout=self.stop_timeout,
             paths=self.import_paths(spec),
+            preload=self.preload,
+            # Every host daemon of the grid may remove the folder once the driver is gone: the
+            # last of its users does (isdgrid.folderusers), so a respawned host daemon never
+            # removes it from under the others, and a host whose slot 0 failed is still cleaned.
+            remove_temp=not self.keep_temp,
         )
-        return self._ssh(spec.host, remote, tunnel)
+        return self._ssh(spec.host, remote, forwards)
 
     # -- start -----------------------------------------------------------------------------
     def slot_specs(self, hosts: Sequence[Host]) -> list[SlotSpec]:
-        # The folder's full path is known once the host is prepared (see start()).
+        # The folder's full path is known once the host is prepared (see start()); who
+        # removes it is the host daemon's business (see command()), not a slot's.
         return [
-            SlotSpec(host, slot, f"{host.temp_path or '$TMPDIR'}/{self._folder_name(host)}",
-                     remove_temp=slot == 0 and not self.keep_temp)
+            SlotSpec(host, slot, f"{host.temp_path or '$TMPDIR'}/{self._folder_name(host)}")
             for host in hosts
             for slot in range(host.n_cpu)
         ]
@@ -437,34 +476,25 @@ class SshLauncher(ProcessLauncher):
             else:
                 real = dataclasses.replace(spec, temp_path=self._setups[spec.host.name].temp_dir)
                 runnable.append((index, real))
-        progress = Progress(len(runnable))
-        # Waves: at most max_starts_per_host sessions being opened on one host at a time.
-        per_host: dict[str, int] = {}
-        waves: list[list[tuple[int, SlotSpec]]] = []
-        for index, spec in runnable:
-            k = per_host.get(spec.host.name, 0)
-            per_host[spec.host.name] = k + 1
-            wave = k // self.max_starts_per_host
-            while len(waves) <= wave:
-                waves.append([])
-            waves[wave].append((index, spec))
-        try:
-            for wave_items in waves:
-                results = self.start_processes([s for _, s in wave_items], secret, deadline, progress)
-                for (index, spec), result in zip(wave_items, results, strict=True):
-                    if isinstance(result, DaemonHandle):
-                        self._finish_handle(result)
-                        result.folder_generation = self._folder_generation.get(spec.host.name, 0)
-                        if spec.slot == 0 and spec.remove_temp:
-                            self._setups[spec.host.name].slot0_started = True
-                    outcome[index] = result
-        except BaseException:  # a later wave failed or was interrupted: end the sessions of earlier ones
-            ProcessLauncher.stop(self, [r for r in outcome.values() if isinstance(r, DaemonHandle)], self.stop_timeout)
-            raise
+        # One host daemon (one ssh session) per host, or a fork in the one that runs there.
+        results = self.start_processes([s for _, s in runnable], secret, deadline, Progress(len(runnable)))
+        for (index, spec), result in zip(runnable, results, strict=True):
+            if isinstance(result, DaemonHandle):
+                self._finish_handle(result)
+                result.folder_generation = self._folder_generation.get(spec.host.name, 0)
+                if not self.keep_temp:
+                    self._setups[spec.host.name].slot0_started = True
+            outcome[index] = result
         return [outcome[i] for i in range(len(specs))]
 
+    def _host_daemon(self, specs: Sequence[SlotSpec], secret: str, launched: list[Any]) -> Any:
+        # Respawns run in several threads: two slots of one host respawned at once must
+        # find (or start) the same host daemon, not open a session each.
+        with self._starting:
+            return super()._host_daemon(specs, secret, launched)
+
     def _finish_handle(self, handle: DaemonHandle) -> None:
-        """Point the handle's URI where the driver can reach the daemon."""
+        """Point the handle's URI where the driver can reach the slot's worker."""
         if self.tunnel:
             local, _ = self._sockets(handle.spec)
             handle.uri = f"PYRO:{AGENT_ID}@./u:{local}"
@@ -629,58 +659,70 @@ class SshLauncher(ProcessLauncher):
 
     # -- stop ------------------------------------------------------------------------------
     def stop(self, handles: Sequence[DaemonHandle], timeout: float, *, retire: bool = False) -> None:
-        """Stop daemons by closing their sessions' stdin (see :meth:`ProcessLauncher.stop`).
+        """End these slots (see :meth:`ProcessLauncher.stop`); a retired host daemon's session may linger.
 
         A slot the grid replaces (``retire``) is usually lost because the network to its
-        host failed; its ssh session then cannot deliver the ``retire`` line until the
-        network is back. Killing the session would make the host see it end without that
-        line once the network is back: the old daemon would take the driver for gone, and
-        as slot 0 remove the folder the new daemons use. So a session that has not ended
-        after ``timeout`` is left to deliver the line and end by itself (ssh gives up on a
-        silent host after ``ServerAliveInterval`` x ``ServerAliveCountMax``); it is killed
-        after ``RETIRE_LINGER`` seconds, or at :meth:`close`.
+        host failed. When that leaves its host daemon no slot, the whole host daemon is
+        retired (``retire``, then the end of its stdin), and its ssh session cannot deliver
+        those until the network is back. Killing the session would make the host see its
+        stdin end without ``retire`` once the network is back: the old host daemon would
+        take the driver for gone, and try to remove the folder the new daemons use. So a
+        session that has not ended ``timeout`` + 1 s later is left to deliver them and end
+        by itself (ssh gives up on a silent host after ``ServerAliveInterval`` x
+        ``ServerAliveCountMax``); it is killed after ``RETIRE_LINGER`` seconds, or at
+        :meth:`close`. A slot whose host daemon keeps other slots is ended by it (``stop``).
         """
         if not retire:
             super().stop(handles, timeout)
             return
+        deadline = time.monotonic() + timeout + 1.0
+        hosts: dict[int, tuple[Any, list[DaemonHandle]]] = {}
         for handle in handles:
-            if handle.process is not None:
-                close_stdin(handle.process, retire=True)
-        deadline = time.monotonic() + timeout
+            if handle.host_daemon is not None:
+                hosts.setdefault(id(handle.host_daemon), (handle.host_daemon, []))[1].append(handle)
+        ending = []
+        for host, owned in hosts.values():
+            if host.live_slots() <= {h.slot for h in owned} or not host.alive():
+                host.close_stdin(retire=True)
+                ending.append(host)
+            else:
+                for handle in owned:
+                    host.stop_slot(handle.slot)
         for handle in handles:
-            proc = handle.process
-            if proc is None:
+            if handle.process is not None and handle.host_daemon is not None:
+                wait_for_exit(handle.process, max(0.0, deadline - time.monotonic()))
+        for host in ending:
+            if wait_for_exit(host.process, max(0.0, deadline - time.monotonic())):
+                self._end_host(host, deadline)
                 continue
-            if not wait_for_exit(proc, max(0.0, deadline - time.monotonic())):
-                log.info("%s: its ssh session is still open; it may take %.0f s to deliver 'retire'",
-                         handle.label, RETIRE_LINGER)
-                with self._lock:
-                    self._lingering.add(proc)
-                threading.Thread(target=self._linger, args=(handle,), name="isdgrid-ssh-retire", daemon=True).start()
-                continue
-            self._reap(handle)
+            log.info("%s: the ssh session of its retired host daemon is still open; it may take %.0f s to "
+                     "deliver 'retire'", host.label, RETIRE_LINGER)
+            with self._lock:
+                self._lingering.add(host)
+            threading.Thread(target=self._linger, args=(host,), name="isdgrid-ssh-retire", daemon=True).start()
+        for handle in handles:
+            if handle.host_daemon not in self._lingering:
+                self._reap(handle)
 
-    def _linger(self, handle: DaemonHandle) -> None:
-        proc = handle.process
-        assert proc is not None
+    def _linger(self, host: Any) -> None:
         try:
-            if not wait_for_exit(proc, RETIRE_LINGER):
-                log.warning("%s: its ssh session did not end within %.0f s of 'retire'; killing it", handle.label,
-                            RETIRE_LINGER)
-                self._kill(proc)
-            self._reap(handle)
+            if not wait_for_exit(host.process, RETIRE_LINGER):
+                log.warning("%s: the ssh session of its retired host daemon did not end within %.0f s of "
+                            "'retire'; killing it", host.label, RETIRE_LINGER)
+            self._end_host(host, time.monotonic())  # kills it if it is still there, reads its output out
         except BaseException:  # noqa: BLE001 - this thread must not die silently
-            log.exception("%s: ending its replaced ssh session failed", handle.label)
+            log.exception("%s: ending its replaced ssh session failed", host.label)
         finally:
             with self._lock:
-                self._lingering.discard(proc)
+                self._lingering.discard(host)
 
     def close(self) -> None:
-        """End replaced slots' lingering sessions; remove folders no slot 0 removes, and local sockets."""
+        """End every host daemon (lingering ones too); remove folders no host daemon removes, and local sockets."""
         with self._lock:
             lingering = list(self._lingering)
-        for proc in lingering:
-            self._kill(proc)
+        for host in lingering:
+            self._kill(host.process)
+        super().close()
         with self._lock:
             leftovers = [(name, s) for name, s in self._setups.items() if not s.slot0_started]
             self._setups.clear()
