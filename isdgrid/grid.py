@@ -37,6 +37,7 @@ from .hosts import Host
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
 from .mapping import MapIterator
+from .openfiles import ensure_open_files
 from .proxy import ServiceProxy
 from .result import Result
 from .server import Server, ServerState
@@ -280,14 +281,14 @@ class Grid:
         # a respawn starts the same spec, and a host dropped by min_hosts leaves a gap.
         specs = self._launcher.slot_specs(self.hosts)
         specs = [dataclasses.replace(spec, rank=rank) for rank, spec in enumerate(specs)]
+        ensure_open_files(OPEN_FILES_PER_SLOT * len(specs) + OPEN_FILES_SPARE)
         log.info("starting %d daemon slots on %d hosts (%s launcher)", len(specs), len(self.hosts), self._launcher.name)
         started = time.monotonic()
         outcomes = self._launcher.start(specs, self._secret, self._start_timeout)
         handles = [o for o in outcomes if isinstance(o, DaemonHandle)]
         failures = [o for o in outcomes if isinstance(o, LaunchError)]
         try:
-            for handle in handles:
-                self._add_slot(handle)
+            self._open_slots(handles)
         except BaseException:  # Ctrl-C included: daemons that are no slot yet are ended here
             added = {id(slot.handle) for slot in self._slots}
             self._launcher.stop([h for h in handles if id(h) not in added], self._stop_timeout)
@@ -314,7 +315,39 @@ class Grid:
             self.hosts = good_hosts
         log.info("%d slots ready in %.2f s", len(self._slots), time.monotonic() - started)
 
+    def _open_slots(self, handles: Sequence[DaemonHandle]) -> None:
+        """Connect to every started daemon, a few at a time (a thousand handshakes one by one take seconds).
+
+        The slots join the grid in the order of ``handles``; the first that cannot be
+        reached raises its :class:`LaunchError`, and whatever else was opened by then is
+        closed again before it goes on.
+        """
+        futures = [_CONTROL.submit(self._open_slot, handle) for handle in handles]
+        try:
+            for future in futures:
+                slot = future.result()
+                self._slots.append(slot)
+                slot.start_monitor()
+        except BaseException:
+            for future in futures:
+                if future.cancel():
+                    continue
+                try:
+                    slot = future.result(timeout=self._start_timeout)
+                except BaseException:  # noqa: BLE001 - its own error; the first one goes on
+                    continue
+                if slot not in self._slots:
+                    slot.close()
+            raise
+
     def _add_slot(self, handle: DaemonHandle) -> Slot:
+        """Connect to one started daemon and make it a slot of the grid (a respawn's)."""
+        slot = self._open_slot(handle)
+        self._slots.append(slot)
+        slot.start_monitor()
+        return slot
+
+    def _open_slot(self, handle: DaemonHandle) -> Slot:
         slot = Slot(
             handle,
             self._secret,
@@ -330,8 +363,6 @@ class Grid:
         except BaseException:
             slot.close()
             raise
-        self._slots.append(slot)
-        slot.start_monitor()
         return slot
 
     def _check_python_versions(self) -> list[LaunchError]:
@@ -1148,6 +1179,8 @@ _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 # threads for the whole driver, never one per slot; respawns (which may wait minutes for
 # a host) have their own, so they never hold up control calls.
 _CONTROL = Workers("isdgrid-control", 4)
+OPEN_FILES_PER_SLOT = 3  # the driver's calls and control connections, and a reconnect under way
+OPEN_FILES_SPARE = 256  # the host daemons' pipes, log files, the user's own
 STAGE_MIN_BYTES = 1 << 16  # a published payload this large goes once to each host folder, not to each slot
 _RESPAWNS = Workers("isdgrid-respawn", 2)
 

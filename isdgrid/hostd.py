@@ -47,6 +47,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ from . import daemon
 from .announce import STDERR_MARK, STDOUT_MARK
 from .errors import GridError
 from .folderusers import FolderUsers
+from .openfiles import ensure_open_files
 
 __all__ = ["EXIT_DRIVER_GONE", "HostDaemon", "WORKER_MARK", "main"]
 
@@ -66,6 +68,8 @@ HOST_PREFIX = "ISDGRID-HOST "
 WORKER_PREFIX = "ISDGRID-WORKER "
 EXIT_PREFIX = "ISDGRID-EXIT "
 MAX_LINE = 1 << 16  # a longer line without a newline is relayed in pieces
+OPEN_FILES_PER_WORKER = 4  # its stdin and its three output pipes
+COMMANDS_PER_STEP = 8  # spawns between two looks at the workers' pipes (a worker's address goes out at once)
 DRAIN_AFTER_EXIT = 1.0  # seconds the host daemon keeps reading its workers' pipes once they all ended
 
 log = logging.getLogger("isdgrid.hostd")
@@ -139,6 +143,7 @@ class HostDaemon:
         self.wake_w.setblocking(False)
         self.signals: list[int] = []
         self.stdin_buffer = b""
+        self.queued: deque[bytes] = deque()  # command lines read, not yet run
         self.stdin_open = True
         self.retired = False
         self.stopping_at: float | None = None  # when the host daemon began to end
@@ -166,7 +171,7 @@ class HostDaemon:
         return 0
 
     def _step(self) -> None:
-        timeout = self._next_timeout()
+        timeout = 0.0 if self.queued else self._next_timeout()
         for key, _ in self.selector.select(timeout):
             if key.data == "signal":
                 self._read_signals()
@@ -176,6 +181,7 @@ class HostDaemon:
                 self._read_pipe(key.fd, key.data)
         self._handle_signals()
         self._enforce_deadlines()
+        self._run_queued(COMMANDS_PER_STEP)
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
@@ -218,6 +224,7 @@ class HostDaemon:
         except OSError:
             data = b""
         if not data:
+            self._run_queued(len(self.queued))  # a "retire" before the end counts
             self.selector.unregister(0)
             self.stdin_open = False
             if self.stopping_at is None:
@@ -231,7 +238,12 @@ class HostDaemon:
     def _commands(self, data: bytes) -> None:
         lines = (self.stdin_buffer + data).split(b"\n")
         self.stdin_buffer = lines.pop()
-        for raw in lines:
+        self.queued.extend(lines)
+
+    def _run_queued(self, limit: int) -> None:
+        """Run at most ``limit`` queued commands: between them the loop relays what the workers say."""
+        for _ in range(min(limit, len(self.queued))):
+            raw = self.queued.popleft()
             words = raw.decode("utf-8", "replace").split()
             try:
                 self._command(words)
@@ -256,6 +268,7 @@ class HostDaemon:
     def _spawn(self, slot: int, rank: int, gpu: str) -> None:
         if self.stopping_at is not None:
             return
+        ensure_open_files(OPEN_FILES_PER_WORKER * (len(self.workers) + 1) + 64, f"the host daemon of {self.label}")
         old = self.by_slot.get(slot)
         if old is not None and old.code is None:
             self._stop(old)  # the grid starts this slot again: the old worker goes first

@@ -21,6 +21,7 @@ batches and waits on its Result like on any Future.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -37,6 +38,7 @@ from Pyro5 import config as pyro_config
 from . import codec, handshake, wire
 from .errors import AuthenticationError, GridError, PayloadTooLargeError, RemoteError
 from .ioloop import get_loop
+from .openfiles import out_of_files
 from .workers import Workers
 
 __all__ = [
@@ -76,8 +78,9 @@ def connect(address: Address, secret: str, channel: bytes, timeout: float, expec
 ]:
     """An authenticated socket to the daemon at ``address``, and the daemon's id.
 
-    Raises :class:`ConnectionBroken` when it cannot be reached and
-    :class:`~isdgrid.AuthenticationError` when the peer fails the handshake.
+    Raises :class:`ConnectionBroken` when it cannot be reached,
+    :class:`~isdgrid.AuthenticationError` when the peer fails the handshake, and
+    :class:`~isdgrid.GridError` when the driver has no file descriptor left.
     """
     try:
         if isinstance(address, str):
@@ -92,6 +95,8 @@ def connect(address: Address, secret: str, channel: bytes, timeout: float, expec
             sock = socket.create_connection(address, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the daemon's fault: trying again will not help soon
+            raise GridError(out_of_files(exc)) from exc
         raise ConnectionBroken(f"cannot connect: {exc}") from exc
     try:
         daemon_id = handshake.prove(sock, secret, channel, timeout, expected_id)

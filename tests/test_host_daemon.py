@@ -320,3 +320,52 @@ def test_a_preload_that_cannot_be_imported_is_a_launch_error_naming_it() -> None
     with pytest.raises(LaunchError) as info:
         Grid([Host("localhost", n_cpu=2)], launcher_options={"preload": [name]}, start_timeout=60.0)
     assert name in str(info.value)
+
+
+LOW_LIMIT_DRIVER = """
+import resource, sys
+from isdgrid import Grid, Host
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+class Echo:
+    def rank(self):
+        import os
+        return int(os.environ["ISDGRID_RANK"])
+
+with Grid([Host("localhost", n_cpu=40)], status_file=False) as grid:
+    sid = grid.publish(Echo())
+    print("RANKS", sorted(grid.gather(grid.broadcast(sid, "rank"), timeout=120)) == list(range(40)))
+    print("SOFT", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_a_grid_larger_than_the_soft_open_files_limit_raises_it_and_starts(tmp_path: Path) -> None:
+    # 40 slots need about 100 descriptors in the driver and 160 in the host daemon: far past
+    # a soft limit of 64 (many systems start processes at 1,024, a grid of 400 slots passes it).
+    import resource
+    import subprocess
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1024:
+        pytest.fail("this test needs a hard limit of open files of at least 1024 (ulimit -Hn)")
+    script = tmp_path / "driver.py"
+    script.write_text(LOW_LIMIT_DRIVER)
+    repo = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": repo}, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANKS True" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    soft = int(proc.stdout.split("SOFT", 1)[1].split()[0])
+    assert soft >= 3 * 40, proc.stdout
+
+
+def test_a_grid_past_the_hard_open_files_limit_fails_at_once_saying_so(tmp_path: Path) -> None:
+    # The hard limit cannot be raised: the start (or the publish) fails with the reason, it does not hang.
+    import subprocess
+
+    script = tmp_path / "driver.py"
+    script.write_text(LOW_LIMIT_DRIVER.replace("(64, resource.getrlimit(resource.RLIMIT_NOFILE)[1])", "(64, 64)"))
+    repo = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": repo}, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    assert "Too many open files" in proc.stderr or "out of file descriptors" in proc.stderr, proc.stderr[-3000:]

@@ -175,9 +175,8 @@ class HostOutput:
 
     def _own(self, text: str) -> None:
         """A line of the host daemon itself (its log, or what ssh/srun/qrsh said)."""
-        if not self.ready.is_set():
-            self.early_lines.append(text)
-            del self.early_lines[:-200]
+        self.early_lines.append(text)  # the latest ones: what a failed start shows
+        del self.early_lines[:-200]
         if self._log_file is not None:
             try:
                 self._log_file.write(text + "\n")

@@ -396,7 +396,6 @@ class SshLauncher(ProcessLauncher):
         self._reach_locks: dict[str, threading.Lock] = {}
         self._reached: dict[str, float] = {}
         self._folder_generation: dict[str, int] = {}  # hosts whose folder was made anew, how often
-        self._starting = threading.Lock()
         self._lingering: set[Any] = set()  # retired host daemons (HostProcess) whose session is still open
         self._socket_dir: str | None = None
 
@@ -486,12 +485,6 @@ class SshLauncher(ProcessLauncher):
                     self._setups[spec.host.name].slot0_started = True
             outcome[index] = result
         return [outcome[i] for i in range(len(specs))]
-
-    def _host_daemon(self, specs: Sequence[SlotSpec], secret: str, launched: list[Any]) -> Any:
-        # Respawns run in several threads: two slots of one host respawned at once must
-        # find (or start) the same host daemon, not open a session each.
-        with self._starting:
-            return super()._host_daemon(specs, secret, launched)
 
     def _finish_handle(self, handle: DaemonHandle) -> None:
         """Point the handle's URI where the driver can reach the slot's worker."""
