@@ -88,7 +88,7 @@ class HandStartedHostDaemon(HostDaemon):
 
     def _reap(self) -> None:
         super()._reap()
-        if not self.workers and self.stopping_at is None:
+        if not self.workers and not self.queued and self.stopping_at is None:
             log.info("%s: no worker is left; ending", self.label)
             self._stop_all()
 

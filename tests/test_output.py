@@ -164,7 +164,7 @@ def test_prints_of_a_published_object_show_on_the_drivers_streams_at_once(tmp_pa
     assert not any("serving" in line for _, _, line in lines), _show(lines)
     assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
     logs = sorted(log_dir.iterdir())
-    assert [p.name for p in logs] == ["localhost-0.log", "localhost-1.log", "localhost-host.log"]
+    assert [p.name for p in logs] == ["localhost-0.log", "localhost-1.log", "localhost-hostd.log"]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in logs)
     assert "host daemon ready" in logs[2].read_text()  # the host daemon's own lines: a log of their own
     text = "".join(p.read_text() for p in logs[:2])

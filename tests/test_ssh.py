@@ -450,10 +450,10 @@ def test_two_hosts_several_slots_copy_files_logs_and_clean_end(
             assert any(f"[{label}]" in r.getMessage() and "serving" in r.getMessage() for r in remote)
         logs = sorted(os.listdir(tmp_path / "logs"))
         assert logs == [
-            "node-a-0.log", "node-a-1.log", "node-a-2.log", "node-a-host.log", "node-b-0.log", "node-b-1.log",
-            "node-b-host.log",
+            "node-a-0.log", "node-a-1.log", "node-a-2.log", "node-a-hostd.log", "node-b-0.log", "node-b-1.log",
+            "node-b-hostd.log",
         ]
-        assert "host daemon ready" in (tmp_path / "logs" / "node-a-host.log").read_text()
+        assert "host daemon ready" in (tmp_path / "logs" / "node-a-hostd.log").read_text()
         assert wait_until(lambda: "received 201 files" in (tmp_path / "logs" / "node-b-0.log").read_text(), 15.0)
     finally:
         grid.terminate()

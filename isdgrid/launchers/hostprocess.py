@@ -85,7 +85,7 @@ class HostOutput:
         self.early_lines: list[str] = []
         self._log_file: IO[str] | None = None
         if log_dir:
-            self._log_file = open_log(log_dir, f"{label}-host.log".replace(os.sep, "_"))
+            self._log_file = open_log(log_dir, f"{label}-hostd.log".replace(os.sep, "_"))
 
     # -- the launcher's side ---------------------------------------------------------------
     def expect(self, slot: int, output: SlotOutput, worker: WorkerProcess) -> None:
