@@ -70,7 +70,7 @@ EXIT_PREFIX = "ISDGRID-EXIT "
 MAX_LINE = 1 << 16  # a longer line without a newline is relayed in pieces
 OPEN_FILES_PER_WORKER = 4  # its stdin and its three output pipes
 COMMANDS_PER_STEP = 8  # spawns between two looks at the workers' pipes (a worker's address goes out at once)
-DRAIN_AFTER_EXIT = 1.0  # seconds the host daemon keeps reading its workers' pipes once they all ended
+DRAIN_AFTER_EXIT = 0.5  # seconds the host daemon keeps reading its workers' pipes once they all ended
 
 log = logging.getLogger("isdgrid.hostd")
 

@@ -198,6 +198,31 @@ def test_terminate_with_hung_workers_is_bounded_and_leaves_nothing(
     assert "Logging error" not in capsys.readouterr().err
 
 
+def test_terminate_with_a_stopped_host_daemon_is_bounded_and_leaves_nothing() -> None:
+    # A host daemon stopped (Ctrl-Z, a debugger) hears nothing until it runs again: the local
+    # launcher sends it CONT with the end of its stdin; a remote one is killed at the deadline.
+    stop_timeout = 1.0
+    with _ended_by_pid([]) as procs:
+        grid = Grid([Host("localhost", n_cpu=3)], stop_timeout=stop_timeout, host_timeout=30.0)
+        try:
+            sid = grid.publish(Spawner())
+            proxies = [grid.acquire_service(sid) for _ in range(3)]
+            children = [_process(p.start_child().get(timeout=60)) for p in proxies]
+            workers = [_process(_worker_pid(p._isdgrid_server.slot)) for p in proxies]
+            host = _process(_host_pid(grid.slots[0]))
+            folder = grid.slots[0].handle.spec.temp_path
+            procs += [*children, *workers, host]
+            host.suspend()
+            assert wait_until(lambda: _stopped(host.pid), 10, step=0.01)
+            started = time.monotonic()
+        finally:
+            grid.terminate()
+        took = time.monotonic() - started
+        assert took < stop_timeout + 10.0, f"terminate() took {took:.1f} s with the host daemon stopped"
+        assert _all_gone(procs) == [], "a worker, its child or the host daemon outlived terminate()"
+        assert not os.path.exists(folder), "terminate() left the host's folder"
+
+
 # -- a lost worker -----------------------------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("isdgrid.launcher")
+
+STOP_MARGIN = 0.9  # seconds a host daemon gets, after its own stop_timeout, to reap its workers and end
 remote_log = logging.getLogger("isdgrid.remote")
 
 # One line at a time on the driver's terminal, whichever slot it comes from.
@@ -580,7 +582,9 @@ class ProcessLauncher(Launcher):
         launcher's ``stop_timeout``); what is still there a second after ``timeout`` is
         killed from here.
         """
-        deadline = time.monotonic() + timeout + 1.0
+        # The host daemons KILL what is left at ``timeout``; 0.9 s later what has not ended is
+        # killed from here, so a stop (and terminate) stays within ``timeout`` + 1 s.
+        deadline = time.monotonic() + timeout + STOP_MARGIN
         hosts: dict[int, tuple[Any, list[DaemonHandle]]] = {}
         for handle in handles:
             if handle.host_daemon is not None:
@@ -591,6 +595,9 @@ class ProcessLauncher(Launcher):
             if host.live_slots() <= slots or not host.alive():
                 host.close_stdin(retire)
                 ending.append(host)
+                if self.local_pids:  # a stopped host daemon (Ctrl-Z, a debugger) would not hear it
+                    with contextlib.suppress(OSError):
+                        os.kill(host.process.pid, signal.SIGCONT)
             else:
                 for handle in owned:
                     host.stop_slot(handle.slot)
