@@ -238,7 +238,8 @@ def test_a_killed_worker_fails_its_results_and_comes_back_from_the_same_host_dae
         healthy = grid.acquire_service(sid)
         victim = doomed._isdgrid_server.slot
         old_pid = _worker_pid(victim)
-        pending = [doomed.start_child(1), *(doomed.add(i, i) for i in range(20))]
+        # A long call first: the ones after it are still queued on the worker when it is killed.
+        pending = [doomed.sleep(60), doomed.start_child(1), *(doomed.add(i, i) for i in range(20))]
         os.kill(old_pid, signal.SIGKILL)
         for result in pending:
             with pytest.raises(HostLostError):

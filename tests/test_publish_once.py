@@ -9,6 +9,7 @@ import sys
 
 import cloudpickle
 import pytest
+from conftest import wait_until
 
 from isdgrid import Grid, Host
 from isdgrid.grid import STAGE_MIN_BYTES
@@ -41,6 +42,8 @@ def test_a_large_object_is_staged_once_per_host_and_every_slot_loads_it(caplog: 
         replies = grid.gather(grid.broadcast(sid, "digest"), timeout=60)
         assert [digest for digest, _ in replies] == [want] * 5
         assert len({pid for _, pid in replies}) == 5
+        # the daemons' log lines reach the driver through its output thread: wait for them (bounded)
+        wait_until(lambda: len(_staged_lines(caplog)) >= 2, 30)
         staged = _staged_lines(caplog)
         assert len(staged) == 2, staged  # one per host, not one per slot
         for slot in grid.slots:  # nothing staged is left behind
