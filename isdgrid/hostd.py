@@ -144,7 +144,6 @@ class HostDaemon:
         self.signals: list[int] = []
         self.stdin_buffer = b""
         self.queued: deque[bytes] = deque()  # command lines read, not yet run
-        self.stdin_open = True
         self.retired = False
         self.stopping_at: float | None = None  # when the host daemon began to end
         self.driver_gone = False
@@ -226,7 +225,6 @@ class HostDaemon:
         if not data:
             self._run_queued(len(self.queued))  # a "retire" before the end counts
             self.selector.unregister(0)
-            self.stdin_open = False
             if self.stopping_at is None:
                 log.info("%s: stdin closed (%s); ending every worker", self.label,
                          "retired by the grid" if self.retired else "the driver is gone or done")

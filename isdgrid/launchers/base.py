@@ -25,14 +25,17 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..announce import parse_announcement, split_output
 from ..errors import ConfigError, LaunchError
 from ..hosts import Host
 
+if TYPE_CHECKING:
+    from .hostprocess import HostProcess, WorkerProcess
+
 __all__ = [
-    "DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec", "close_stdin", "driver_folder",
+    "DaemonHandle", "Launcher", "ProcessLauncher", "Progress", "SlotOutput", "SlotSpec", "driver_folder",
     "wait_for_exit",
 ]
 
@@ -94,7 +97,7 @@ class DaemonHandle:
     spec: SlotSpec
     uri: str
     #: The slot's worker (``pid``, ``poll()``, ``wait()``); None for a daemon the user started.
-    process: Any = None
+    process: WorkerProcess | None = None
     output: SlotOutput | None = None
     command: list[str] = field(default_factory=list)
     respawns: int = 0
@@ -102,7 +105,7 @@ class DaemonHandle:
     #: after the old one was removed): the grid then sends what ``copy_files`` sent again.
     folder_generation: int = 0
     #: The host daemon that forked this slot's worker (a ``HostProcess``), if the grid started it.
-    host_daemon: Any = None
+    host_daemon: HostProcess | None = None
 
     @property
     def host(self) -> Host:
@@ -433,7 +436,7 @@ class ProcessLauncher(Launcher):
         for name in self.preload:
             if not name or not all(part.isidentifier() for part in name.split(".")):
                 raise ConfigError(f"preload: {name!r} is not a module name")
-        self._host_daemons: dict[tuple[str, str], Any] = {}  # (host name, folder) -> HostProcess
+        self._host_daemons: dict[tuple[str, str], HostProcess] = {}  # (host name, folder) -> HostProcess
         self._hosts_lock = threading.Lock()
         self._host_starts: dict[tuple[str, str], threading.Lock] = {}  # held while a host daemon starts
 
@@ -469,7 +472,7 @@ class ProcessLauncher(Launcher):
         If anything interrupts it (Ctrl-C included), every host daemon it started is ended
         (with its workers) before the exception goes on: the caller never got their handles.
         """
-        launched: list[Any] = []
+        launched: list[HostProcess] = []
         try:
             return self._start_processes(specs, secret, deadline, progress, launched)
         except BaseException:
@@ -481,7 +484,9 @@ class ProcessLauncher(Launcher):
                 self._end_host(host, time.monotonic() + self.stop_timeout + 1.0)
             raise
 
-    def _host_daemon(self, specs: Sequence[SlotSpec], secret: str, launched: list[Any]) -> Any:
+    def _host_daemon(
+        self, specs: Sequence[SlotSpec], secret: str, launched: list[HostProcess]
+    ) -> HostProcess | LaunchError:
         """The running host daemon for these slots' host, or a new one; a LaunchError if it cannot start."""
         spec = specs[0]
         key = (spec.host.name, spec.temp_path)
@@ -493,7 +498,7 @@ class ProcessLauncher(Launcher):
             return self._host_daemon_locked(key, specs, secret, launched)
 
     def _host_daemon_locked(self, key: tuple[str, str], specs: Sequence[SlotSpec], secret: str,
-                            launched: list[Any]) -> Any:
+                            launched: list[HostProcess]) -> HostProcess | LaunchError:
         from .hostprocess import HostProcess
 
         spec = specs[0]
@@ -530,13 +535,13 @@ class ProcessLauncher(Launcher):
         secret: str,
         deadline: float,
         progress: Progress | None,
-        launched: list[Any],
+        launched: list[HostProcess],
     ) -> list[DaemonHandle | LaunchError]:
         groups: dict[tuple[str, str], list[int]] = {}
         for index, spec in enumerate(specs):
             groups.setdefault((spec.host.name, spec.temp_path), []).append(index)
         outcome: dict[int, DaemonHandle | LaunchError] = {}
-        pending: list[tuple[int, Any, SlotOutput, Any]] = []
+        pending: list[tuple[int, HostProcess, SlotOutput, WorkerProcess]] = []
         for indexes in groups.values():
             host = self._host_daemon([specs[i] for i in indexes], secret, launched)
             for index in indexes:
@@ -557,7 +562,8 @@ class ProcessLauncher(Launcher):
                 progress.ready()
         return [outcome[i] for i in range(len(specs))]
 
-    def _start_failure(self, spec: SlotSpec, host: Any, output: SlotOutput, worker: Any, timeout: float) -> LaunchError:
+    def _start_failure(self, spec: SlotSpec, host: HostProcess, output: SlotOutput, worker: WorkerProcess,
+                       timeout: float) -> LaunchError:
         """The error of a slot whose worker did not report its address (it is ended)."""
         if worker.poll() is None and host.alive():
             host.stop_slot(spec.slot)
@@ -570,7 +576,7 @@ class ProcessLauncher(Launcher):
             reason = f"host daemon exited with code {host.process.returncode} before serving"
         else:
             reason = f"daemon exited with code {code} before serving"
-        lines = [*host.output.early_lines, *output.early_lines]
+        lines = [*host.output.recent_lines, *output.early_lines]
         if host.output.done():
             self._end_host(host, time.monotonic() + 2.0)
         return LaunchError(reason, host=spec.host.name, command=host.command, output="\n".join(lines))
@@ -579,13 +585,13 @@ class ProcessLauncher(Launcher):
         """End these slots' workers; a host daemon left with none is ended too (bounded by ``timeout`` + 1 s).
 
         The host daemons end their workers' process groups (TERM, then KILL after the
-        launcher's ``stop_timeout``); what is still there a second after ``timeout`` is
-        killed from here.
+        launcher's ``stop_timeout``); what is still there ``STOP_MARGIN`` (0.9 s) after
+        ``timeout`` is killed from here.
         """
         # The host daemons KILL what is left at ``timeout``; 0.9 s later what has not ended is
         # killed from here, so a stop (and terminate) stays within ``timeout`` + 1 s.
         deadline = time.monotonic() + timeout + STOP_MARGIN
-        hosts: dict[int, tuple[Any, list[DaemonHandle]]] = {}
+        hosts: dict[int, tuple[HostProcess, list[DaemonHandle]]] = {}
         for handle in handles:
             if handle.host_daemon is not None:
                 hosts.setdefault(id(handle.host_daemon), (handle.host_daemon, []))[1].append(handle)
@@ -618,7 +624,7 @@ class ProcessLauncher(Launcher):
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
 
-    def _end_host(self, host: Any, deadline: float) -> None:
+    def _end_host(self, host: HostProcess, deadline: float) -> None:
         """Wait (until ``deadline``) for a host daemon to end, then kill it; its output is read to the end."""
         proc = host.process
         if not wait_for_exit(proc, max(0.0, deadline - time.monotonic())):
@@ -700,23 +706,6 @@ def _sigint_held() -> Iterator[None]:
             previous(signal.SIGINT, held[0])
         elif held and previous == signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGINT)
-
-
-def close_stdin(proc: subprocess.Popen[bytes], retire: bool = False) -> None:
-    """Close a daemon's stdin, its cue to exit; first write ``retire`` on it if asked."""
-    if proc.stdin is None:
-        return
-    try:
-        if retire:
-            proc.stdin.write(b"retire\n")
-            proc.stdin.flush()
-    except OSError:  # it is gone already
-        pass
-    finally:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
 
 
 def wait_for_exit(proc: Any, timeout: float) -> bool:

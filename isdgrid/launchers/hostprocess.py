@@ -81,8 +81,7 @@ class HostOutput:
         self._expected: dict[int, tuple[SlotOutput, WorkerProcess]] = {}  # by slot, until the fork is reported
         self._workers: dict[int, tuple[SlotOutput, WorkerProcess]] = {}  # by pid
         self._done = threading.Event()
-        self.ready = threading.Event()
-        self.early_lines: list[str] = []
+        self.recent_lines: list[str] = []
         self._log_file: IO[str] | None = None
         if log_dir:
             self._log_file = open_log(log_dir, f"{label}-hostd.log".replace(os.sep, "_"))
@@ -151,9 +150,7 @@ class HostOutput:
             self._forked(line[len(WORKER_PREFIX):].split())
         elif line.startswith(EXIT_PREFIX):
             self._ended(line[len(EXIT_PREFIX):].split())
-        elif line.startswith(HOST_PREFIX):
-            self.ready.set()
-        else:
+        elif not line.startswith(HOST_PREFIX):  # the host daemon's "ready" says nothing the slots will not
             self._own(line)
 
     def _forked(self, words: list[str]) -> None:
@@ -175,8 +172,8 @@ class HostOutput:
 
     def _own(self, text: str) -> None:
         """A line of the host daemon itself (its log, or what ssh/srun/qrsh said)."""
-        self.early_lines.append(text)  # the latest ones: what a failed start shows
-        del self.early_lines[:-200]
+        self.recent_lines.append(text)  # the latest ones: what a failed start shows
+        del self.recent_lines[:-200]
         if self._log_file is not None:
             try:
                 self._log_file.write(text + "\n")
