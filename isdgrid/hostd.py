@@ -367,6 +367,7 @@ class HostDaemon:
         if self.args.unix_socket_dir:
             unix_socket = os.path.join(self.args.unix_socket_dir, f".isdgrid-{slot}.sock")
         gone = False
+        options = self._serve_options(slot)
         try:
             gone = daemon.serve(
                 self.secret,
@@ -379,10 +380,15 @@ class HostDaemon:
                 heartbeat_timeout=self.args.heartbeat_timeout,
                 announce_to=log_stream,
                 users=self.users,
-                **self._serve_options(slot),
+                **options,
             )
         except KeyboardInterrupt:
             pass
+        except OSError as exc:  # it cannot listen (a port in use, a socket path too long): one line, no traceback
+            where = unix_socket or f"{self.args.bind}:{options.get('port', 0)}"
+            log.error("%s/%d: cannot listen on %s: %s%s", self.label, slot, where, exc.strerror or exc,
+                      " (another daemon?); give another --port" if exc.errno == errno.EADDRINUSE else "")
+            return 1
         return EXIT_DRIVER_GONE if gone else 0
 
     def _serve_options(self, slot: int) -> dict[str, Any]:

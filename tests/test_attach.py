@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -406,3 +407,39 @@ def test_daemon_slots_must_be_positive_in_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "--slots" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_port_in_use_for_one_slot_is_one_line_and_the_other_slots_serve(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    (tmp_path / "secret").chmod(0o600)
+    taken = None
+    for _ in range(50):  # a free port for slot 0 and, held here, the next one for slot 1
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]
+        with contextlib.suppress(OSError):
+            taken = socket.create_server(("127.0.0.1", port + 1))
+            break
+    assert taken is not None, "no two consecutive ports on loopback"
+    with taken:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "isdgrid", "daemon", "--slots", "2", "--port", str(port), "--secret-file",
+             str(tmp_path / "secret")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path,
+        )
+        try:
+            uris = _read_uris(proc, 1)
+            assert uri_address(uris[0])[1] == port
+            with Grid.attach(uris, secret=SECRET) as grid:  # the slot that could listen serves
+                sid = grid.publish(Recorder())
+                assert grid.gather(grid.broadcast(sid, "ident", 3), timeout=30) == [3]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+            assert f"cannot listen on 127.0.0.1:{port + 1}" in err and "already in use" in err, err
+            assert "Traceback" not in err, err
+        finally:
+            _end(proc)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
