@@ -481,7 +481,7 @@ class Grid:
         for index, outcome in zip(again, self._fan_out([slots[i] for i in again], "publish", service_id, payload),
                                   strict=True):
             outcomes[index] = outcome
-        self._fan_out_pairs([(slot, "unstage", digest) for slot, digest in stagers])
+        self._outcomes([_CONTROL.submit(slot.control, "unstage", digest) for slot, digest in stagers])
         return outcomes
 
     def _folder_key(self, slot: Slot) -> str:
@@ -489,10 +489,6 @@ class Grid:
         if not slot.handle.spec.temp_path:  # a daemon started by hand: a folder of its own, as far as we know
             return "@" + slot.label
         return "shared" if self.shared_temp_path else slot.handle.spec.temp_path + "@" + slot.host.name
-
-    def _fan_out_pairs(self, calls: Sequence[tuple[Slot, str, Any]]) -> list[Any]:
-        """Call ``method(arg)`` on each slot of ``calls`` at once; each outcome is a value or an error."""
-        return self._outcomes([_CONTROL.submit(slot.control, method, arg) for slot, method, arg in calls])
 
     @staticmethod
     def _outcomes(futures: Sequence[Any]) -> list[Any]:

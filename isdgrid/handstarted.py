@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,10 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     code = 0
     try:
         host = HandStartedHostDaemon(secret, args)
-        for name in args.preload:
-            started = time.monotonic()
-            __import__(name)
-            log.info("%s: preloaded %s in %.2f s", host.label, name, time.monotonic() - started)
+        host.load()
         code = host.run()
     except KeyboardInterrupt:
         code = 0

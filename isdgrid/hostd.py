@@ -148,7 +148,16 @@ class HostDaemon:
         self.stopping_at: float | None = None  # when the host daemon began to end
         self.driver_gone = False
         self.gpus = _gpu_shares(os.environ.get("CUDA_VISIBLE_DEVICES"), args.gpus_per_slot)
+        self.open_files = 0  # the open-files limit known to be in force (0: not looked at yet)
         self.pipe_fds = (1 << 30, -1)  # lowest and highest descriptor of a worker's pipe so far
+
+    def load(self) -> None:
+        """Before the first fork: the warm-up, then the ``--preload`` modules (each imported once, for all workers)."""
+        _warm_up()
+        for name in self.args.preload:
+            started = time.monotonic()
+            importlib.import_module(name)
+            log.info("%s: preloaded %s in %.2f s", self.label, name, time.monotonic() - started)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, pending_stdin: bytes) -> int:
@@ -266,7 +275,11 @@ class HostDaemon:
     def _spawn(self, slot: int, rank: int, gpu: str) -> None:
         if self.stopping_at is not None:
             return
-        ensure_open_files(OPEN_FILES_PER_WORKER * (len(self.workers) + 1) + 64, f"the host daemon of {self.label}")
+        needed = OPEN_FILES_PER_WORKER * (len(self.workers) + 1) + 64
+        if needed > self.open_files:  # not a getrlimit per fork: only when the limit may be short
+            self.open_files = ensure_open_files(max(needed, 2 * self.open_files), f"the host daemon of {self.label}")
+            if self.open_files < needed:  # the hard limit is short: said once now, not at every fork
+                self.open_files = 2 * needed
         old = self.by_slot.get(slot)
         if old is not None and old.code is None:
             self._stop(old)  # the grid starts this slot again: the old worker goes first
@@ -280,20 +293,13 @@ class HostDaemon:
             ends = [os.pipe() for _ in range(3)]  # stdout, stderr, log
             fds += [fd for pair in ends for fd in pair]
             self.pipe_fds = (min(self.pipe_fds[0], *fds), max(self.pipe_fds[1], *fds))
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            log.error("%s: cannot start slot %d: %s", self.label, slot, exc)
-            self._tell(f"{EXIT_PREFIX}{slot} 0 255")
-            return
-        gc.freeze()  # what the template holds stays shared: the workers' collections never touch it
-        host_pid = os.getpid()
-        try:
+            gc.freeze()  # what the template holds stays shared: the workers' collections never touch it
+            host_pid = os.getpid()
             pid = os.fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            log.error("%s: cannot fork a worker for slot %d: %s", self.label, slot, exc)
+            log.error("%s: cannot start slot %d: %s", self.label, slot, exc)
             self._tell(f"{EXIT_PREFIX}{slot} 0 255")
             return
         if pid == 0:
@@ -582,11 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     code = 0
     try:
         host = HostDaemon(secret, args)
-        _warm_up()
-        for name in args.preload:
-            started = time.monotonic()
-            importlib.import_module(name)
-            log.info("%s: preloaded %s in %.2f s", host.label, name, time.monotonic() - started)
+        host.load()
         code = host.run(rest)
     except KeyboardInterrupt:
         code = 0

@@ -591,22 +591,7 @@ class ProcessLauncher(Launcher):
         # The host daemons KILL what is left at ``timeout``; 0.9 s later what has not ended is
         # killed from here, so a stop (and terminate) stays within ``timeout`` + 1 s.
         deadline = time.monotonic() + timeout + STOP_MARGIN
-        hosts: dict[int, tuple[HostProcess, list[DaemonHandle]]] = {}
-        for handle in handles:
-            if handle.host_daemon is not None:
-                hosts.setdefault(id(handle.host_daemon), (handle.host_daemon, []))[1].append(handle)
-        ending = []
-        for host, owned in hosts.values():
-            slots = {h.slot for h in owned}
-            if host.live_slots() <= slots or not host.alive():
-                host.close_stdin(retire)
-                ending.append(host)
-                if self.local_pids:  # a stopped host daemon (Ctrl-Z, a debugger) would not hear it
-                    with contextlib.suppress(OSError):
-                        os.kill(host.process.pid, signal.SIGCONT)
-            else:
-                for handle in owned:
-                    host.stop_slot(handle.slot)
+        ending = self._ask_to_end(handles, retire)
         for handle in handles:
             if (handle.process is not None and handle.host_daemon is not None
                     and not wait_for_exit(handle.process, max(0.0, deadline - time.monotonic()))):
@@ -616,6 +601,28 @@ class ProcessLauncher(Launcher):
             self._end_host(host, deadline)
         for handle in handles:
             self._reap(handle)
+
+    def _ask_to_end(self, handles: Sequence[DaemonHandle], retire: bool) -> list[HostProcess]:
+        """Ask for these slots' end: ``stop SLOT``, or the end of stdin of a host daemon left with none.
+
+        Returns the host daemons asked to end (``retire`` first if the grid goes on).
+        """
+        hosts: dict[int, tuple[HostProcess, list[DaemonHandle]]] = {}
+        for handle in handles:
+            if handle.host_daemon is not None:
+                hosts.setdefault(id(handle.host_daemon), (handle.host_daemon, []))[1].append(handle)
+        ending = []
+        for host, owned in hosts.values():
+            if host.live_slots() <= {h.slot for h in owned} or not host.alive():
+                host.close_stdin(retire)
+                ending.append(host)
+                if self.local_pids:  # a stopped host daemon (Ctrl-Z, a debugger) would not hear it
+                    with contextlib.suppress(OSError):
+                        os.kill(host.process.pid, signal.SIGCONT)
+            else:
+                for handle in owned:
+                    host.stop_slot(handle.slot)
+        return ending
 
     def _kill_worker(self, handle: DaemonHandle) -> None:
         """SIGKILL a worker's process group from here (a worker on this machine only)."""
@@ -654,24 +661,6 @@ class ProcessLauncher(Launcher):
         """After its worker ended: the rest of its output read."""
         if handle.output is not None:
             handle.output.join(timeout=0.5)
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM the process group, then SIGKILL it if it is still there; always reaps."""
-        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    proc.send_signal(sig)
-                except ProcessLookupError:
-                    pass
-            if wait_for_exit(proc, grace):
-                break
-        if proc.poll() is None:
-            log.error("daemon pid %d survived SIGKILL", proc.pid)
 
     def close(self) -> None:
         """End every host daemon still running (each with its workers)."""

@@ -669,18 +669,7 @@ class SshLauncher(ProcessLauncher):
             super().stop(handles, timeout)
             return
         deadline = time.monotonic() + timeout + 1.0
-        hosts: dict[int, tuple[Any, list[DaemonHandle]]] = {}
-        for handle in handles:
-            if handle.host_daemon is not None:
-                hosts.setdefault(id(handle.host_daemon), (handle.host_daemon, []))[1].append(handle)
-        ending = []
-        for host, owned in hosts.values():
-            if host.live_slots() <= {h.slot for h in owned} or not host.alive():
-                host.close_stdin(retire=True)
-                ending.append(host)
-            else:
-                for handle in owned:
-                    host.stop_slot(handle.slot)
+        ending = self._ask_to_end(handles, retire=True)
         for handle in handles:
             if handle.process is not None and handle.host_daemon is not None:
                 wait_for_exit(handle.process, max(0.0, deadline - time.monotonic()))
@@ -714,7 +703,7 @@ class SshLauncher(ProcessLauncher):
         with self._lock:
             lingering = list(self._lingering)
         for host in lingering:
-            self._kill(host.process)
+            self._end_host(host, time.monotonic())  # killed now, its output read out
         super().close()
         with self._lock:
             leftovers = [(name, s) for name, s in self._setups.items() if not s.slot0_started]
