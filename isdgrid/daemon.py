@@ -48,12 +48,11 @@ from .errors import GridError
 from .folderusers import FolderUsers
 from .nameserver import DEFAULT_GROUP, check_group, entry_name, registered
 from .output import TaggedOutput
-from .ticker import Ticker
+from .takeover import TAKEOVER, Takeover, start_thread
 
 __all__ = ["Listener", "enter_folder", "main", "serve", "set_slot_environment"]
 
 LAST_USER_WAIT = 5.0  # how long slot 0 waits for the host's other daemons to end before it leaves the folder
-TAKEOVER = 0.005  # a batch running longer than this in a connection's thread gets a new reader
 MIN_SECRET_BYTES = 16  # a shorter secret file is refused (a guessable secret opens the daemon to anyone)
 
 log = logging.getLogger(__name__)
@@ -91,10 +90,9 @@ class Listener:
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
 
     def start(self) -> Listener:
-        self._thread.start()
+        start_thread(self._accept_loop, "accept")
         return self
 
     def _accept_loop(self) -> None:
@@ -118,7 +116,7 @@ class Listener:
                     wire.shutdown_quietly(oldest)
                 self._unauthenticated[conn] = None
             try:
-                threading.Thread(target=self._serve, args=(conn,), name="conn", daemon=True).start()
+                start_thread(lambda conn=conn: self._serve(conn), "conn")
             except BaseException:  # noqa: BLE001 - no thread: drop the connection, keep accepting
                 with self._lock:
                     self._unauthenticated.pop(conn, None)
@@ -139,10 +137,7 @@ class Listener:
                     self._unauthenticated.pop(conn, None)
             if channel == handshake.CHANNEL_CALLS:
                 calls = _CallsChannel(self.agent, conn)
-                try:
-                    calls.serve()
-                finally:
-                    _watchdog.forget(calls)
+                calls.serve()
             else:
                 _serve_control(self.agent, conn, self._stop)
         except BaseException:  # noqa: BLE001 - one connection's end never ends the daemon
@@ -167,7 +162,7 @@ class _CallsChannel:
 
     The thread that reads a batch of an idle service runs it itself (no thread switch
     per call), having first given up the connection's read role. Should the batch run
-    longer than ``TAKEOVER`` seconds, the watchdog starts another thread to read on, so
+    longer than ``TAKEOVER`` seconds, :mod:`isdgrid.takeover` starts another thread to read on, so
     the other services of the slot are never held up behind a long call.
     """
 
@@ -224,8 +219,11 @@ class _CallsChannel:
                 with self._lock:
                     self._reading = False
                     self.free_since = time.monotonic()
-                _watchdog.watch(self)
-                work()
+                _takeover.started(self)
+                try:
+                    work()
+                finally:
+                    _takeover.ended(self)
                 with self._lock:
                     if self._reading or self.closed.is_set():
                         return  # another thread reads on: this one is done
@@ -235,15 +233,17 @@ class _CallsChannel:
             self.closed.set()
             raise
 
-    def take_over_due(self, now: float) -> bool:
-        """True (once) when the read role has been left free too long: start a reader."""
+    def take_over_due(self, now: float) -> float | None:
+        """0 (once) when the read role has been left free too long: a reader is due; else
+        the seconds until it is, or None when the read role is not free."""
         with self._lock:
             if self._reading or self.free_since is None or self.closed.is_set():
-                return False
-            if now - self.free_since < TAKEOVER:
-                return False
+                return None
+            left = TAKEOVER - (now - self.free_since)
+            if left > 0:
+                return left
             self.free_since = None
-            return True
+            return 0.0
 
     def _replier(self, service_id: str, seq: int) -> Callable[[Reply | BaseException], None]:
         def send(reply: Reply | BaseException) -> None:
@@ -263,17 +263,9 @@ class _CallsChannel:
         return send
 
 
-def _take_over(channel: _CallsChannel, now: float) -> bool:
-    """The watchdog's look at one connection: start a reader when a batch runs long."""
-    if channel.take_over_due(now):
-        threading.Thread(target=channel.read_loop, name="conn-reader", daemon=True).start()
-    return channel.free_since is not None
-
-
-# Starts a new reader for a calls connection whose batch runs longer than TAKEOVER. It
-# sleeps as soon as no batch runs (no linger): hundreds of daemons on one host must not
-# wake hundreds of times a second each after every batch.
-_watchdog: Ticker[_CallsChannel] = Ticker("takeover-watchdog", TAKEOVER / 2, _take_over, linger=0.0)
+# Starts a new reader for a calls connection whose batch runs longer than TAKEOVER
+# (installed by serve(); a kernel timer, no thread per call).
+_takeover = Takeover()
 
 
 def _serve_control(agent: Agent, sock: socket.socket, stop: threading.Event) -> None:
@@ -382,6 +374,8 @@ def serve(
         if own_users:
             cleanup.callback(users.close)
         cleanup.callback(listener.close)
+        _takeover.install()
+        cleanup.callback(_takeover.uninstall)
         if remove_temp:
             # Only once the driver is gone (stdin closed, heartbeat silence): not when a
             # daemon crashes or the grid retires it, and not while another daemon uses the
