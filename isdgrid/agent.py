@@ -10,8 +10,9 @@ Each batch carries a sequence number; the agent keeps the replies of the last
 ``codec.MAX_FLIGHTS`` batches of each service, so a batch resent after a broken connection
 is answered from that record instead of being run twice.
 
-The control methods (``ping``, ``info``, ``identify``, ``publish``, ``unpublish``, ``put_files``) are
-served through Pyro5 by a :class:`ControlEndpoint` per control connection.
+The control methods (``ping``, ``info``, ``identify``, ``publish``, ``unpublish``, ``put_files``,
+``stage``...) come over the same connection as the batches (``wire.CONTROL`` frames) and
+run through :meth:`Agent.control`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import Pyro5.server
-
 from . import codec
 from .errors import PayloadTooLargeError
 
-__all__ = ["AGENT_ID", "Agent", "ControlEndpoint", "Reply"]
+__all__ = ["AGENT_ID", "CONTROL_METHODS", "Agent", "Reply"]
 
 AGENT_ID = "isdgrid.agent"
 
@@ -81,6 +80,20 @@ class Agent:
         """Heartbeat: returns the daemon's wall clock."""
         self.touch()
         return time.time()
+
+    def control(self, method: str, args: tuple[Any, ...] | list[Any]) -> tuple[bool, Any]:
+        """Run the control ``method``: ``(True, value)``, or ``(False, reply item of the error)``.
+
+        An error raised on the host (a folder in the way of a copied file, say) reaches the
+        driver as its own type, never mistaken for a broken connection.
+        """
+        if method not in CONTROL_METHODS:
+            return False, codec.encode_error(AttributeError(f"no control method {method!r}"), 0.0, "")
+        try:
+            return True, getattr(self, method)(*args)
+        except BaseException as exc:  # noqa: BLE001 - the error is the caller's to see
+            log.warning("%s: %s failed: %s", self.label, method, exc)
+            return False, codec.encode_error(exc, 0.0)
 
     def info(self) -> dict[str, Any]:
         """Who this daemon is: pid, host name, python, temp path and services."""
@@ -331,32 +344,6 @@ def _failed(error: BaseException, ops: list[Op]) -> Reply:
     """The reply of a batch none of whose operations could run."""
     item = codec.encode_error(error, 0.0, "")
     return [(item, codec.Buffers()) for _ in ops]
-
-
-@Pyro5.server.expose
-@Pyro5.server.behavior(instance_mode="single")
-class ControlEndpoint:
-    """The agent's control methods as a Pyro5 object (one per control connection).
-
-    Pyro5 marks a registered object as belonging to one daemon, and each authenticated
-    control connection is served by a daemon of its own, so each gets a thin endpoint.
-    Every method returns ``(True, value)`` or ``(False, reply item of the error)``: an
-    error raised on the host (a folder in the way of a copied file, say) reaches the
-    driver as its own type, never mistaken for a broken connection.
-    """
-
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-
-    def call(self, method: str, *args: Any) -> tuple[bool, Any]:
-        """Run the agent's control ``method``; see the class doc for the outcome."""
-        if method not in CONTROL_METHODS:
-            return False, codec.encode_error(AttributeError(f"no control method {method!r}"), 0.0, "")
-        try:
-            return True, getattr(self._agent, method)(*args)
-        except BaseException as exc:  # noqa: BLE001 - the error is the caller's to see
-            log.warning("%s: %s failed: %s", self._agent.label, method, exc)
-            return False, codec.encode_error(exc, 0.0)
 
 
 CONTROL_METHODS = frozenset(

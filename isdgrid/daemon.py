@@ -10,12 +10,11 @@ script's folder) goes on ``sys.path`` in place of the folder the daemon started 
 
 Every connection first passes the mutual challenge-response of :mod:`isdgrid.handshake`
 (one deadline, at most ``MAX_UNAUTHENTICATED`` at once; nothing is deserialised before it
-succeeds), then is one of two channels:
-
-- *calls*: framed batches of operations (:mod:`isdgrid.wire`), run by the agent's runner
-  of each service, replies framed back;
-- *control*: a Pyro5 daemon on that connection (``Daemon(connected_socket=...)``) serving a
-  :class:`~isdgrid.agent.ControlEndpoint` (ping, info, publish, files).
+succeeds), then carries frames (:mod:`isdgrid.wire`): batches of operations, run by the
+agent's runner of each service, replies framed back; the agent's control methods
+(ping, info, publish, files: ``CONTROL`` frames, answered by ``ANSWER`` frames); and the
+driver's heartbeat (``PING``, answered at once). The driver keeps one such connection per
+slot.
 
 When started by a grid it exits on its own once the driver is gone: its stdin closes, or
 no request arrives for ``--heartbeat-timeout`` seconds. A line ``retire`` on stdin ends it
@@ -27,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
@@ -38,10 +38,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-import Pyro5.server
-
-from . import handshake, importpath, wire
-from .agent import AGENT_ID, Agent, ControlEndpoint, Reply
+from . import codec, handshake, importpath, wire
+from .agent import AGENT_ID, Agent, Reply
 from .announce import announcement
 from .codec import Buffers
 from .errors import GridError
@@ -62,8 +60,8 @@ class Listener:
     """The daemon's one port: accepts, authenticates and serves connections.
 
     A thread per connection: at most ``MAX_UNAUTHENTICATED`` in the handshake (a new one
-    beyond that pushes out the oldest), and after it the few the driver opens (calls,
-    control, heartbeat).
+    beyond that pushes out the oldest), and after it the driver's one connection (a second
+    while it reconnects).
     """
 
     def __init__(self, agent: Agent, secret: str, *, host: str = "127.0.0.1", port: int = 0,
@@ -116,7 +114,7 @@ class Listener:
                     wire.shutdown_quietly(oldest)
                 self._unauthenticated[conn] = None
             try:
-                start_thread(lambda conn=conn: self._serve(conn), "conn")
+                start_thread(functools.partial(self._serve, conn), "conn")
             except BaseException:  # noqa: BLE001 - no thread: drop the connection, keep accepting
                 with self._lock:
                     self._unauthenticated.pop(conn, None)
@@ -127,19 +125,14 @@ class Listener:
             self._conns.add(conn)
         try:
             try:
-                channel = handshake.answer(conn, self._secret, self.daemon_id,
-                                           time.monotonic() + handshake.HANDSHAKE_TIMEOUT)
+                handshake.answer(conn, self._secret, self.daemon_id, time.monotonic() + handshake.HANDSHAKE_TIMEOUT)
             except (OSError, ValueError) as exc:
                 log.info("dropped a connection from %s during the handshake: %s", _peer(conn), exc)
                 return
             finally:
                 with self._lock:
                     self._unauthenticated.pop(conn, None)
-            if channel == handshake.CHANNEL_CALLS:
-                calls = _CallsChannel(self.agent, conn)
-                calls.serve()
-            else:
-                _serve_control(self.agent, conn, self._stop)
+            _CallsChannel(self.agent, conn).serve()
         except BaseException:  # noqa: BLE001 - one connection's end never ends the daemon
             log.exception("connection from %s failed", _peer(conn))
         finally:
@@ -203,19 +196,22 @@ class _CallsChannel:
                         self.closed.set()
                         return
                     continue
-                if kind != wire.BATCH:
+                if kind == wire.BATCH:
+                    service_id, seq, items, max_reply = meta
+                    ops = []
+                    at = 0
+                    for data, count in items:
+                        ops.append((data, Buffers(buffers[at: at + count], buffers.kinds[at: at + count])))
+                        at += count
+                    work = self.agent.submit(service_id, seq, ops, max_reply, self._replier(service_id, seq))
+                    if work is None:
+                        continue
+                elif kind == wire.CONTROL:
+                    work = self._control_work(meta)
+                else:
                     log.warning("unexpected frame %r on a calls connection; closing it", kind)
                     self.closed.set()
                     return
-                service_id, seq, items, max_reply = meta
-                ops = []
-                at = 0
-                for data, count in items:
-                    ops.append((data, Buffers(buffers[at: at + count], buffers.kinds[at: at + count])))
-                    at += count
-                work = self.agent.submit(service_id, seq, ops, max_reply, self._replier(service_id, seq))
-                if work is None:
-                    continue
                 with self._lock:
                     self._reading = False
                     self.free_since = time.monotonic()
@@ -245,6 +241,23 @@ class _CallsChannel:
             self.free_since = None
             return 0.0
 
+    def _control_work(self, meta: Any) -> Callable[[], None]:
+        """The work of one control call: run it, send its answer (like a batch, in this thread)."""
+        number, method, args = meta
+
+        def work() -> None:
+            self.agent.touch()
+            ok, value = self.agent.control(method, args)
+            try:
+                with self._send_lock:
+                    wire.send_frame(self.sock, wire.ANSWER, (number, ok, value))
+            except ValueError as exc:  # marshal cannot carry the value: its own error, not a broken connection
+                item = codec.encode_error(TypeError(f"{method}: the daemon cannot send its answer: {exc}"), 0.0, "")
+                with self._send_lock:
+                    wire.send_frame(self.sock, wire.ANSWER, (number, False, item))
+
+        return work
+
     def _replier(self, service_id: str, seq: int) -> Callable[[Reply | BaseException], None]:
         def send(reply: Reply | BaseException) -> None:
             if isinstance(reply, BaseException):
@@ -266,16 +279,6 @@ class _CallsChannel:
 # Starts a new reader for a calls connection whose batch runs longer than TAKEOVER
 # (installed by serve(); a kernel timer, no thread per call).
 _takeover = Takeover()
-
-
-def _serve_control(agent: Agent, sock: socket.socket, stop: threading.Event) -> None:
-    """Serve the agent's control methods through Pyro5 on this authenticated connection."""
-    daemon = Pyro5.server.Daemon(connected_socket=sock)
-    try:
-        daemon.register(ControlEndpoint(agent), AGENT_ID)
-        daemon.requestLoop(loopCondition=lambda: not stop.is_set())
-    finally:
-        daemon.close()
 
 
 def _peer(conn: socket.socket) -> str:

@@ -42,7 +42,7 @@ from .proxy import ServiceProxy
 from .result import Result
 from .server import Server, ServerState
 from .service import Service
-from .slot import Slot
+from .slot import CONTROL, Slot
 from .snapshot import Snapshot, restore_service, snapshot_service
 from .statusfile import StatusFileWriter
 from .table import SlotRow, StatusTable, slots_html
@@ -322,7 +322,7 @@ class Grid:
         reached raises its :class:`LaunchError`, and whatever else was opened by then is
         closed again before it goes on.
         """
-        futures = [_CONTROL.submit(self._open_slot, handle) for handle in handles]
+        futures = [CONTROL.submit(self._open_slot, handle) for handle in handles]
         try:
             for future in futures:
                 slot = future.result()
@@ -473,15 +473,14 @@ class Grid:
             else:
                 log.warning("%s: staging the payload failed (%s); sending it to each slot", slots[group[0]].label,
                             digest)
-        futures = [_CONTROL.submit(slot.control, method, *args) for slot, (method, args) in zip(slots, calls,
-                                                                                                strict=True)]
+        futures = [slot.control_future(method, *args) for slot, (method, args) in zip(slots, calls, strict=True)]
         outcomes = self._outcomes(futures)
         # A slot that could not read what was staged (a folder not shared after all) gets the payload itself.
         again = [i for i, out in enumerate(outcomes) if calls[i][0] == "publish_staged" and isinstance(out, Exception)]
         for index, outcome in zip(again, self._fan_out([slots[i] for i in again], "publish", service_id, payload),
                                   strict=True):
             outcomes[index] = outcome
-        self._outcomes([_CONTROL.submit(slot.control, "unstage", digest) for slot, digest in stagers])
+        self._outcomes([slot.control_future("unstage", digest) for slot, digest in stagers])
         return outcomes
 
     def _folder_key(self, slot: Slot) -> str:
@@ -501,8 +500,11 @@ class Grid:
         return outcomes
 
     def _fan_out(self, slots: Sequence[Slot], method: str, *args: Any) -> list[Any]:
-        """Call an agent method on every slot at once; each outcome is a value or an error."""
-        return self._outcomes([_CONTROL.submit(slot.control, method, *args) for slot in slots])
+        """Call an agent method on every slot at once; each outcome is a value or an error.
+
+        Every call is sent from this thread and answered in the I/O loop: no thread per slot.
+        """
+        return self._outcomes([slot.control_future(method, *args) for slot in slots])
 
     # -- acquire / release ---------------------------------------------------------------
     def acquire_service(self, service_id: str, timeout: float | None = None) -> ServiceProxy:
@@ -1171,13 +1173,11 @@ def _refuse_duplicate_hosts(hosts: Sequence[Host]) -> None:
 
 _live_grids: weakref.WeakSet[Grid] = weakref.WeakSet()
 
-# Control calls (publish, copy_files, info) to many slots at once, and respawns: a few
-# threads for the whole driver, never one per slot; respawns (which may wait minutes for
-# a host) have their own, so they never hold up control calls.
-_CONTROL = Workers("isdgrid-control", 4)
-OPEN_FILES_PER_SLOT = 3  # the driver's calls and control connections, and a reconnect under way
+OPEN_FILES_PER_SLOT = 2  # the driver's connection to the slot, and a reconnect under way
 OPEN_FILES_SPARE = 256  # the host daemons' pipes, log files, the user's own
 STAGE_MIN_BYTES = 1 << 16  # a published payload this large goes once to each host folder, not to each slot
+# Respawns (which may wait minutes for a host) have threads of their own, so they never
+# hold up control calls (slot.CONTROL) or user calls.
 _RESPAWNS = Workers("isdgrid-respawn", 2)
 
 

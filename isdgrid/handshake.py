@@ -9,7 +9,7 @@ process that took over a dead daemon's port learns nothing)::
     daemon -> client   nonce_d + u8 len + daemon_id
                        + HMAC(secret, "isdgrid-daemon" | nonce_c | nonce_d | daemon_id)
     client -> daemon   HMAC(secret, "isdgrid-client" | nonce_d | nonce_c | daemon_id)
-                       + channel byte
+                       + channel byte (b"C": the one kind of connection there is)
     daemon -> client   b"OK"                                        (or it hangs up)
 
 ``daemon_id`` is random per daemon process: a driver that reconnects to a slot insists on
@@ -30,7 +30,6 @@ from .errors import AuthenticationError
 
 __all__ = [
     "CHANNEL_CALLS",
-    "CHANNEL_CONTROL",
     "HANDSHAKE_TIMEOUT",
     "MAX_UNAUTHENTICATED",
     "HandshakeError",
@@ -46,8 +45,7 @@ DIGEST = 32
 HANDSHAKE_TIMEOUT = 5.0
 MAX_UNAUTHENTICATED = 64
 CHANNEL_CALLS = b"C"
-CHANNEL_CONTROL = b"P"
-CHANNELS = (CHANNEL_CALLS, CHANNEL_CONTROL)
+CHANNELS = (CHANNEL_CALLS,)
 _OK = b"OK"
 
 

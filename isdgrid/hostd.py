@@ -518,16 +518,16 @@ def _warm_up() -> None:
     """
     import locale  # noqa: F401 - imported by the workers' text streams
 
-    import Pyro5.svr_existingconn  # noqa: F401 - each control connection's Pyro5 daemon
+    from . import codec, wire
+    from .agent import Agent
 
-    from . import codec
-    from .agent import AGENT_ID, Agent, ControlEndpoint
-
+    agent = Agent(os.getcwd(), "warm-up")
     ends = socket.socketpair()
     try:
-        pyro = Pyro5.server.Daemon(connected_socket=ends[0])
-        pyro.register(ControlEndpoint(Agent(os.getcwd(), "warm-up")), AGENT_ID)
-        pyro.close()
+        reader = wire.FrameReader(ends[1])
+        for number in range(3):
+            wire.send_frame(ends[0], wire.ANSWER, (number, *agent.control("ping", ())))
+            reader.read()
     finally:
         for end in ends:
             end.close()

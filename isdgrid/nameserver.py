@@ -19,7 +19,6 @@ import Pyro5.core
 import Pyro5.errors
 
 from .errors import ConfigError, LaunchError
-from .transport import set_call_timeout
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -86,13 +85,25 @@ def entry_name(group: str, member: str) -> str:
     return group_prefix(group) + member
 
 
+# The only underscored Pyro5 name isdgrid uses: _pyroTimeout, Pyro5's per-proxy API for a
+# bound on each call (underscored so as not to clash with remote method names; Pyro5 has no
+# other way to bound one proxy's calls rather than the whole process's through
+# Pyro5.config). Pinned by tests/test_attach.py::test_a_name_server_that_stops_answering_is_an_error_within_the_timeout.
+def set_call_timeout(proxy: Pyro5.client.Proxy, timeout: float | None) -> None:
+    """Bound each call of ``proxy`` to ``timeout`` seconds (None: no bound)."""
+    proxy._pyroTimeout = timeout
+
+
 def locate(location: str, timeout: float = 10.0) -> Pyro5.client.Proxy:
     """A connected proxy to the name server at ``HOST:PORT`` (LaunchError if unreachable)."""
     host, port = parse_location(location)
+    where = f"[{host}]" if ":" in host else host
     try:
-        ns = Pyro5.core.locate_ns(host, port, broadcast=False)
+        # Not Pyro5.core.locate_ns: it connects with no bound (Pyro5's COMMTIMEOUT, 0 by
+        # default), so a name server that stops answering would hang the driver there.
+        ns = Pyro5.client.Proxy(f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{where}:{port}")
         set_call_timeout(ns, timeout)
-        ns.ping()
+        ns.ping()  # connects, bounded by the timeout
     except (Pyro5.errors.PyroError, OSError) as exc:
         raise LaunchError(f"no Pyro5 name server at {host}:{port}: {exc}", host=host) from exc
     return ns

@@ -9,6 +9,7 @@ answers at once, even while calls run); a slot has no thread of its own.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -16,13 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from . import handshake
-from .errors import AuthenticationError, HostLostError
+from .errors import HostLostError
 from .ioloop import Timer, get_loop
 from .launchers.base import DaemonHandle
-from .transport import CallsChannel, ConnectionBroken, ControlChannel, address_of, connect
+from .transport import CallsChannel, ConnectionBroken, address_of, connect
 from .workers import Workers
 
-__all__ = ["Slot"]
+__all__ = ["CONTROL", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ EXIT_CHECKS = (0.01, 0.05, 0.2, 0.5)  # after a connection broke: has the proces
 
 # Where a lost slot is handed to the grid (respawn, queues): out of the I/O loop's thread.
 _LOSSES = Workers("isdgrid-loss", 1)
+# Blocking control work: connecting a started daemon (a handshake), a control call that
+# must wait for a reconnect. A control call itself needs no thread (Slot.control_future).
+CONTROL = Workers("isdgrid-control", 4)
 
 
 class Slot:
@@ -60,8 +64,6 @@ class Slot:
         self._address = address_of(handle.uri)
         self._connect_timeout = min(CONNECT_TIMEOUT, host_timeout)
         self.daemon_id: bytes | None = None
-        self._control: ControlChannel | None = None
-        self._control_lock = threading.Lock()
         self._stop = threading.Event()
         self._lost_lock = threading.Lock()
         self._loop = get_loop()
@@ -77,7 +79,7 @@ class Slot:
         sock, self.daemon_id = connect(
             self._address, self.secret, handshake.CHANNEL_CALLS, self._connect_timeout, self.daemon_id
         )
-        self.calls.start(sock)  # the control connection is made on the first control call
+        self.calls.start(sock)
 
     def _alive(self) -> bool:
         return not self.lost.is_set() and self.handle.exited() is None
@@ -89,14 +91,6 @@ class Slot:
         sock, _ = connect(self._address, self.secret, handshake.CHANNEL_CALLS, self._connect_timeout, self.daemon_id)
         return sock
 
-    def _new_control(self, timeout: float | None = None) -> ControlChannel:
-        if self.lost.is_set():
-            raise self.lost_error("connecting")
-        channel = ControlChannel(self._address, self.secret, timeout or self._connect_timeout, self.daemon_id)
-        if self.daemon_id is None:
-            self.daemon_id = channel.daemon_id
-        return channel
-
     def lost_error(self, what: str) -> HostLostError:
         """The error for a call on this slot once it is lost."""
         return HostLostError(
@@ -104,27 +98,22 @@ class Slot:
         )
 
     def control(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """Call an agent control method over the slot's shared control connection.
+        """Call an agent control method over the slot's connection, and wait for its answer.
 
-        Reconnects (while the daemon runs) when the connection broke; raises
-        :class:`HostLostError` once the slot is lost, and a host-side error as its own type.
+        Tries again (while the daemon runs) when the connection broke; raises
+        :class:`HostLostError` once the slot is lost or when no answer comes within
+        ``timeout`` (default: ``host_timeout`` + 60 s), and a host-side error as its own type.
         """
-        deadline = time.monotonic() + (timeout if timeout is not None else self.host_timeout + 60.0)
+        limit = timeout if timeout is not None else self.host_timeout + 60.0
+        deadline = time.monotonic() + limit
         attempt = 0
         while True:
             if self.lost.is_set():
                 raise self.lost_error(f"calling {method}")
+            future = self.calls.control(method, args)
             try:
-                with self._control_lock:
-                    if self._control is None:
-                        self._control = self._new_control()
-                    channel = self._control
-                return channel.call(method, *args, timeout=timeout)
+                return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except ConnectionBroken as exc:
-                with self._control_lock:
-                    if self._control is not None:
-                        self._control.close()
-                    self._control = None
                 if not self._alive() or time.monotonic() > deadline:
                     if not self.lost.is_set() and self.handle.exited() is not None:
                         self.mark_lost(f"daemon process exited with code {self.handle.exited()}")
@@ -135,9 +124,36 @@ class Slot:
                     ) from exc
                 self.lost.wait(min(0.05 * 2**attempt, 1.0))
                 attempt += 1
-            except AuthenticationError as exc:
-                self._refused(str(exc))
-                raise
+            except TimeoutError:
+                if future.done():
+                    raise  # the host's own TimeoutError
+                raise HostLostError(
+                    f"cannot reach {self.label} while calling {method}: no answer within {limit:g} s",
+                    host=self.host.name, slot=self.index,
+                ) from None
+
+    def control_future(self, method: str, *args: Any) -> concurrent.futures.Future[Any]:
+        """A control call whose answer settles a Future (no thread waits for it).
+
+        Sent at once from the calling thread; should the connection be broken, the call
+        goes on as :meth:`control` (waiting for the reconnect) in a worker thread.
+        """
+        outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            first = self.calls.control(method, args)
+        except BaseException as exc:  # noqa: BLE001 - e.g. PayloadTooLargeError: this slot's outcome
+            outcome.set_exception(exc)
+            return outcome
+
+        def landed(done: concurrent.futures.Future[Any]) -> None:
+            error = done.exception()
+            if isinstance(error, ConnectionBroken) and not self.lost.is_set():
+                CONTROL.submit(self.control, method, *args).add_done_callback(lambda again: _copy(again, outcome))
+            else:
+                _copy(done, outcome)
+
+        first.add_done_callback(landed)
+        return outcome
 
     def start_monitor(self) -> None:
         """Start the heartbeat: a timer of the I/O loop, every ``heartbeat_interval``."""
@@ -177,9 +193,6 @@ class Slot:
     def cut_connections(self) -> None:
         """Cut the slot's connections, as a network glitch would; they are made again."""
         self.calls.cut()
-        with self._control_lock:
-            if self._control is not None:
-                self._control.cut()
 
     def mark_lost(self, reason: str) -> None:
         """Declare the daemon lost: fail every batch out and tell the grid (once)."""
@@ -194,9 +207,6 @@ class Slot:
         try:
             self.calls.fail(self.lost_error("a call was out"))  # raises what a done-callback raised
         finally:
-            with self._control_lock:
-                if self._control is not None:
-                    self._control.cut()
             # The grid's part (respawn, queues) takes the grid's locks: never in the I/O loop,
             # whose thread settles the Results that a thread holding them may wait for.
             _LOSSES.submit(self._on_lost, self)
@@ -207,7 +217,15 @@ class Slot:
         if self._timer is not None:
             self._timer.cancel()
         self.calls.close(error or HostLostError(f"{self.label} was closed", host=self.host.name, slot=self.index))
-        with self._control_lock:
-            if self._control is not None:
-                self._control.close()
-            self._control = None
+
+
+def _copy(source: concurrent.futures.Future[Any], target: concurrent.futures.Future[Any]) -> None:
+    """Settle ``target`` as ``source`` ended."""
+    error = source.exception()
+    try:
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(source.result())
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -3,10 +3,13 @@
 Every connection first runs the mutual handshake of :mod:`isdgrid.handshake` (the daemon
 proves itself before the driver sends anything but a nonce). Then:
 
-- :class:`ControlChannel`: a Pyro5 proxy on the authenticated socket
-  (``Proxy(connected_socket=...)``) for the agent's control methods;
-- :class:`CallsChannel`: the framed calls connection (:mod:`isdgrid.wire`) that carries
-  the batches of every service on the slot, with its out-of-band buffers.
+- :class:`CallsChannel`: the slot's one connection (:mod:`isdgrid.wire` frames): the
+  batches of every service on the slot, with their out-of-band buffers, and the agent's
+  control methods (publish, files, info: :meth:`CallsChannel.control`), each answer
+  settling a Future in the I/O loop, so a control call to a thousand slots needs no
+  thread per slot;
+- :class:`ControlChannel`: a connection of its own for one blocking control call after
+  another (attaching to a daemon started by hand asks it who it is this way).
 
 Errors are classified here, once, by type: a connection that breaks is
 :class:`ConnectionBroken` (the slot reconnects; only its heartbeat and its process decide
@@ -20,6 +23,7 @@ batches and waits on its Result like on any Future.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -30,10 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-import Pyro5.client
 import Pyro5.core
-import Pyro5.errors
-from Pyro5 import config as pyro_config
 
 from . import codec, handshake, wire
 from .errors import AuthenticationError, GridError, PayloadTooLargeError, RemoteError
@@ -54,8 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
-SERIALIZER = "marshal"
-CONTROL_HEADROOM = 64 * 1024  # room for Pyro5's header and the other arguments of a control call
 
 
 class ConnectionBroken(OSError):  # noqa: N818 - a state, not a user-facing error
@@ -109,79 +108,59 @@ def connect(address: Address, secret: str, channel: bytes, timeout: float, expec
     return sock, daemon_id
 
 
-# -- Pyro5 proxy settings --------------------------------------------------------------------
-# The only underscored Pyro5 names isdgrid uses, all here. They are Pyro5's per-proxy API
-# (underscored so as not to clash with remote method names; Pyro5 has no other way to set
-# these on one proxy rather than for the whole process through Pyro5.config), and each
-# is pinned by a test of tests/test_transport.py:
-# - _pyroSerializer: marshal passes bytes (pickles, tar archives) as they are; serpent would
-#   turn them into base64 dicts (test_control_channel_carries_bytes_as_bytes_marshal);
-# - _pyroTimeout: a bound on one call (test_control_call_timeout_is_honoured);
-# - _pyroClaimOwnership: a Pyro5 proxy refuses calls from a thread other than its owner;
-#   a slot's one control connection serves several threads (the grid's fan-out pool,
-#   the caller), one call at a time under our lock, so each call claims it first
-#   (test_control_channel_is_shared_between_threads).
+CONTROL_MAX_BYTES = 1 << 30  # the bytes one control call may carry (a copy_files archive, a payload)
 
 
-def use_marshal(proxy: Pyro5.client.Proxy) -> None:
-    """Have ``proxy`` send its calls with the marshal serializer."""
-    proxy._pyroSerializer = SERIALIZER
+def check_control_size(method: str, args: tuple[Any, ...]) -> None:
+    """Refuse a control call whose bytes exceed :data:`CONTROL_MAX_BYTES`, before anything is sent."""
+    size = sum(len(a) for a in args if isinstance(a, (bytes, bytearray)))
+    if size > CONTROL_MAX_BYTES:
+        raise PayloadTooLargeError(
+            f"{method}: {size} bytes is more than a control message may carry ({CONTROL_MAX_BYTES} bytes); "
+            "copy fewer files at once, or make the object smaller",
+            size=size, limit=CONTROL_MAX_BYTES,
+        )
 
 
-def set_call_timeout(proxy: Pyro5.client.Proxy, timeout: float | None) -> None:
-    """Bound each call of ``proxy`` to ``timeout`` seconds (None: no bound)."""
-    proxy._pyroTimeout = timeout
-
-
-def claim(proxy: Pyro5.client.Proxy) -> None:
-    """Make the calling thread the owner of ``proxy`` (the caller serialises its use)."""
-    proxy._pyroClaimOwnership()
+def control_outcome(ok: bool, value: Any) -> Any:
+    """The value of an ``ANSWER`` frame, or its host-side error raised as its own type."""
+    if ok:
+        return value
+    _, error, _ = codec.decode_reply(value)
+    raise error
 
 
 class ControlChannel:
-    """One control connection: Pyro5 calls to the agent's control methods, one at a time."""
+    """A connection of its own for blocking control calls, one at a time (attach's probe)."""
 
     def __init__(self, address: Address, secret: str, timeout: float, expected_id: bytes | None) -> None:
-        self.sock, self.daemon_id = connect(address, secret, handshake.CHANNEL_CONTROL, timeout, expected_id)
-        try:
-            self.sock.settimeout(timeout)  # Pyro5 asks the daemon for metadata right away
-            self._proxy = Pyro5.client.Proxy("isdgrid.agent", connected_socket=self.sock)
-            use_marshal(self._proxy)
-        except (Pyro5.errors.PyroError, OSError) as exc:
-            wire.close_quietly(self.sock)
-            raise ConnectionBroken(f"control connection failed: {exc}") from exc
-        except BaseException:
-            wire.close_quietly(self.sock)
-            raise
+        self.sock, self.daemon_id = connect(address, secret, handshake.CHANNEL_CALLS, timeout, expected_id)
+        self._frames = wire.FrameReader(self.sock)
         self._lock = threading.Lock()
+        self._number = 0
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         """Run a control method; a host-side error is re-raised as its own type.
 
-        A message over Pyro5's size limit is refused before anything is sent
-        (:class:`~isdgrid.PayloadTooLargeError`): the connection stays good.
+        :class:`ConnectionBroken` when the connection fails or no answer comes within
+        ``timeout`` seconds (None: no bound); :class:`~isdgrid.PayloadTooLargeError`,
+        before anything is sent, for more bytes than a control call may carry.
         """
-        size = sum(len(a) for a in args if isinstance(a, (bytes, bytearray)))
-        limit = pyro_config.MAX_MESSAGE_SIZE - CONTROL_HEADROOM
-        if size > limit:
-            raise PayloadTooLargeError(
-                f"{method}: {size} bytes is more than a control message may carry ({limit} bytes, "
-                "Pyro5's MAX_MESSAGE_SIZE); copy fewer files at once, or make the object smaller",
-                size=size, limit=limit,
-            )
+        check_control_size(method, args)
         with self._lock:
-            claim(self._proxy)  # the channel is shared between threads, one call at a time
-            set_call_timeout(self._proxy, timeout)
+            self._number += 1
             try:
-                ok, value = self._proxy.call(method, *args)
-            except (Pyro5.errors.CommunicationError, OSError) as exc:
-                raise ConnectionBroken(f"control call {method} failed: {exc}") from exc
-            except Pyro5.errors.PyroError as exc:  # e.g. an object Pyro5 cannot serialise
-                raise RemoteError(type(exc).__name__, f"control call {method} failed: {exc}") from exc
-        if ok:
-            return value
-        _, error, _ = codec.decode_reply(value)
-        raise error
+                self.sock.settimeout(timeout)
+                wire.send_frame(self.sock, wire.CONTROL, (self._number, method, args))
+                while True:
+                    kind, meta, _ = self._frames.read()
+                    if kind == wire.ANSWER and meta[0] == self._number:
+                        break
+            except ValueError as exc:  # marshal cannot carry an argument
+                raise TypeError(f"control call {method}: {exc}") from exc
+            except OSError as exc:  # TimeoutError included
+                raise ConnectionBroken(f"control call {method} failed: {exc!r}") from exc
+        return control_outcome(meta[1], meta[2])
 
     def cut(self) -> None:
         """Shut the socket down from any thread (wakes a thread blocked on it)."""
@@ -248,6 +227,8 @@ class CallsChannel:
         self._closed = False
         self._failed: BaseException | None = None
         self._pings = 0
+        self._controls: dict[int, concurrent.futures.Future[Any]] = {}  # control calls sent, not yet answered
+        self._control_number = 0
         self.last_heard = time.monotonic()
         self.last_sent = 0.0  # when the last chunk of a large batch went out
 
@@ -321,6 +302,45 @@ class CallsChannel:
         if failure is not None:
             self._break(sock, failure)
 
+    def control(self, method: str, args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
+        """Send a control call of the agent (in the calling thread); its Future, settled in the I/O loop.
+
+        The Future gets the method's value or its host-side error as its own type;
+        :class:`ConnectionBroken` when the connection is broken or breaks before the answer
+        (a control call is not resent: the caller decides whether to try again), and the
+        channel's error once it failed (a lost slot). Raises
+        :class:`~isdgrid.PayloadTooLargeError`, before anything is sent, for more bytes than
+        a control call may carry.
+        """
+        check_control_size(method, args)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        failure: str | None = None
+        with self._send_lock:
+            with self._lock:
+                error: BaseException | None = self._failed
+                if error is None and (self._broken or self._sock is None):
+                    error = ConnectionBroken("the connection is being made again")
+                if error is None:
+                    self._control_number += 1
+                    number = self._control_number
+                    self._controls[number] = future
+                    sock = self._sock
+            if error is not None:
+                future.set_exception(error)
+                return future
+            try:
+                wire.send_frame(sock, wire.CONTROL, (number, method, args))  # type: ignore[arg-type]
+            except ValueError as exc:  # marshal cannot carry an argument: this call's error
+                with self._lock:
+                    self._controls.pop(number, None)
+                future.set_exception(TypeError(f"control call {method}: {exc}"))
+                return future
+            except OSError as exc:
+                failure = f"sending a control call failed: {exc}"
+        if failure is not None:
+            self._break(sock, failure)  # type: ignore[arg-type]
+        return future
+
     def ping(self) -> None:
         """Send a heartbeat, unless a send is under way (its progress tells that the daemon reads)."""
         if not self._send_lock.acquire(blocking=False):
@@ -358,7 +378,7 @@ class CallsChannel:
             return
         self.last_heard = time.monotonic()
         for frame in frames:
-            if frame[0] in (wire.REPLY, wire.ERROR):
+            if frame[0] in (wire.REPLY, wire.ERROR, wire.ANSWER):
                 self._ready.append(frame)
             elif frame[0] != wire.PONG:
                 self._ready.clear()
@@ -377,6 +397,9 @@ class CallsChannel:
             if self._ready:
                 self._loop.call_soon(self._land_ready)
             meta = frame[1]
+            if frame[0] == wire.ANSWER:
+                self._answer(meta)
+                continue
             with self._lock:
                 flight = self._flights.pop((meta[0], meta[1]), None)
             if flight is None:
@@ -386,6 +409,26 @@ class CallsChannel:
                 self._dispatch(frame, flight)
             except BaseException:  # noqa: BLE001 - the batch landed; the others of this read still do
                 log.exception("%s: landing a reply failed", self.label)
+
+    def _answer(self, meta: Any) -> None:
+        number, ok, value = meta
+        with self._lock:
+            future = self._controls.pop(number, None)
+        if future is None:
+            log.debug("%s: answer to unknown control call %s ignored", self.label, number)
+            return
+        try:
+            outcome = control_outcome(ok, value)
+        except BaseException as exc:  # noqa: BLE001 - the host-side error is the caller's
+            _settle(future, error=exc)
+        else:
+            _settle(future, value=outcome)
+
+    def _fail_controls(self, error: BaseException) -> None:
+        with self._lock:
+            controls, self._controls = self._controls, {}
+        for future in controls.values():
+            _settle(future, error=error)
 
     def _dispatch(self, frame: wire.Frame, flight: Flight) -> None:
         kind, meta, buffers = frame
@@ -404,6 +447,7 @@ class CallsChannel:
         self._loop.remove_reader(sock)
         wire.shutdown_quietly(sock)
         self._loop.call_soon(wire.drain_and_close, sock)  # after the loop unregistered it
+        self._fail_controls(self._failed or ConnectionBroken(why))
         if closed or self._failed is not None:
             return
         log.info("%s: calls connection broke (%s); reconnecting", self.label, why)
@@ -492,6 +536,7 @@ class CallsChannel:
             resending = self._resending
         if sock is not None:
             self._break(sock, "the slot was lost")
+        self._fail_controls(error)
         if resending is not None:  # a resend that waits on a daemon that stopped reading ends now
             wire.shutdown_quietly(resending)
         raised: BaseException | None = None
@@ -514,6 +559,15 @@ class CallsChannel:
             self._loop.remove_reader(sock)
             wire.shutdown_quietly(sock)
             self._loop.call_soon(wire.drain_and_close, sock)
+
+
+def _settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
+    """Settle a control call's Future (once; its callbacks' errors are logged by the stdlib)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 SMALL_BATCH = 64 * 1024  # a fan-out hands batches up to this size to the loop; larger ones the caller sends

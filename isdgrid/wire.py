@@ -1,4 +1,4 @@
-"""Framing of the calls channel: one message = a small marshal header and raw buffers.
+"""Framing of a daemon's connection: one message = a small marshal header and raw buffers.
 
 Used by both ends of an authenticated connection (:mod:`isdgrid.handshake` runs first).
 A frame is::
@@ -26,8 +26,8 @@ from typing import Any
 from .codec import Buffers, receive_buffer
 
 __all__ = [
-    "BATCH", "ERROR", "NO_LIMIT", "PING", "PONG", "REPLY", "Frame", "FrameError", "FrameParser", "FrameReader",
-    "close_quietly", "drain_and_close", "send_frame", "shutdown_quietly",
+    "ANSWER", "BATCH", "CONTROL", "ERROR", "NO_LIMIT", "PING", "PONG", "REPLY", "Frame", "FrameError", "FrameParser",
+    "FrameReader", "close_quietly", "drain_and_close", "send_frame", "shutdown_quietly",
 ]
 
 NO_LIMIT = 1 << 62  # frames between authenticated peers: each side bounds what it sends
@@ -37,7 +37,9 @@ REPLY = b"R"  # daemon -> driver: (service id, number, [(reply item, buffer coun
 ERROR = b"E"  # daemon -> driver: (service id, number, type name, message): the batch could not run
 PING = b"P"  # driver -> daemon: (number,): the heartbeat; answered at once, even while calls run
 PONG = b"Q"  # daemon -> driver: (number,)
-KINDS = (BATCH, REPLY, ERROR, PING, PONG)
+CONTROL = b"K"  # driver -> daemon: (number, method, args): a control method of the agent (publish, files, info)
+ANSWER = b"A"  # daemon -> driver: (number, ok, value or error reply item)
+KINDS = (BATCH, REPLY, ERROR, PING, PONG, CONTROL, ANSWER)
 
 _HEADER = struct.Struct("!cIQ")
 _MAX_BUFFERS = 1 << 20

@@ -24,7 +24,7 @@ from remote_objects import Recorder
 from isdgrid import AuthenticationError, ConfigError, Grid, LaunchError
 from isdgrid.announce import parse_announcement
 from isdgrid.launchers.attach import AttachLauncher, uri_address
-from isdgrid.nameserver import entry_name, group_prefix, parse_location
+from isdgrid.nameserver import entry_name, group_prefix, locate, parse_location
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 SECRET = "attach-test-secret-0123456789"
@@ -236,6 +236,20 @@ def test_attach_errors(setup: Setup) -> None:
     with pytest.raises(LaunchError, match="no Pyro5 name server"):
         Grid.attach(f"127.0.0.1:{port}", secret=SECRET)
     assert uri_address(setup.daemons[0].uri)[0] == "127.0.0.1"
+
+
+def test_a_name_server_that_stops_answering_is_an_error_within_the_timeout(setup: Setup) -> None:
+    """``nameserver.set_call_timeout`` (Pyro5's per-proxy ``_pyroTimeout``) bounds the calls to the name server."""
+    os.kill(setup.ns_proc.pid, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: psutil.Process(setup.ns_proc.pid).status() == psutil.STATUS_STOPPED, 10)
+        started = time.monotonic()
+        with pytest.raises(LaunchError, match="no Pyro5 name server"):
+            locate(setup.nameserver, timeout=1.0)
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(setup.ns_proc.pid, signal.SIGCONT)
+    assert _ns_entries(setup.nameserver, "g")  # answering again
 
 
 def test_a_stopped_daemon_unregisters_and_a_killed_one_is_skipped(setup: Setup) -> None:

@@ -470,15 +470,15 @@ def test_driver_threads_do_not_grow_with_services() -> None:
         assert after - before <= 2, f"driver threads grew from {before} to {after} with 9 more services"
 
 
-def test_control_message_over_pyro5s_limit_fails_at_once_and_the_slot_stays(
+def test_control_message_over_the_limit_fails_at_once_and_the_slot_stays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A copy_files archive over Pyro5's message limit is that call's error, not a lost host."""
-    from Pyro5 import config as pyro_config
+    """A copy_files archive over a control call's limit is that call's error, not a lost host."""
+    from isdgrid import transport
 
     (tmp_path / "big.bin").write_bytes(os.urandom(1_000_000))
     with Grid([Host("localhost", n_cpu=1)]) as grid:
-        monkeypatch.setattr(pyro_config, "MAX_MESSAGE_SIZE", 256 * 1024)
+        monkeypatch.setattr(transport, "CONTROL_MAX_BYTES", 256 * 1024)
         t0 = time.monotonic()
         with pytest.raises(isdgrid.PayloadTooLargeError):
             grid.copy_files(str(tmp_path), ["big.bin"])

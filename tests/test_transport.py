@@ -1,8 +1,8 @@
-"""The transport boundary on its own: handshake, framing, and the Pyro5 settings it relies on.
+"""The transport boundary on its own: handshake, framing, and control calls over a slot's connection.
 
-The three underscored Pyro5 proxy settings isdgrid uses (``_pyroSerializer``,
-``_pyroTimeout``, ``_pyroClaimOwnership``, all in ``isdgrid/transport.py``) are Pyro5's
-documented per-proxy API; the tests at the end pin what isdgrid relies on them for.
+The one underscored Pyro5 proxy setting isdgrid uses (``_pyroTimeout``, for the name
+server, in ``isdgrid/nameserver.py``) is pinned by tests/test_attach.py; the last test
+here checks that no other private name of a library is used.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import numpy as np
 import psutil
 import pytest
 from conftest import wait_until
+from remote_objects import Recorder
 
-from isdgrid import AuthenticationError, Grid, Host, codec, handshake, wire
+from isdgrid import AuthenticationError, Grid, Host, HostLostError, codec, handshake, wire
 from isdgrid.transport import ConnectionBroken, ControlChannel, address_of
 
 SECRET = "transport-test-secret"
@@ -140,7 +141,7 @@ def test_a_frame_over_the_limit_or_of_unknown_kind_is_refused() -> None:
             wire.FrameReader(b).read(100)
 
 
-# -- Pyro5's per-proxy settings, as isdgrid relies on them --------------------------------
+# -- control calls over the slot's connection --------------------------------------------
 
 
 @pytest.fixture
@@ -152,8 +153,7 @@ def grid1_files(tmp_path: Path):  # type: ignore[no-untyped-def]
         g.terminate()
 
 
-def test_control_channel_carries_bytes_as_bytes_marshal(grid1_files: Grid, tmp_path: Path) -> None:
-    """``_pyroSerializer = "marshal"``: bytes reach the agent as bytes (serpent would send base64 dicts)."""
+def test_control_calls_carry_bytes_as_bytes(grid1_files: Grid, tmp_path: Path) -> None:
     payload = os.urandom(300_000)
     (tmp_path / "blob.bin").write_bytes(payload)
     assert grid1_files.copy_files(str(tmp_path), ["blob.bin"]) == 1
@@ -161,15 +161,18 @@ def test_control_channel_carries_bytes_as_bytes_marshal(grid1_files: Grid, tmp_p
     assert (Path(temp) / "blob.bin").read_bytes() == payload
 
 
-def test_control_channel_is_shared_between_threads(grid1_files: Grid) -> None:
-    """``_pyroClaimOwnership``: one control connection serves calls from many threads."""
+def test_control_calls_from_many_threads_share_the_slot_connection(grid1_files: Grid) -> None:
     slot = grid1_files.slots[0]
     errors: list[BaseException] = []
+    sid = grid1_files.publish(Recorder())
+    proxy = grid1_files.acquire_service(sid)
+    calls = [proxy.ident(i) for i in range(200)]  # batches on the same connection meanwhile
 
     def worker() -> None:
         try:
             for _ in range(20):
                 assert slot.control("info")["pid"] == slot.handle.process.pid  # type: ignore[union-attr]
+                assert slot.control_future("ping").result(timeout=30) > 0
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -179,10 +182,33 @@ def test_control_channel_is_shared_between_threads(grid1_files: Grid) -> None:
     for t in threads:
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
+    assert [r.get(timeout=30) for r in calls] == list(range(200))
+    grid1_files.release_service(proxy)
+
+
+def test_a_host_side_error_of_a_control_call_is_its_own_type(grid1_files: Grid) -> None:
+    slot = grid1_files.slots[0]
+    with pytest.raises(AttributeError, match="no control method 'nope'"):
+        slot.control("nope")
+    with pytest.raises(TypeError):
+        slot.control("identify", 1, 2, 3)  # host must be a str
+    with pytest.raises(TypeError, match="control call info"):
+        slot.control("info", object())  # marshal cannot carry it: refused before anything is sent
+    assert slot.control("ping") > 0  # the connection is still good
+
+
+def test_a_control_call_broken_off_is_tried_again_on_the_new_connection(grid1_files: Grid) -> None:
+    slot = grid1_files.slots[0]
+    for _ in range(5):
+        slot.cut_connections()
+        assert slot.control("info")["pid"] == slot.handle.process.pid  # type: ignore[union-attr]
+        slot.cut_connections()
+        assert slot.control_future("info").result(timeout=30)["pid"] == slot.handle.process.pid  # type: ignore[union-attr]
+    assert not slot.lost.is_set()
 
 
 def test_control_call_timeout_is_honoured(grid1_files: Grid) -> None:
-    """``_pyroTimeout``: a control call on a stopped daemon ends within its timeout."""
+    """A control call on a stopped daemon ends within its timeout, on the slot and on a channel of its own."""
     slot = grid1_files.slots[0]
     channel = ControlChannel(address_of(slot.uri), slot.secret, 5.0, slot.daemon_id)
     pid = slot.handle.process.pid  # type: ignore[union-attr]
@@ -192,14 +218,17 @@ def test_control_call_timeout_is_honoured(grid1_files: Grid) -> None:
         t0 = time.monotonic()
         with pytest.raises(ConnectionBroken):
             channel.call("ping", timeout=1.0)
+        with pytest.raises(HostLostError, match="no answer within 1 s"):
+            slot.control("ping", timeout=1.0)
         assert time.monotonic() - t0 < 10
     finally:
         os.kill(pid, signal.SIGCONT)
         channel.close()
+    assert slot.control("ping") > 0
 
 
-def test_private_library_names_appear_only_in_the_transport_fence() -> None:
-    """Underscored Pyro5 names live only in transport.py's helpers; concurrent.futures' privates nowhere."""
+def test_private_library_names_appear_only_in_their_fence() -> None:
+    """Underscored Pyro5 names live only in nameserver.py's helper; concurrent.futures' privates nowhere."""
     import re
 
     import isdgrid
@@ -211,4 +240,4 @@ def test_private_library_names_appear_only_in_the_transport_fence() -> None:
         names = set(private.findall(path.read_text()))
         if names:
             found[str(path.relative_to(root))] = sorted(names)
-    assert found == {"transport.py": ["_pyroClaimOwnership", "_pyroSerializer", "_pyroTimeout"]}, found
+    assert found == {"nameserver.py": ["_pyroTimeout"]}, found
