@@ -207,7 +207,7 @@ class _CallsChannel:
                     if work is None:
                         continue
                 elif kind == wire.CONTROL:
-                    work = self._control_work(meta)
+                    work = self._control_work(*wire.control_args(meta, buffers))
                 else:
                     log.warning("unexpected frame %r on a calls connection; closing it", kind)
                     self.closed.set()
@@ -241,9 +241,8 @@ class _CallsChannel:
             self.free_since = None
             return 0.0
 
-    def _control_work(self, meta: Any) -> Callable[[], None]:
+    def _control_work(self, number: int, method: str, args: tuple[Any, ...]) -> Callable[[], None]:
         """The work of one control call: run it, send its answer (like a batch, in this thread)."""
-        number, method, args = meta
 
         def work() -> None:
             self.agent.touch()

@@ -34,6 +34,7 @@ from .errors import (
 from .files import DEFAULT_EXCLUDE, pack_files, select_files
 from .hints import load_failure_hint, scatter_unpacking_hint
 from .hosts import Host
+from .ioloop import get_loop
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
 from .mapping import MapIterator
@@ -491,6 +492,10 @@ class Grid:
 
     @staticmethod
     def _outcomes(futures: Sequence[Any]) -> list[Any]:
+        """Each future's value or error, once all have ended (a lost slot ends its own)."""
+        loop = get_loop()
+        if loop.in_loop():  # a done-callback fanning out control calls: their answers land here
+            loop.run_until(lambda: all(f.done() for f in futures), None)
         outcomes: list[Any] = []
         for future in futures:
             try:

@@ -111,6 +111,8 @@ class Slot:
             if self.lost.is_set():
                 raise self.lost_error(f"calling {method}")
             future = self.calls.control(method, args)
+            if self._loop.in_loop():  # a done-callback that makes a control call: the loop lands its answer here
+                self._loop.run_until(future.done, deadline)
             try:
                 return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except ConnectionBroken as exc:

@@ -27,7 +27,8 @@ from .codec import Buffers, receive_buffer
 
 __all__ = [
     "ANSWER", "BATCH", "CONTROL", "ERROR", "NO_LIMIT", "PING", "PONG", "REPLY", "Frame", "FrameError", "FrameParser",
-    "FrameReader", "close_quietly", "drain_and_close", "send_frame", "shutdown_quietly",
+    "FrameReader", "close_quietly", "control_args", "control_frame", "drain_and_close", "send_frame",
+    "shutdown_quietly",
 ]
 
 NO_LIMIT = 1 << 62  # frames between authenticated peers: each side bounds what it sends
@@ -37,12 +38,34 @@ REPLY = b"R"  # daemon -> driver: (service id, number, [(reply item, buffer coun
 ERROR = b"E"  # daemon -> driver: (service id, number, type name, message): the batch could not run
 PING = b"P"  # driver -> daemon: (number,): the heartbeat; answered at once, even while calls run
 PONG = b"Q"  # daemon -> driver: (number,)
-CONTROL = b"K"  # driver -> daemon: (number, method, args): a control method of the agent (publish, files, info)
+CONTROL = b"K"  # driver -> daemon: (number, method, args, where the buffers go): the agent's control methods
 ANSWER = b"A"  # daemon -> driver: (number, ok, value or error reply item)
 KINDS = (BATCH, REPLY, ERROR, PING, PONG, CONTROL, ANSWER)
 
 _HEADER = struct.Struct("!cIQ")
 _MAX_BUFFERS = 1 << 20
+
+
+def control_frame(number: int, method: str, args: tuple[Any, ...]) -> tuple[Any, Buffers]:
+    """The meta and buffers of a ``CONTROL`` frame: its bytes arguments (a payload, an archive)
+    travel as buffers, sent chunk by chunk and received without a copy."""
+    inline = list(args)
+    places = [i for i, arg in enumerate(args) if isinstance(arg, (bytes, bytearray))]
+    buffers = Buffers([args[i] for i in places], b"b" * len(places))
+    for i in places:
+        inline[i] = None
+    return (number, method, inline, places), buffers
+
+
+def control_args(meta: Any, buffers: Sequence[Any]) -> tuple[int, str, tuple[Any, ...]]:
+    """The number, method and arguments of a ``CONTROL`` frame (:func:`control_frame`'s inverse)."""
+    number, method, inline, places = meta
+    args = list(inline)
+    if len(places) != len(buffers):
+        raise ValueError(f"a control frame of {len(places)} bytes arguments carries {len(buffers)} buffers")
+    for i, buf in zip(places, buffers, strict=True):
+        args[i] = buf
+    return number, method, tuple(args)
 
 
 class FrameError(OSError):

@@ -186,6 +186,30 @@ def test_control_calls_from_many_threads_share_the_slot_connection(grid1_files: 
     grid1_files.release_service(proxy)
 
 
+def test_a_done_callback_may_make_control_calls(grid1_files: Grid) -> None:
+    """A callback runs in the I/O loop's thread, which lands control answers: it serves the loop meanwhile."""
+    slot = grid1_files.slots[0]
+    sid = grid1_files.publish(Recorder())
+    proxy = grid1_files.acquire_service(sid)
+    seen: list[object] = []
+    done = threading.Event()
+
+    def callback(_: object) -> None:
+        try:
+            seen.append(slot.control("info")["pid"])
+            seen.append(grid1_files.publish(Recorder("from a callback")))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            seen.append(exc)
+        finally:
+            done.set()
+
+    proxy.ident(1).add_done_callback(callback)
+    assert done.wait(60)
+    assert seen[0] == slot.handle.process.pid, seen  # type: ignore[union-attr]
+    assert isinstance(seen[1], str) and seen[1].startswith("Recorder-"), seen
+    grid1_files.release_service(proxy)
+
+
 def test_a_host_side_error_of_a_control_call_is_its_own_type(grid1_files: Grid) -> None:
     slot = grid1_files.slots[0]
     with pytest.raises(AttributeError, match="no control method 'nope'"):
