@@ -130,7 +130,6 @@ class Agent:
     def publish(self, service_id: str, payload: bytes) -> str:
         """Load a pickled instance as ``service_id``; '' on success, else the traceback."""
         self.touch()
-        importlib.invalidate_caches()  # files copied since start must be importable
         try:
             obj = codec.loads(payload)
         except BaseException:  # noqa: BLE001 - the traceback goes back to the driver
@@ -322,6 +321,9 @@ class Agent:
                 tar.extractall(self.temp_path, members=members, filter="data")
             else:  # pragma: no cover - Python without extraction filters
                 tar.extractall(self.temp_path, members=members)
+        # The files are importable at once: the import system's folder listings are dropped
+        # here (not at every publish: that writes to every finder of sys.path, in every worker).
+        importlib.invalidate_caches()
         count = sum(1 for m in members if m.isfile())
         log.info("%s: received %d files into %s", self.label, count, self.temp_path)
         return count

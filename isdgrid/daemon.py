@@ -90,35 +90,45 @@ class Listener:
         self._lock = threading.Lock()
 
     def start(self) -> Listener:
+        """Accept in a thread of its own (the daemon's main thread accepts in its watch instead)."""
         start_thread(self._accept_loop, "accept")
         return self
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-                if conn.family != socket.AF_UNIX:
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
-            except OSError:
-                if self._stop.is_set():
-                    return
+            if not self.accept_ready(block=True):
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
-                continue
+
+    def accept_ready(self, block: bool = False) -> bool:
+        """Accept a connection (one waits: the caller's select said so) and serve it in a thread.
+
+        False when none could be accepted (none waiting, the listener closed, no file descriptor).
+        """
+        try:
+            if not block:
+                self.sock.setblocking(False)
+            conn, _ = self.sock.accept()
+            conn.setblocking(True)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out at once
+        except OSError:
+            return False
+        with self._lock:
+            if len(self._unauthenticated) >= handshake.MAX_UNAUTHENTICATED:
+                # Drop the oldest, not the newest: a flood that keeps every place taken
+                # cannot lock the driver out, whose handshake takes a millisecond.
+                oldest = next(iter(self._unauthenticated))
+                del self._unauthenticated[oldest]
+                log.warning("%d handshakes under way: dropped the oldest", handshake.MAX_UNAUTHENTICATED)
+                wire.shutdown_quietly(oldest)
+            self._unauthenticated[conn] = None
+        try:
+            start_thread(functools.partial(self._serve, conn), "conn")
+        except BaseException:  # noqa: BLE001 - no thread: drop the connection, keep accepting
             with self._lock:
-                if len(self._unauthenticated) >= handshake.MAX_UNAUTHENTICATED:
-                    # Drop the oldest, not the newest: a flood that keeps every place taken
-                    # cannot lock the driver out, whose handshake takes a millisecond.
-                    oldest = next(iter(self._unauthenticated))
-                    del self._unauthenticated[oldest]
-                    log.warning("%d handshakes under way: dropped the oldest", handshake.MAX_UNAUTHENTICATED)
-                    wire.shutdown_quietly(oldest)
-                self._unauthenticated[conn] = None
-            try:
-                start_thread(functools.partial(self._serve, conn), "conn")
-            except BaseException:  # noqa: BLE001 - no thread: drop the connection, keep accepting
-                with self._lock:
-                    self._unauthenticated.pop(conn, None)
-                wire.close_quietly(conn)
+                self._unauthenticated.pop(conn, None)
+            wire.close_quietly(conn)
+        return True
 
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
@@ -143,6 +153,7 @@ class Listener:
     def close(self) -> None:
         """Stop accepting and cut every connection."""
         self._stop.set()
+        wire.shutdown_quietly(self.sock)  # wakes the accept thread (closing alone does not, on Linux)
         wire.close_quietly(self.sock)
         with self._lock:
             conns = list(self._conns)
@@ -388,7 +399,6 @@ def serve(
         if nameserver:
             member = label or f"{socket.gethostname()}-{os.getpid()}"
             cleanup.enter_context(registered(nameserver, entry_name(group, member), uri))
-        listener.start()
         if on_ready is not None:
             on_ready(uri)
         out = announce_to or sys.stdout
@@ -397,7 +407,7 @@ def serve(
         if tag_output:
             cleanup.enter_context(TaggedOutput())
         log.info("%s: serving %s (pid %d)", agent.label, uri, os.getpid())
-        _watch(agent, stop, shut, watch_stdin, heartbeat_timeout)
+        _watch(agent, listener, stop, shut, watch_stdin, heartbeat_timeout)
     return driver_gone.is_set() and not retired.is_set()
 
 
@@ -433,12 +443,14 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _watch(agent: Agent, stop: threading.Event, shut: Any, watch_stdin: bool, heartbeat_timeout: float) -> None:
-    """The main thread's watch until the daemon stops: stdin, heartbeat silence, a stop from elsewhere.
+def _watch(agent: Agent, listener: Listener, stop: threading.Event, shut: Any, watch_stdin: bool,
+           heartbeat_timeout: float) -> None:
+    """The main thread's watch until the daemon stops: new connections, stdin, heartbeat silence.
 
-    With ``watch_stdin``, the end of stdin means the driver is gone and a line ``retire``
-    that the grid replaced this slot; with ``heartbeat_timeout``, that long without a
-    request means the driver is gone. One thread for both (a host runs hundreds of these).
+    It accepts the connections (a thread each from there). With ``watch_stdin``, the end
+    of stdin means the driver is gone and a line ``retire`` that the grid replaced this
+    slot; with ``heartbeat_timeout``, that long without a request means the driver is gone.
+    One thread for all of it (a host runs hundreds of these).
     """
     step = max(0.2, min(1.0, heartbeat_timeout / 4)) if heartbeat_timeout > 0 else 1.0
     fd: int | None = None
@@ -448,11 +460,19 @@ def _watch(agent: Agent, stop: threading.Event, shut: Any, watch_stdin: bool, he
         except (OSError, ValueError, AttributeError):
             shut("no stdin to watch (the driver is gone)")
             return
+    accepting = listener.sock.fileno()
+    watched = [accepting] if fd is None else [accepting, fd]
     seen = b""
     while not stop.is_set():
-        if fd is None:
+        try:
+            ready = select.select(watched, [], [], step)[0]
+        except (OSError, ValueError):  # the listener was closed under us
+            ready = []
             stop.wait(step)
-        elif select.select([fd], [], [], step)[0]:
+        if accepting in ready:
+            while listener.accept_ready():  # every connection waiting
+                pass
+        if fd is not None and fd in ready:
             try:
                 data = os.read(fd, 65536)
             except OSError:

@@ -153,7 +153,7 @@ class HostDaemon:
 
     def load(self) -> None:
         """Before the first fork: the warm-up, then the ``--preload`` modules (each imported once, for all workers)."""
-        _warm_up()
+        _warm_up(self.label)
         for name in self.args.preload:
             started = time.monotonic()
             importlib.import_module(name)
@@ -509,30 +509,19 @@ class HostDaemon:
         log.info("%s: host daemon ends", self.label)
 
 
-def _warm_up() -> None:
-    """Import and run once, in the template, what every worker's first minutes would.
-
-    A module imported, or a function first run, after the fork costs each worker its own
-    copy of the memory it writes (module objects, and code the interpreter specializes in
-    place); done here, before the fork, the workers share it. No thread is started.
-    """
+def _warm_up(label: str) -> None:
+    """Run once, in the template, what every worker's first minutes would (:mod:`isdgrid.warmup`)."""
     import locale  # noqa: F401 - imported by the workers' text streams
 
-    from . import codec, wire
-    from .agent import Agent
+    from . import warmup
 
-    agent = Agent(os.getcwd(), "warm-up")
-    ends = socket.socketpair()
+    started = time.monotonic()
     try:
-        reader = wire.FrameReader(ends[1])
-        for number in range(3):
-            wire.send_frame(ends[0], wire.ANSWER, (number, *agent.control("ping", ())))
-            reader.read()
-    finally:
-        for end in ends:
-            end.close()
-    for _ in range(3):
-        codec.loads(codec.dumps({"warm": [1, 2.0, "up", b"x" * 64]}))
+        warmup.serve_once(os.getcwd())
+    except Exception as exc:  # noqa: BLE001 - the workers only share less memory without it
+        log.warning("%s: warm-up session failed (%s); the workers will each use more memory", label, exc)
+    else:
+        log.debug("%s: warm-up session in %.3f s", label, time.monotonic() - started)
 
 
 def _gpu_shares(visible: str | None, per_slot: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Room for a large grid's file descriptors: the soft ``RLIMIT_NOFILE`` raised when it is short.
 
-A driver keeps about two descriptors per slot (its calls and control connections) and a
-few per host; a host daemon four per slot (a pipe to each worker and three from it). Many
+A driver keeps about one descriptor per slot (its connection; two while it reconnects)
+and a few per host; a host daemon four per slot (a pipe to each worker and three from it). Many
 systems start a process with a soft limit of 1,024, which a grid of a few hundred slots
 passes; the hard limit is usually far higher, and any process may raise its soft limit up
 to it.

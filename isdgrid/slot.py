@@ -126,7 +126,7 @@ class Slot:
                     ) from exc
                 self.lost.wait(min(0.05 * 2**attempt, 1.0))
                 attempt += 1
-            except TimeoutError:
+            except (TimeoutError, concurrent.futures.TimeoutError):  # one class from Python 3.11 on
                 if future.done():
                     raise  # the host's own TimeoutError
                 raise HostLostError(

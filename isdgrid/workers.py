@@ -1,7 +1,7 @@
 """Workers: a few threads for the driver's blocking jobs, however many slots there are.
 
-Connecting and authenticating (a reconnect), Pyro5 control calls (publish, copy_files,
-info) and launcher starts block; the I/O loop must not. They run here: at most ``size``
+Connecting and authenticating (a start, a reconnect), a control call waiting for its
+slot's reconnect, respawns and launcher starts block; the I/O loop must not. They run here: at most ``size``
 threads, started when work comes and ended after ``idle`` seconds without any, so an idle
 driver keeps none. A job's outcome is a :class:`concurrent.futures.Future`; a job that
 raises anything (``BaseException`` included) fails its Future and the thread goes on.

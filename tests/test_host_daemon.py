@@ -395,3 +395,16 @@ def test_a_grid_past_the_hard_open_files_limit_fails_at_once_saying_so(tmp_path:
                           env={**os.environ, "PYTHONPATH": repo}, cwd=str(tmp_path))
     assert proc.returncode != 0
     assert "Too many open files" in proc.stderr or "out of file descriptors" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_warm_up_session_leaves_no_thread_and_no_descriptor(tmp_path: Path) -> None:
+    """What the host daemon serves itself before its first fork (isdgrid.warmup) ends whole, every time."""
+    import threading
+
+    from isdgrid import warmup
+
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        warmup.serve_once(str(tmp_path))
+        assert threading.active_count() == threads
+        assert len(os.listdir("/proc/self/fd")) == fds
