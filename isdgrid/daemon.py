@@ -317,9 +317,20 @@ def enter_folder(temp_path: str | None, import_paths: Sequence[str] = ()) -> str
             f"the daemon's folder {temp_path} is not private: {problem}; its files would be imported, so "
             "give --temp-path a folder only you can write (a grid makes one of its own under a host's temp_path)"
         )
+    arranged = (temp_path, tuple(import_paths))
+    if _entered.get(arranged) == sys.path and start_folder == temp_path:
+        return temp_path  # a slot worker: its host daemon entered this folder before the fork
     os.chdir(temp_path)
     importpath.arrange(temp_path, import_paths, start_folder)
+    _entered.clear()
+    _entered[arranged] = list(sys.path)
     return temp_path
+
+
+# The folder and driver folders entered last, and the sys.path that gave. A worker forked by
+# the host daemon enters the same folder again: arranging sys.path anew would only write to
+# pages it shares with the host daemon (sysconfig's tables: 1.4 MB of each worker).
+_entered: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
 
 def serve(
