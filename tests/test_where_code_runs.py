@@ -154,3 +154,29 @@ def test_import_order_slot_folder_driver_folder_stdlib_site_packages(
         proxy = grid.acquire_service(sid, timeout=30)
         assert proxy.apply(who).get(timeout=30) == "copied"
         grid.release_service(proxy)
+
+
+def test_entering_the_same_folder_again_keeps_sys_path_and_still_checks_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot worker enters its host daemon's folder again: sys.path is left as it was arranged,
+    unless it changed since; a folder that is no longer private is refused all the same."""
+    from isdgrid import daemon
+    from isdgrid.errors import GridError
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "slot"
+    entered = daemon.enter_folder(str(folder))
+    arranged = list(sys.path)
+    assert arranged[0] == entered == str(folder) and os.getcwd() == entered
+    assert daemon.enter_folder(str(folder)) == entered and sys.path == arranged
+    sys.path.append(str(tmp_path / "added-since"))  # changed since: arranged anew (the extra entry kept, last)
+    daemon.enter_folder(str(folder))
+    assert sys.path[0] == entered and sys.path[-1] == str(tmp_path / "added-since")
+    folder.chmod(0o777)
+    try:
+        with pytest.raises(GridError, match="not private"):
+            daemon.enter_folder(str(folder))
+    finally:
+        folder.chmod(0o700)
