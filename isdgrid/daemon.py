@@ -85,24 +85,14 @@ class Listener:
         self.sock.listen(128)
         self.uri = f"PYRO:{AGENT_ID}@{location}"
         self._unauthenticated: dict[socket.socket, None] = {}  # in the handshake, oldest first
-        self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-
-    def start(self) -> Listener:
-        """Accept in a thread of its own (the daemon's main thread accepts in its watch instead)."""
-        start_thread(self._accept_loop, "accept")
-        return self
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.accept_ready(block=True):
-                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
 
     def accept_ready(self, block: bool = False) -> bool:
         """Accept a connection (one waits: the caller's select said so) and serve it in a thread.
 
-        False when none could be accepted (none waiting, the listener closed, no file descriptor).
+        False when none could be accepted (none waiting, the listener closed, no file
+        descriptor). The daemon's main thread calls it from its watch (:func:`serve`).
         """
         try:
             if not block:
@@ -152,7 +142,6 @@ class Listener:
 
     def close(self) -> None:
         """Stop accepting and cut every connection."""
-        self._stop.set()
         wire.shutdown_quietly(self.sock)  # wakes the accept thread (closing alone does not, on Linux)
         wire.close_quietly(self.sock)
         with self._lock:

@@ -5,7 +5,7 @@ writes to more than data: the first run of a function specialises its code in pl
 first import fills module objects, a first thread fills the interpreter's tables. Done
 after the fork, each worker pays for that in pages of its own; done once here, before the
 first fork, the workers share it. The session is what a worker's first minutes are: the
-listener and its accept thread, a handshake, control calls (ping, info, publish), batches
+listener accepting, a handshake, control calls (ping, info, publish), batches
 of calls, a heartbeat, the end of the connection. Every thread it starts has ended when it
 returns (a fork must not copy a thread that holds a lock), and it binds only 127.0.0.1.
 """
@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 
 from . import codec, handshake, wire
 from .agent import Agent
 from .daemon import Listener
-from .transport import address_of, connect
+from .transport import address_of
 
 __all__ = ["serve_once"]
 
@@ -45,10 +46,11 @@ def serve_once(temp_path: str) -> None:
     before = set(threading.enumerate())
     secret = secrets.token_hex(16)
     listener = Listener(Agent(temp_path, "warm-up"), secret)
-    listener.start()
     sock = None
     try:
-        sock, _ = connect(address_of(listener.uri), secret, handshake.CHANNEL_CALLS, JOIN_TIMEOUT, None)
+        sock = socket.create_connection(address_of(listener.uri), timeout=JOIN_TIMEOUT)  # type: ignore[arg-type]
+        listener.accept_ready(block=True)  # as a worker's main thread does, here in this one
+        handshake.prove(sock, secret, handshake.CHANNEL_CALLS, JOIN_TIMEOUT)
         sock.settimeout(JOIN_TIMEOUT)
         frames = wire.FrameReader(sock)
         for number, (method, args) in enumerate(
