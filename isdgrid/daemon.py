@@ -142,7 +142,7 @@ class Listener:
 
     def close(self) -> None:
         """Stop accepting and cut every connection."""
-        wire.shutdown_quietly(self.sock)  # wakes the accept thread (closing alone does not, on Linux)
+        wire.shutdown_quietly(self.sock)  # a thread blocked in accept would not wake from a close alone (Linux)
         wire.close_quietly(self.sock)
         with self._lock:
             conns = list(self._conns)
