@@ -83,20 +83,19 @@ class Listener:
             agent.port = bound[1]
             location = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         self.sock.listen(128)
+        self.sock.setblocking(False)  # accepted when a select says a connection waits
         self.uri = f"PYRO:{AGENT_ID}@{location}"
         self._unauthenticated: dict[socket.socket, None] = {}  # in the handshake, oldest first
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
 
-    def accept_ready(self, block: bool = False) -> bool:
+    def accept_ready(self) -> bool:
         """Accept a connection (one waits: the caller's select said so) and serve it in a thread.
 
         False when none could be accepted (none waiting, the listener closed, no file
         descriptor). The daemon's main thread calls it from its watch (:func:`serve`).
         """
         try:
-            if not block:
-                self.sock.setblocking(False)
             conn, _ = self.sock.accept()
             conn.setblocking(True)
             if conn.family != socket.AF_UNIX:
@@ -142,7 +141,6 @@ class Listener:
 
     def close(self) -> None:
         """Stop accepting and cut every connection."""
-        wire.shutdown_quietly(self.sock)  # a thread blocked in accept would not wake from a close alone (Linux)
         wire.close_quietly(self.sock)
         with self._lock:
             conns = list(self._conns)
@@ -470,8 +468,11 @@ def _watch(agent: Agent, listener: Listener, stop: threading.Event, shut: Any, w
             ready = []
             stop.wait(step)
         if accepting in ready:
+            accepted = 0
             while listener.accept_ready():  # every connection waiting
-                pass
+                accepted += 1
+            if not accepted:
+                stop.wait(0.05)  # readable, yet nothing accepted (out of file descriptors?): do not spin
         if fd is not None and fd in ready:
             try:
                 data = os.read(fd, 65536)

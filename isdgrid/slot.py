@@ -20,7 +20,7 @@ from . import handshake
 from .errors import HostLostError
 from .ioloop import Timer, get_loop
 from .launchers.base import DaemonHandle
-from .transport import CallsChannel, ConnectionBroken, address_of, connect
+from .transport import CallsChannel, ConnectionBroken, address_of, connect, settle
 from .workers import Workers
 
 __all__ = ["CONTROL", "Slot"]
@@ -224,10 +224,4 @@ class Slot:
 def _copy(source: concurrent.futures.Future[Any], target: concurrent.futures.Future[Any]) -> None:
     """Settle ``target`` as ``source`` ended."""
     error = source.exception()
-    try:
-        if error is not None:
-            target.set_exception(error)
-        else:
-            target.set_result(source.result())
-    except concurrent.futures.InvalidStateError:
-        pass
+    settle(target, value=None if error is not None else source.result(), error=error)

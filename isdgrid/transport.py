@@ -45,6 +45,7 @@ from .workers import Workers
 __all__ = [
     "CallsChannel",
     "sends_through_loop",
+    "settle",
     "ConnectionBroken",
     "ControlChannel",
     "Flight",
@@ -423,15 +424,15 @@ class CallsChannel:
         try:
             outcome = control_outcome(ok, value)
         except BaseException as exc:  # noqa: BLE001 - the host-side error is the caller's
-            _settle(future, error=exc)
+            settle(future, error=exc)
         else:
-            _settle(future, value=outcome)
+            settle(future, value=outcome)
 
     def _fail_controls(self, error: BaseException) -> None:
         with self._lock:
             controls, self._controls = self._controls, {}
         for future in controls.values():
-            _settle(future, error=error)
+            settle(future, error=error)
 
     def _dispatch(self, frame: wire.Frame, flight: Flight) -> None:
         kind, meta, buffers = frame
@@ -564,8 +565,9 @@ class CallsChannel:
             self._loop.call_soon(wire.drain_and_close, sock)
 
 
-def _settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
-    """Settle a control call's Future (once; its callbacks' errors are logged by the stdlib)."""
+def settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: BaseException | None = None) -> None:
+    """Settle a control call's Future, unless it is settled already (its callbacks' errors are
+    logged by the stdlib)."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         if error is not None:
             future.set_exception(error)

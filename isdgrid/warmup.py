@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -49,7 +50,9 @@ def serve_once(temp_path: str) -> None:
     sock = None
     try:
         sock = socket.create_connection(address_of(listener.uri), timeout=JOIN_TIMEOUT)  # type: ignore[arg-type]
-        listener.accept_ready(block=True)  # as a worker's main thread does, here in this one
+        # as a worker's main thread does, here in this one
+        if not (select.select([listener.sock], [], [], JOIN_TIMEOUT)[0] and listener.accept_ready()):
+            raise RuntimeError("the warm-up listener accepted no connection")
         handshake.prove(sock, secret, handshake.CHANNEL_CALLS, JOIN_TIMEOUT)
         sock.settimeout(JOIN_TIMEOUT)
         frames = wire.FrameReader(sock)
