@@ -42,6 +42,7 @@ __all__ = [
     "Buffers",
     "GETATTR",
     "MAX_FLIGHTS",
+    "NO_BUFFERS",
     "OOB_MIN",
     "SETATTR",
     "decode_reply",
@@ -147,7 +148,7 @@ class Buffers(list):  # type: ignore[type-arg]
         return Buffers([bytearray(buf) for buf in self], self.kinds)
 
 
-_NO_BUFFERS = Buffers()  # shared and empty: never change it
+NO_BUFFERS = Buffers()  # shared and empty: never change it
 
 
 def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
@@ -158,7 +159,7 @@ def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
     """
     plain = _scan(obj, 0)
     if plain == 1:  # builtins only: no buffers to take out of band
-        return pickle.dumps(obj, protocol=PROTOCOL), _NO_BUFFERS
+        return pickle.dumps(obj, protocol=PROTOCOL), NO_BUFFERS
     buffers: list[pickle.PickleBuffer] = []
     callback = None
     if oob_min is not None:
@@ -177,7 +178,7 @@ def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
     else:
         data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
     if not buffers:
-        return data, _NO_BUFFERS
+        return data, NO_BUFFERS
     np = sys.modules.get("numpy")
     kinds = bytes(
         ord("n") if np is not None and isinstance(memoryview(buf).obj, np.ndarray) else ord("b") for buf in buffers
@@ -189,6 +190,8 @@ def encode_op(
     kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, oob_min: int | None = None
 ) -> tuple[bytes, Buffers]:
     """Pickle one operation; its out-of-band buffers are views of the arguments (see ``Buffers.captured``)."""
+    if not kwargs and _ATOMS.issuperset(map(type, args)):  # plain arguments (most calls): no scan needed
+        return pickle.dumps((kind, name, args, None), protocol=PROTOCOL), NO_BUFFERS
     return pack((kind, name, args, kwargs or None), oob_min)
 
 
@@ -238,7 +241,7 @@ def encode_value(
         if isinstance(what, tuple):
             what = describe(*what)
         err = RemoteError(type(exc).__name__, f"the result of {what} cannot be pickled back to the driver: {exc}", tb)
-        return encode_error(err, seconds, tb), _NO_BUFFERS
+        return encode_error(err, seconds, tb), NO_BUFFERS
     return (True, data, seconds), buffers
 
 
@@ -307,7 +310,7 @@ def decode_reply(item: ReplyItem, buffers: Sequence[Any] | None = None) -> tuple
     ``KeyboardInterrupt``): raised in the driver, it would end it.
     """
     if item[0]:
-        return True, loads(item[1], buffers), float(item[2])
+        return True, pickle.loads(item[1], buffers=buffers), float(item[2])
     _, exc_bytes, type_name, message, tb, seconds = item
     exc: BaseException | None = None
     if exc_bytes:

@@ -39,7 +39,7 @@ from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
 from .mapping import MapIterator
 from .openfiles import ensure_open_files
-from .proxy import ServiceProxy
+from .proxy import ServiceProxy, encode
 from .result import Result
 from .server import Server, ServerState
 from .service import Service
@@ -626,10 +626,16 @@ class Grid:
         :meth:`acquire_service`.
         """
         timeout = check_timeout(timeout, "broadcast")
-        self._service(service_id).check_name(name)
+        self._check_process()
+        service = self._service(service_id)
+        service.check_name(name)
         held = self._hold(service_id, timeout)
+        kind = codec.CALL if args or kwargs or name in service.methods else codec.GETATTR
+        # One pickle for every server: the operation is the same.
+        data, buffers = encode(kind, name, args, kwargs if kind == codec.CALL else None,
+                               f"{service.class_name}.{{}} (broadcast to service {service_id!r})")
         with sends_through_loop():  # the I/O loop sends them all at once, then reads the replies
-            return [proxy._isdgrid_invoke(name, args, kwargs) for proxy in held]
+            return [proxy._isdgrid_submit_encoded(kind, name, data, buffers) for proxy in held]
 
     def scatter(
         self,
@@ -699,19 +705,24 @@ class Grid:
             pending = list(not_done)
             if pending:
                 _raise_lost(results)
-        # Every one is done: one pass, with the Future's own methods (nothing left to wait for).
+        # Every one is done: one pass, with the Future's own methods (nothing left to wait for);
+        # a value is read with one call, an error or a cancel is looked at again.
         values: list[Any] = []
         lost: HostLostError | None = None
         error: tuple[BaseException, concurrent.futures.Future[Any]] | None = None
         cancelled = False
         for result in results:
-            if future.cancelled(result):
-                cancelled = True
+            try:
+                values.append(future.result(result, 0))
                 continue
-            exc = future.exception(result)
-            if exc is None:
-                values.append(future.result(result))
-            elif lost is None and isinstance(exc, HostLostError):
+            except BaseException:  # noqa: BLE001 - the result's own error, or an interrupt (re-raised below)
+                if future.cancelled(result):
+                    cancelled = True
+                    continue
+                exc = future.exception(result, 0)
+                if exc is None or exc is not sys.exc_info()[1]:
+                    raise  # not this result's error: an interrupt while reading it
+            if lost is None and isinstance(exc, HostLostError):
                 lost = exc
             elif error is None:
                 error = (exc, result)
@@ -776,7 +787,7 @@ class Grid:
             ids = [service_id] if service_id is not None else list(self._held)
             for sid in ids:
                 for proxy in self._held.pop(sid, []):
-                    proxy._isdgrid_release()
+                    proxy._isdgrid_release_checked()
 
     # -- files ---------------------------------------------------------------------------
     def copy_files(

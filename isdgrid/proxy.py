@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .grid import Grid
     from .server import Server
 
-__all__ = ["RemoteMethod", "ServiceProxy", "read_attribute"]
+__all__ = ["RemoteMethod", "ServiceProxy", "encode", "read_attribute"]
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,12 @@ class ServiceProxy:
     def _isdgrid_submit(self, kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Result:
         self._isdgrid_grid._check_process()  # before anything goes on a connection a forked child inherited
         server: Server = self._isdgrid_server
-        try:
-            data, buffers = codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
-        except Exception as exc:
-            description = f"{server.service.class_name}.{codec.describe(kind, name)} on {server.slot.label}"
-            raise TypeError(f"cannot send {description}: its arguments cannot be pickled: {exc}") from exc
+        data, buffers = encode(kind, name, args, kwargs, f"{server.service.class_name}.{{}} on {server.slot.label}")
+        return self._isdgrid_submit_encoded(kind, name, data, buffers)
+
+    def _isdgrid_submit_encoded(self, kind: str, name: str, data: bytes, buffers: codec.Buffers) -> Result:
+        """Queue an operation pickled already (by :func:`encode`; a broadcast pickles it once for all)."""
+        server: Server = self._isdgrid_server
         result = Result(server, kind, name)
         with self._isdgrid_lock:
             if self._isdgrid_released:
@@ -124,6 +125,10 @@ class ServiceProxy:
 
     def _isdgrid_release(self) -> None:
         self._isdgrid_grid._check_process()
+        self._isdgrid_release_checked()
+
+    def _isdgrid_release_checked(self) -> None:
+        """Release (the grid's process was checked by the caller)."""
         with self._isdgrid_lock:
             if self._isdgrid_released:
                 server = self._isdgrid_server
@@ -132,6 +137,17 @@ class ServiceProxy:
                 )
             object.__setattr__(self, "_isdgrid_released", True)
             self._isdgrid_server.submit_release()
+
+
+def encode(
+    kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None, where: str
+) -> tuple[bytes, codec.Buffers]:
+    """Pickle one operation, or say which call (``where`` with ``{}`` for the method) cannot be sent."""
+    try:
+        return codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
+    except Exception as exc:
+        description = where.format(codec.describe(kind, name))
+        raise TypeError(f"cannot send {description}: its arguments cannot be pickled: {exc}") from exc
 
 
 class RemoteMethod:
@@ -144,7 +160,7 @@ class RemoteMethod:
         self._name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Result:
-        return self._proxy._isdgrid_call(self._name, args, kwargs)
+        return self._proxy._isdgrid_submit(codec.CALL, self._name, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<RemoteMethod {self._name} of {self._proxy!r}>"

@@ -56,18 +56,25 @@ class _Call:
 class _Batch:
     """A batch on the wire (the transport's ``Flight``)."""
 
-    __slots__ = ("server", "key", "meta", "buffers", "sent_at", "conn", "calls", "gen", "landed")
+    __slots__ = ("server", "key", "meta", "buffers", "nbytes", "sent_at", "conn", "calls", "gen", "landed")
 
     def __init__(self, server: Server, seq: int, calls: list[_Call], max_reply: int) -> None:
         self.server = server
         self.gen = server._gen
         self.calls = calls
         self.key = (server.service.id, seq)
-        self.meta = (server.service.id, seq, [(c.data, len(c.buffers)) for c in calls], max_reply)
-        buffers = codec.Buffers([], b"".join(c.buffers.kinds for c in calls if c.buffers))
-        for call in calls:
-            buffers.extend(call.buffers)
-        self.buffers = buffers
+        if len(calls) == 1:
+            call = calls[0]
+            self.meta = (server.service.id, seq, [(call.data, len(call.buffers))], max_reply)
+            self.buffers = call.buffers  # (never changed: read by the transport only)
+            self.nbytes = call.size
+        else:
+            self.meta = (server.service.id, seq, [(c.data, len(c.buffers)) for c in calls], max_reply)
+            self.nbytes = sum(c.size for c in calls)
+            buffers = codec.Buffers([], b"".join(c.buffers.kinds for c in calls if c.buffers))
+            for call in calls:
+                buffers.extend(call.buffers)
+            self.buffers = buffers
         self.sent_at = 0.0
         self.conn = 0  # the calls connection it was last sent on
         self.landed = False  # a batch lands once (a reply, or the error that ends it)
@@ -168,15 +175,35 @@ class Server:
                 size=call.size, limit=self.max_message_size,
             )
         with self._lock:
+            if self._closed is not None:
+                self._check_open()
             if self._inbox or self._flights >= codec.MAX_FLIGHTS:
                 # Calls are waiting or the pipe is full: whoever lands the next reply (or
                 # the sender of the calls ahead) sends this one; it must not change meanwhile.
-                self._check_open()
                 if buffers:
                     call.buffers = buffers.captured()
                 self._inbox.append(call)
                 self._open.add(result)
                 return
+            # Nothing waits and the pipe has room: this call is the next batch, sent now by
+            # this thread (it holds the right to send until the batch is on the channel, so
+            # batches reach the channel in their order). ``result`` is not the caller's yet:
+            # nothing can have cancelled it.
+            idle = self._send_lock.acquire(blocking=False)
+            if idle:
+                self._open.add(result)
+                self._seq += 1
+                self._flights += 1
+                batch = _Batch(self, self._seq, [call], self.max_message_size)
+        if idle:
+            try:
+                result.set_running_or_notify_cancel()
+                self.slot.calls.send(batch)
+            finally:
+                self._send_lock.release()
+            if self._inbox:
+                self._pump()  # calls queued meanwhile by other threads
+            return
         if self._send_lock.acquire(blocking=False):
             try:
                 with self._lock:
@@ -201,10 +228,16 @@ class Server:
     def submit_release(self) -> None:
         """Return the server to its queue once every call made so far has finished."""
         with self._lock:
-            self.state = ServerState.RELEASING
             self.holder = None
-            self._releasing = True
-        self._release_if_done()
+            if self._open:
+                self.state = ServerState.RELEASING
+                self._releasing = True
+                return
+            self.state = ServerState.FREE  # nothing open: free now (as _release_if_done, in this one lock)
+            self._releasing = False
+            back = not self.slot.lost.is_set() and self._closed is None
+        if back:
+            self.service.queue.put(self)
 
     def attach(self, slot: Slot) -> None:
         """Serve from a new slot (after a respawn); the server is free again."""
@@ -307,6 +340,7 @@ class Server:
         """
         owner = False  # this thread lands the batch (set with no call in between: no interrupt can split it)
         outcomes: list[tuple[Result, bool, Any]] = []
+        stats = (0, 0.0, 0)
         try:
             with self._lock:
                 if batch.landed:
@@ -315,7 +349,7 @@ class Server:
             if isinstance(outcome, BaseException):
                 outcomes = [(c.result, False, outcome) for c in batch.calls]
             else:
-                outcomes = self._decode(batch, *outcome)
+                outcomes, stats = _decode(batch.calls, *outcome)
         except BaseException as exc:  # noqa: BLE001 - every call of the batch gets an outcome
             error = RemoteError(type(exc).__name__, f"reading the reply failed: {exc!r}")
             done = {id(r) for r, _, _ in outcomes}
@@ -324,43 +358,57 @@ class Server:
                 raise  # (after the finally) a Ctrl-C is the user's, once every call has its outcome
         finally:
             if owner:
-                self._finish(batch, outcomes)
+                self._finish(batch, outcomes, stats)
 
-    def _finish(self, batch: _Batch, outcomes: list[tuple[Result, bool, Any]]) -> None:
+    def _finish(self, batch: _Batch, outcomes: list[tuple[Result, bool, Any]], stats: tuple[int, float, int]) -> None:
         """Count a landed batch out, release or pump, settle its results."""
         try:
+            back = False
             with self._lock:
+                counted, seconds, errors = stats
+                self.calls += counted
+                self.total_time += seconds
+                self.errors += errors
                 if batch.gen == self._gen:
                     self._flights = max(0, self._flights - 1)
-                self._open.difference_update(c.result for c in batch.calls)
-            self._release_if_done()
-            self._pump()
+                if len(batch.calls) == 1:
+                    self._open.discard(batch.calls[0].result)
+                else:
+                    self._open.difference_update(c.result for c in batch.calls)
+                if self._releasing and not self._open:  # as _release_if_done, in this one lock
+                    self._releasing = False
+                    self.state = ServerState.FREE
+                    back = not self.slot.lost.is_set() and self._closed is None
+            if back:
+                self.service.queue.put(self)
+            if self._inbox:
+                self._pump()
         finally:
             _settle(outcomes or [(c.result, False, RemoteError("Error", "no reply")) for c in batch.calls])
 
-    def _decode(self, batch: _Batch, items: list[Any], buffers: codec.Buffers) -> list[tuple[Result, bool, Any]]:
-        outcomes = []
-        errors = 0
-        total = 0.0
-        counted = 0
-        at = 0
-        for call, (item, count) in zip(batch.calls, items, strict=True):
-            own = buffers[at: at + count] if count else None
-            at += count
-            try:
-                ok, value, seconds = codec.decode_reply(item, own)
-            except BaseException as exc:  # noqa: BLE001 - even SystemExit from a reply's pickle
-                ok, value, seconds = False, RemoteError(type(exc).__name__, f"cannot unpickle the reply: {exc!r}"), 0.0
-            if call.counted:
-                total += seconds
-                errors += not ok
-                counted += 1
-            outcomes.append((call.result, ok, value))
-        with self._lock:
-            self.calls += counted
-            self.total_time += total
-            self.errors += errors
-        return outcomes
+
+def _decode(
+    calls: list[_Call], items: list[Any], buffers: codec.Buffers
+) -> tuple[list[tuple[Result, bool, Any]], tuple[int, float, int]]:
+    """The outcome of each call from its reply item, and (calls counted, their seconds, their errors)."""
+    outcomes = []
+    errors = 0
+    total = 0.0
+    counted = 0
+    at = 0
+    for call, (item, count) in zip(calls, items, strict=True):
+        own = buffers[at: at + count] if count else None
+        at += count
+        try:
+            ok, value, seconds = codec.decode_reply(item, own)
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit from a reply's pickle
+            ok, value, seconds = False, RemoteError(type(exc).__name__, f"cannot unpickle the reply: {exc!r}"), 0.0
+        if call.counted:
+            total += seconds
+            errors += not ok
+            counted += 1
+        outcomes.append((call.result, ok, value))
+    return outcomes, (counted, total, errors)
 
 
 def _settle(outcomes: list[tuple[Result, bool, Any]]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import threading
@@ -178,6 +179,7 @@ class Flight(Protocol):
     key: tuple[str, int]
     meta: Any
     buffers: codec.Buffers
+    nbytes: int  # the pickled calls and their buffers
     sent_at: float
     conn: int  # the connection it was last sent on (0: none yet)
 
@@ -222,6 +224,7 @@ class CallsChannel:
         self._conn = 0  # numbers the connections; a flight is sent once on each
         self._flights: dict[tuple[str, int], Flight] = {}
         self._ready: deque[wire.Frame] = deque()  # replies read, not yet landed (the loop's)
+        self._land_later = False  # a _land_ready is handed to the loop (the loop's)
         self._outq: deque[Flight] = deque()  # batches handed to the loop to send, in order
         self._broken = True
         self._reconnecting = False
@@ -246,7 +249,7 @@ class CallsChannel:
         self._broken = False
         self.last_heard = time.monotonic()
         conn = self._conn
-        self._loop.add_reader(sock, lambda: self._on_readable(sock, conn))
+        self._loop.add_reader(sock, functools.partial(self._on_readable, sock, conn))
 
     # -- sending (any thread) ----------------------------------------------------------------
     def send(self, flight: Flight) -> None:
@@ -276,32 +279,41 @@ class CallsChannel:
         self._send_now(flight)
 
     def _flush_out(self) -> None:
-        """Send the batches handed to the loop, in order (in the loop thread)."""
-        while True:
+        """Send the batches handed to the loop, in order (in the loop thread).
+
+        The right to send is held from taking them to the last one sent: a caller's batch
+        that finds none waiting (and so sends itself) waits for it, and goes after them.
+        """
+        with self._send_lock:
             with self._lock:
-                if not self._outq:
-                    return
-                flight = self._outq[0]
-            self._send_now(flight)
-            with self._lock:
-                if self._outq and self._outq[0] is flight:  # (fail() may have emptied it meanwhile)
-                    self._outq.popleft()
+                flights = list(self._outq)
+                self._outq.clear()
+            failure = None
+            for flight in flights:
+                failure = self._send_held(flight)
+                if failure is not None:
+                    break
+        if failure is not None:
+            self._break(*failure)
 
     def _send_now(self, flight: Flight) -> None:
         with self._send_lock:
-            with self._lock:
-                sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
-                if sock is None or flight.conn == conn or flight.key not in self._flights:
-                    return  # the reconnect sends it (or sent it already, or it landed)
-                flight.conn = conn
-            try:
-                wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
-            except OSError as exc:
-                failure: str | None = f"sending failed: {exc}"
-            else:
-                failure = None
+            failure = self._send_held(flight)
         if failure is not None:
-            self._break(sock, failure)
+            self._break(*failure)
+
+    def _send_held(self, flight: Flight) -> tuple[socket.socket, str] | None:
+        """Send one batch (the right to send held); the socket and why, if sending it failed."""
+        with self._lock:
+            sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
+            if sock is None or flight.conn == conn or flight.key not in self._flights:
+                return None  # the reconnect sends it (or sent it already, or it landed)
+            flight.conn = conn
+        try:
+            wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
+        except OSError as exc:
+            return sock, f"sending failed: {exc}"
+        return None
 
     def control(self, method: str, args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
         """Send a control call of the agent (in the calling thread); its Future, settled in the I/O loop.
@@ -382,13 +394,14 @@ class CallsChannel:
             return
         self.last_heard = time.monotonic()
         for frame in frames:
-            if frame[0] in (wire.REPLY, wire.ERROR, wire.ANSWER):
+            if frame[0] in _LANDED:
                 self._ready.append(frame)
             elif frame[0] != wire.PONG:
                 self._ready.clear()
                 self._break(sock, f"unexpected frame {frame[0]!r} from the daemon")
                 return
-        self._land_ready()
+        if self._ready:
+            self._land_ready()
 
     def _land_ready(self) -> None:
         """Land the replies read, one at a time (in the loop thread).
@@ -396,9 +409,11 @@ class CallsChannel:
         Before each, the rest are handed to the loop again: a done-callback that waits for
         a Result whose reply came in the same read gets it landed by the loop it runs.
         """
+        self._land_later = False
         while self._ready:
             frame = self._ready.popleft()
-            if self._ready:
+            if self._ready and not self._land_later:
+                self._land_later = True  # one call handed to the loop at a time
                 self._loop.call_soon(self._land_ready)
             meta = frame[1]
             if frame[0] == wire.ANSWER:
@@ -410,7 +425,10 @@ class CallsChannel:
                 log.debug("%s: reply to unknown batch %s ignored", self.label, meta[:2])
                 continue
             try:
-                self._dispatch(frame, flight)
+                if frame[0] == wire.ERROR:
+                    flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
+                else:
+                    flight.land((meta[2], frame[2]))
             except BaseException:  # noqa: BLE001 - the batch landed; the others of this read still do
                 log.exception("%s: landing a reply failed", self.label)
 
@@ -433,13 +451,6 @@ class CallsChannel:
             controls, self._controls = self._controls, {}
         for future in controls.values():
             settle(future, error=error)
-
-    def _dispatch(self, frame: wire.Frame, flight: Flight) -> None:
-        kind, meta, buffers = frame
-        if kind == wire.ERROR:
-            flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
-        else:
-            flight.land((meta[2], buffers))
 
     # -- breaking and reconnecting ------------------------------------------------------------
     def _break(self, sock: socket.socket | None, why: str) -> None:
@@ -575,12 +586,13 @@ def settle(future: concurrent.futures.Future[Any], *, value: Any = None, error: 
             future.set_result(value)
 
 
+_LANDED = frozenset((wire.REPLY, wire.ERROR, wire.ANSWER))  # frames the loop lands (a PONG only shows life)
 SMALL_BATCH = 64 * 1024  # a fan-out hands batches up to this size to the loop; larger ones the caller sends
 _collect = threading.local()
 
 
 def _small(flight: Flight) -> bool:
-    return len(flight.buffers) == 0 and sum(len(item[0]) for item in flight.meta[2]) < SMALL_BATCH
+    return flight.nbytes < SMALL_BATCH and not flight.buffers
 
 
 @contextlib.contextmanager

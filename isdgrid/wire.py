@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .codec import Buffers, receive_buffer
+from .codec import NO_BUFFERS, Buffers, receive_buffer
 
 __all__ = [
     "ANSWER", "BATCH", "CONTROL", "ERROR", "NO_LIMIT", "PING", "PONG", "REPLY", "Frame", "FrameError", "FrameParser",
@@ -83,6 +83,9 @@ def send_frame(
 ) -> None:
     """Send one frame (the caller serialises senders); ``progress()`` after each piece of a large buffer."""
     data = marshal.dumps(meta)
+    if not buffers:
+        sock.sendall(_HEADER.pack(kind, 0, len(data)) + data)
+        return
     kinds = buffers.kinds if isinstance(buffers, Buffers) else b"b" * len(buffers)
     head = [_HEADER.pack(kind, len(buffers), len(data))]
     for buf, buf_kind in zip(buffers, kinds, strict=True):
@@ -245,21 +248,41 @@ class FrameParser:
     def _avail(self) -> int:
         return len(self._buf) - self._pos
 
+    def _parse_plain(self, frames: list[Frame]) -> None:
+        """Take the whole frames without buffers at the front (most are), all at once."""
+        buf, pos, end, size = self._buf, self._pos, len(self._buf), _HEADER.size
+        try:
+            while end - pos >= size:
+                kind, count, meta_len = _HEADER.unpack_from(buf, pos)
+                if count or end - pos - size < meta_len or kind not in KINDS:
+                    break  # (the general parser takes it, or says what is wrong with it)
+                if meta_len > self.max_size:
+                    raise FrameError(f"frame of {meta_len} bytes exceeds the limit of {self.max_size}")
+                frames.append((kind, marshal.loads(buf[pos + size: pos + size + meta_len]), NO_BUFFERS))
+                pos += size + meta_len
+        finally:
+            self._pos = pos
+
     def _take(self, n: int) -> bytes:
         data = bytes(self._buf[self._pos: self._pos + n])
         self._pos += n
         return data
 
     def _parse(self, frames: list[Frame]) -> None:
+        if self._head is None:
+            self._parse_plain(frames)
         while self._target is None:
             if self._head is None:
-                if self._avail() < _HEADER.size:
+                if len(self._buf) - self._pos < _HEADER.size:
                     break
-                kind, count, meta_len = _HEADER.unpack(self._take(_HEADER.size))
+                kind, count, meta_len = _HEADER.unpack_from(self._buf, self._pos)
+                self._pos += _HEADER.size
                 if kind not in KINDS:
                     raise FrameError(f"unknown frame kind {kind!r}")
                 if count > _MAX_BUFFERS:
                     raise FrameError(f"frame with {count} buffers")
+                if meta_len > self.max_size:
+                    raise FrameError(f"frame of {meta_len} bytes exceeds the limit of {self.max_size}")
                 self._head = (kind, count, meta_len)
                 self._sizes = []
             kind, count, meta_len = self._head
@@ -273,11 +296,15 @@ class FrameParser:
                 if total > self.max_size:
                     raise FrameError(f"frame of {total} bytes exceeds the limit of {self.max_size}")
             if not self._have_meta:
-                if self._avail() < meta_len:
+                if len(self._buf) - self._pos < meta_len:
                     break
                 self._meta = marshal.loads(self._take(meta_len))
                 self._have_meta = True
-                self._buffers = Buffers([], self._kinds if count else b"")
+                if not count:  # most frames: no buffers
+                    frames.append((kind, self._meta, NO_BUFFERS))
+                    self._head, self._meta, self._have_meta = None, None, False
+                    continue
+                self._buffers = Buffers([], self._kinds)
             while len(self._buffers) < count:
                 i = len(self._buffers)
                 size = self._sizes[i]
