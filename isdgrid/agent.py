@@ -253,8 +253,12 @@ class Agent:
             return _failed(err, ops)
         reply: Reply = [self._apply(service, data, buffers, max_reply) for data, buffers in ops]
         service.replies[seq] = reply
-        for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
-            del service.replies[old]  # the driver has read it: it sent this batch after
+        # The driver has read the replies of batches MAX_FLIGHTS or more before this one: it
+        # sent this one after. Numbers follow each other: the one due out is the one to drop.
+        service.replies.pop(seq - codec.MAX_FLIGHTS, None)
+        if len(service.replies) > codec.MAX_FLIGHTS:
+            for old in [s for s in service.replies if s <= seq - codec.MAX_FLIGHTS]:
+                del service.replies[old]
         service.last_seq = seq
         self.touch()
         return reply
@@ -300,7 +304,7 @@ class Agent:
             return codec.encode_error(exc, time.perf_counter() - start), codec.Buffers()
         seconds = time.perf_counter() - start
         item, out = codec.encode_value(value, seconds, (kind, name), codec.OOB_MIN)
-        size = len(item[1]) + sum(memoryview(b).nbytes for b in out) if item[0] else 0
+        size = (len(item[1]) + (sum(memoryview(b).nbytes for b in out) if out else 0)) if item[0] else 0
         if size > max_reply:
             err = PayloadTooLargeError(
                 f"the result of {codec.describe(kind, name)} is {size} bytes, more than the grid's "

@@ -199,8 +199,11 @@ class _CallsChannel:
                     ops = []
                     at = 0
                     for data, count in items:
-                        ops.append((data, Buffers(buffers[at: at + count], buffers.kinds[at: at + count])))
-                        at += count
+                        if count:
+                            ops.append((data, Buffers(buffers[at: at + count], buffers.kinds[at: at + count])))
+                            at += count
+                        else:
+                            ops.append((data, codec.NO_BUFFERS))
                     work = self.agent.submit(service_id, seq, ops, max_reply, self._replier(service_id, seq))
                     if work is None:
                         continue
@@ -261,6 +264,10 @@ class _CallsChannel:
                 meta: Any = (service_id, seq, type(reply).__name__, str(reply))
                 with self._send_lock:
                     wire.send_frame(self.sock, wire.ERROR, meta)
+                return
+            if len(reply) == 1 and not reply[0][1]:  # one call, no buffers (most batches)
+                with self._send_lock:
+                    wire.send_frame(self.sock, wire.REPLY, (service_id, seq, [(reply[0][0], 0)]))
                 return
             out = Buffers([], b"".join(buffers.kinds for _, buffers in reply))
             items = []

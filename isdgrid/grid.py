@@ -572,8 +572,13 @@ class Grid:
             if held is not None:
                 return held
             taken: list[Server] = []
-            try:
+            if service.queue.take_all(service.servers):  # all free (a round's hold, most often): at once
                 for server in service.servers:
+                    server.state = ServerState.ACQUIRED
+                    server.holder = me
+                taken = list(service.servers)
+            try:
+                for server in service.servers[len(taken):]:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     if service.queue.take(server, lambda s=server: bool(s.lost), left) is not None:  # type: ignore[misc]
                         taken.append(server)

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import codec
@@ -391,6 +392,11 @@ def _decode(
     calls: list[_Call], items: list[Any], buffers: codec.Buffers
 ) -> tuple[list[tuple[Result, bool, Any]], tuple[int, float, int]]:
     """The outcome of each call from its reply item, and (calls counted, their seconds, their errors)."""
+    if len(calls) == 1 == len(items) and not items[0][1]:  # one call, no buffers (most batches)
+        call = calls[0]
+        ok, value, seconds = _reply_outcome(items[0][0], None)
+        stats = (1, seconds, int(not ok)) if call.counted else (0, 0.0, 0)
+        return [(call.result, ok, value)], stats
     outcomes = []
     errors = 0
     total = 0.0
@@ -399,16 +405,21 @@ def _decode(
     for call, (item, count) in zip(calls, items, strict=True):
         own = buffers[at: at + count] if count else None
         at += count
-        try:
-            ok, value, seconds = codec.decode_reply(item, own)
-        except BaseException as exc:  # noqa: BLE001 - even SystemExit from a reply's pickle
-            ok, value, seconds = False, RemoteError(type(exc).__name__, f"cannot unpickle the reply: {exc!r}"), 0.0
+        ok, value, seconds = _reply_outcome(item, own)
         if call.counted:
             total += seconds
             errors += not ok
             counted += 1
         outcomes.append((call.result, ok, value))
     return outcomes, (counted, total, errors)
+
+
+def _reply_outcome(item: Any, buffers: Sequence[Any] | None) -> tuple[bool, Any, float]:
+    """``codec.decode_reply``, with a reply that cannot be unpickled as the call's error."""
+    try:
+        return codec.decode_reply(item, buffers)
+    except BaseException as exc:  # noqa: BLE001 - even SystemExit from a reply's pickle
+        return False, RemoteError(type(exc).__name__, f"cannot unpickle the reply: {exc!r}"), 0.0
 
 
 def _settle(outcomes: list[tuple[Result, bool, Any]]) -> None:

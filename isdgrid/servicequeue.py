@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import GridTerminatedError, ServiceUnavailableError
@@ -104,6 +104,19 @@ class ServerQueue:
                 self._waiters.remove(ticket)
                 return None
             return ticket.server
+
+    def take_all(self, servers: Sequence[Server]) -> bool:
+        """Remove every one of ``servers`` at once if all are free and no one waits; else take none."""
+        with self._lock:
+            if self._closed or self._waiters or len(self._free) < len(servers):
+                return False
+            free = self._free
+            for server in servers:
+                if server not in free:
+                    return False
+            for server in servers:
+                del free[server]
+            return True
 
     def take(self, server: Server, is_lost: Callable[[], bool], timeout: float | None = None) -> Server | None:
         """Wait until ``server`` itself is free and remove it; None at once if it is lost."""

@@ -165,6 +165,23 @@ class FrameReader:
         ``max_size`` or of an unknown kind; whatever was read of the frame is then lost,
         so the caller must drop the connection.
         """
+        if self._pos == len(self._buf):  # nothing read ahead: one recv (a small frame comes whole)
+            got = self.sock.recv_into(self._scratch)
+            if not got:
+                raise FrameError("connection closed by the peer")
+            self._buf += self._scratch[:got]
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= _HEADER.size:  # a whole frame without buffers (most are): taken at once
+            kind, count, meta_len = _HEADER.unpack_from(buf, pos)
+            start = pos + _HEADER.size
+            if not count and len(buf) - start >= meta_len and kind in KINDS and meta_len <= max_size:
+                meta = marshal.loads(buf[start: start + meta_len])
+                if start + meta_len == len(buf):
+                    buf.clear()
+                    self._pos = 0
+                else:
+                    self._pos = start + meta_len
+                return kind, meta, NO_BUFFERS
         kind, count, meta_len = _HEADER.unpack(self._take(_HEADER.size))
         if kind not in KINDS:
             raise FrameError(f"unknown frame kind {kind!r}")
