@@ -157,7 +157,7 @@ def pack(obj: Any, oob_min: int | None = None) -> tuple[bytes, Buffers]:
     Returns the pickle and the out-of-band buffers (byte views of ``obj``'s memory, not
     copies); ``oob_min=None`` keeps everything in band.
     """
-    plain = _scan(obj, 0)
+    plain = 1 if type(obj) in _ATOMS else _scan(obj, 0)
     if plain == 1:  # builtins only: no buffers to take out of band
         return pickle.dumps(obj, protocol=PROTOCOL), NO_BUFFERS
     buffers: list[pickle.PickleBuffer] = []

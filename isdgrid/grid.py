@@ -33,13 +33,14 @@ from .errors import (
 )
 from .files import DEFAULT_EXCLUDE, pack_files, select_files
 from .hints import load_failure_hint, scatter_unpacking_hint
+from .hold import Hold
 from .hosts import Host
 from .ioloop import get_loop
 from .launchers import DaemonHandle, Launcher, make_launcher
 from .launchers.auto import allocation_launcher
 from .mapping import MapIterator
 from .openfiles import ensure_open_files
-from .proxy import ServiceProxy, encode
+from .proxy import ServiceProxy, cannot_send
 from .result import Result
 from .server import Server, ServerState
 from .service import Service
@@ -208,7 +209,7 @@ class Grid:
         self._allow_python_mismatch = allow_python_mismatch
         self.respawn_count = 0
         self._services: dict[str, Service] = {}
-        self._held: dict[str, list[ServiceProxy]] = {}
+        self._held: dict[str, Hold] = {}
         # Results of scatter calls made from an unpacked list or tuple: (name, index, item), for
         # gather's hint when such a call fails on its arguments.
         self._unpacked: weakref.WeakKeyDictionary[concurrent.futures.Future[Any], tuple[str, int, Any]] = (
@@ -549,7 +550,7 @@ class Grid:
         proxy._isdgrid_release()
 
     # -- collective calls ----------------------------------------------------------------
-    def _hold(self, service_id: str, timeout: float | None) -> list[ServiceProxy]:
+    def _hold(self, service_id: str, timeout: float | None) -> Hold:
         """Every server of the service, in server order, kept until release_all.
 
         Waits (at most ``timeout``) for each server in turn, whoever holds it.
@@ -595,7 +596,7 @@ class Grid:
                 for server in taken:
                     server.submit_release()
                 raise
-            held = [ServiceProxy(server, self) for server in service.servers]  # a lost one's calls fail at once
+            held = Hold(list(service.servers))  # a lost one's calls fail at once
             with self._lock:
                 self._check_running()
                 self._held[service_id] = held
@@ -636,11 +637,13 @@ class Grid:
         service.check_name(name)
         held = self._hold(service_id, timeout)
         kind = codec.CALL if args or kwargs or name in service.methods else codec.GETATTR
-        # One pickle for every server: the operation is the same.
-        data, buffers = encode(kind, name, args, kwargs if kind == codec.CALL else None,
-                               f"{service.class_name}.{{}} (broadcast to service {service_id!r})")
-        with sends_through_loop():  # the I/O loop sends them all at once, then reads the replies
-            return [proxy._isdgrid_submit_encoded(kind, name, data, buffers) for proxy in held]
+        try:  # one pickle for every server: the operation is the same
+            data, buffers = codec.encode_op(kind, name, args, kwargs if kind == codec.CALL else None, codec.OOB_MIN)
+        except Exception as exc:
+            raise cannot_send(f"{service.class_name}.{codec.describe(kind, name)} (broadcast to service "
+                              f"{service_id!r})", exc) from exc
+        with sends_through_loop(len(held.servers)):  # the I/O loop sends them all at once, then reads the replies
+            return held.submit(kind, name, itertools.repeat((data, buffers), len(held.servers)))
 
     def scatter(
         self,
@@ -658,6 +661,7 @@ class Grid:
         :meth:`gather` says so in the ``TypeError`` it raises. ``timeout`` as for :meth:`broadcast`.
         """
         timeout = check_timeout(timeout, "scatter")
+        self._check_process()
         service = self._service(service_id)
         service.check_name(name)
         n = len(service.servers)
@@ -666,20 +670,20 @@ class Grid:
         if kwlist is not None and len(kwlist) != n:
             raise ValueError(f"scatter: {len(kwlist)} keyword items for {n} servers of {service_id!r}")
         held = self._hold(service_id, timeout)
-        with sends_through_loop():  # as broadcast
-            return self._scatter_calls(held, name, arglist, kwlist)
-
-    def _scatter_calls(
-        self, held: list[ServiceProxy], name: str, arglist: Sequence[Any], kwlist: Sequence[Mapping[str, Any]] | None
-    ) -> list[Result]:
-        results = []
-        for i, proxy in enumerate(held):
+        payloads = []  # every call pickled before any is sent
+        for i, server in enumerate(held.servers):
             item = arglist[i]
             args = tuple(item) if isinstance(item, (tuple, list)) else (item,)
             kwargs = dict(kwlist[i]) if kwlist is not None else {}
-            results.append(proxy._isdgrid_call(name, args, kwargs))
-            if isinstance(item, (tuple, list)):
-                self._unpacked[results[-1]] = (name, i, item)  # one dict operation: no lock needed
+            try:
+                payloads.append(codec.encode_op(codec.CALL, name, args, kwargs, codec.OOB_MIN))
+            except Exception as exc:
+                raise cannot_send(f"{service.class_name}.{name}() on {server.slot.label}", exc) from exc
+        with sends_through_loop(len(held.servers)):  # as broadcast
+            results = held.submit(codec.CALL, name, payloads)
+        for i, result in enumerate(results):
+            if isinstance(arglist[i], (tuple, list)):
+                self._unpacked[result] = (name, i, arglist[i])  # one dict operation: no lock needed
         return results
 
     def gather(self, results: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> list[Any]:
@@ -791,8 +795,9 @@ class Grid:
         with self._lock:
             ids = [service_id] if service_id is not None else list(self._held)
             for sid in ids:
-                for proxy in self._held.pop(sid, []):
-                    proxy._isdgrid_release_checked()
+                held = self._held.pop(sid, None)
+                if held is not None:
+                    held.release()
 
     # -- files ---------------------------------------------------------------------------
     def copy_files(
@@ -1092,11 +1097,11 @@ class Grid:
             self._services.pop(service.id, None)
             self.servers.pop(service.id, None)
             self.queues.pop(service.id, None)
-            held = self._held.pop(service.id, [])
+            held = self._held.pop(service.id, None)
         service.terminated.set()
         service.queue.close()
-        for proxy in held:
-            object.__setattr__(proxy, "_isdgrid_released", True)
+        if held is not None:
+            held.drop()
         for server in service.servers:
             server.close()
         if unpublish:

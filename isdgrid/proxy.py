@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .grid import Grid
     from .server import Server
 
-__all__ = ["RemoteMethod", "ServiceProxy", "encode", "read_attribute"]
+__all__ = ["RemoteMethod", "ServiceProxy", "cannot_send", "read_attribute"]
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +101,14 @@ class ServiceProxy:
     def _isdgrid_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
         return self._isdgrid_submit(codec.CALL, name, args, kwargs)
 
-    def _isdgrid_invoke(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Result:
-        """Call ``name``, or read it when it is a plain attribute and no arguments are given."""
-        if args or kwargs or name in self._isdgrid_server.service.methods:
-            return self._isdgrid_call(name, args, kwargs)
-        return self._isdgrid_submit(codec.GETATTR, name, (), None)
-
     def _isdgrid_submit(self, kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Result:
         self._isdgrid_grid._check_process()  # before anything goes on a connection a forked child inherited
         server: Server = self._isdgrid_server
-        data, buffers = encode(kind, name, args, kwargs, f"{server.service.class_name}.{{}} on {server.slot.label}")
-        return self._isdgrid_submit_encoded(kind, name, data, buffers)
-
-    def _isdgrid_submit_encoded(self, kind: str, name: str, data: bytes, buffers: codec.Buffers) -> Result:
-        """Queue an operation pickled already (by :func:`encode`; a broadcast pickles it once for all)."""
-        server: Server = self._isdgrid_server
+        try:
+            data, buffers = codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
+        except Exception as exc:
+            raise cannot_send(f"{server.service.class_name}.{codec.describe(kind, name)} on {server.slot.label}",
+                              exc) from exc
         result = Result(server, kind, name)
         with self._isdgrid_lock:
             if self._isdgrid_released:
@@ -125,10 +118,6 @@ class ServiceProxy:
 
     def _isdgrid_release(self) -> None:
         self._isdgrid_grid._check_process()
-        self._isdgrid_release_checked()
-
-    def _isdgrid_release_checked(self) -> None:
-        """Release (the grid's process was checked by the caller)."""
         with self._isdgrid_lock:
             if self._isdgrid_released:
                 server = self._isdgrid_server
@@ -139,15 +128,9 @@ class ServiceProxy:
             self._isdgrid_server.submit_release()
 
 
-def encode(
-    kind: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None, where: str
-) -> tuple[bytes, codec.Buffers]:
-    """Pickle one operation, or say which call (``where`` with ``{}`` for the method) cannot be sent."""
-    try:
-        return codec.encode_op(kind, name, args, kwargs, codec.OOB_MIN)
-    except Exception as exc:
-        description = where.format(codec.describe(kind, name))
-        raise TypeError(f"cannot send {description}: its arguments cannot be pickled: {exc}") from exc
+def cannot_send(description: str, exc: Exception) -> TypeError:
+    """The error for a call (``description``: what, on which slot) whose arguments cannot be pickled."""
+    return TypeError(f"cannot send {description}: its arguments cannot be pickled: {exc}")
 
 
 class RemoteMethod:

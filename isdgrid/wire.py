@@ -43,6 +43,7 @@ ANSWER = b"A"  # daemon -> driver: (number, ok, value or error reply item)
 KINDS = (BATCH, REPLY, ERROR, PING, PONG, CONTROL, ANSWER)
 
 _HEADER = struct.Struct("!cIQ")
+_HEADER_SIZE = _HEADER.size
 _MAX_BUFFERS = 1 << 20
 
 
@@ -267,17 +268,14 @@ class FrameParser:
 
     def _parse_plain(self, frames: list[Frame]) -> None:
         """Take the whole frames without buffers at the front (most are), all at once."""
-        buf, pos, end, size = self._buf, self._pos, len(self._buf), _HEADER.size
-        try:
-            while end - pos >= size:
-                kind, count, meta_len = _HEADER.unpack_from(buf, pos)
-                if count or end - pos - size < meta_len or kind not in KINDS:
-                    break  # (the general parser takes it, or says what is wrong with it)
-                if meta_len > self.max_size:
-                    raise FrameError(f"frame of {meta_len} bytes exceeds the limit of {self.max_size}")
-                frames.append((kind, marshal.loads(buf[pos + size: pos + size + meta_len]), NO_BUFFERS))
-                pos += size + meta_len
-        finally:
+        buf, pos, end = self._buf, self._pos, len(self._buf)
+        while end - pos >= _HEADER_SIZE:
+            kind, count, meta_len = _HEADER.unpack_from(buf, pos)
+            start = pos + _HEADER_SIZE
+            if count or end - start < meta_len or kind not in KINDS or meta_len > self.max_size:
+                break  # (the general parser takes it, or says what is wrong with it)
+            pos = start + meta_len
+            frames.append((kind, marshal.loads(buf[start:pos]), NO_BUFFERS))
             self._pos = pos
 
     def _take(self, n: int) -> bytes:

@@ -200,6 +200,21 @@ def test_broadcast_scatter_gather_keep_server_order(grid: Grid) -> None:
     grid.release_all()
 
 
+def test_a_collective_call_that_cannot_be_pickled_sends_nothing(grid: Grid) -> None:
+    """broadcast pickles its call once, scatter every call before any is sent: an argument
+    that cannot be pickled is a TypeError that names the call, and no server got anything."""
+    sid = grid.publish(Recorder())
+    unpicklable = threading.Lock()
+    with pytest.raises(TypeError, match=rf"Recorder\.add\(\) \(broadcast to service '{sid}'\).*cannot be pickled"):
+        grid.broadcast(sid, "add", unpicklable)
+    with pytest.raises(TypeError, match=r"Recorder\.add\(\) on .*/2: its arguments cannot be pickled"):
+        grid.scatter(sid, "add", [0, 1, unpicklable, 3])
+    assert grid.gather(grid.broadcast(sid, "history"), timeout=30) == [[]] * 4  # (the servers are still held)
+    assert grid.gather(grid.scatter(sid, "add", [0, 1, 2, 3]), timeout=30) == [1] * 4
+    grid.release_all()
+    assert grid.queues[sid].qsize() == 4
+
+
 def test_gather_raises_the_first_error_and_times_out(grid: Grid, tmp_path: Path) -> None:
     sid = grid.publish(Recorder())
     with pytest.raises(ValueError, match="server 1"):
