@@ -288,13 +288,23 @@ class CallsChannel:
             with self._lock:
                 flights = list(self._outq)
                 self._outq.clear()
-            failure = None
-            for flight in flights:
-                failure = self._send_held(flight)
-                if failure is not None:
-                    break
+                sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
+                if sock is None:
+                    return  # the reconnect sends them
+                due = []
+                for flight in flights:
+                    if flight.conn != conn and flight.key in self._flights:  # (not sent on it, not landed)
+                        flight.conn = conn
+                        due.append(flight)
+            try:
+                for flight in due:
+                    wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
+            except OSError as exc:
+                failure: str | None = f"sending failed: {exc}"  # (the reconnect resends every batch out)
+            else:
+                failure = None
         if failure is not None:
-            self._break(*failure)
+            self._break(sock, failure)
 
     def _send_now(self, flight: Flight) -> None:
         with self._send_lock:

@@ -166,22 +166,24 @@ class FrameReader:
         ``max_size`` or of an unknown kind; whatever was read of the frame is then lost,
         so the caller must drop the connection.
         """
-        if self._pos == len(self._buf):  # nothing read ahead: one recv (a small frame comes whole)
+        buf = self._buf
+        if self._pos == len(buf):  # nothing read ahead: one recv (a small frame comes whole)
             got = self.sock.recv_into(self._scratch)
             if not got:
                 raise FrameError("connection closed by the peer")
-            self._buf += self._scratch[:got]
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos >= _HEADER.size:  # a whole frame without buffers (most are): taken at once
+            buf += self._scratch[:got]
+        pos, end = self._pos, len(buf)
+        if end - pos >= _HEADER_SIZE:  # a whole frame without buffers (most are): taken at once
             kind, count, meta_len = _HEADER.unpack_from(buf, pos)
-            start = pos + _HEADER.size
-            if not count and len(buf) - start >= meta_len and kind in KINDS and meta_len <= max_size:
-                meta = marshal.loads(buf[start: start + meta_len])
-                if start + meta_len == len(buf):
+            start = pos + _HEADER_SIZE
+            stop = start + meta_len
+            if not count and stop <= end and kind in KINDS and meta_len <= max_size:
+                meta = marshal.loads(buf[start:stop])
+                if stop == end:
                     buf.clear()
                     self._pos = 0
                 else:
-                    self._pos = start + meta_len
+                    self._pos = stop
                 return kind, meta, NO_BUFFERS
         kind, count, meta_len = _HEADER.unpack(self._take(_HEADER.size))
         if kind not in KINDS:
@@ -232,6 +234,24 @@ class FrameParser:
         """The frames completed by what ``sock`` holds now; raises FrameError at its end."""
         frames: list[Frame] = []
         taken = 0
+        if self._target is None and self._head is None and self._pos == len(self._buf):
+            # Nothing of a frame held (most reads): whole frames without buffers are parsed
+            # straight from what was received; only the rest is kept.
+            try:
+                n = sock.recv_into(_SCRATCH, self.CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return frames
+            if not n:
+                raise FrameError("connection closed by the peer")
+            taken = n
+            at = _plain_frames(_SCRATCH, 0, n, self.max_size, frames)
+            self._buf.clear()
+            self._pos = 0
+            if at < n:
+                self._buf += _SCRATCH[at:n]
+                self._parse(frames)
+            if n < self.CHUNK:
+                return frames  # drained for now; the loop calls again when more comes
         while taken < self.MAX_PER_CALL:
             if self._target is not None:
                 try:
@@ -268,15 +288,7 @@ class FrameParser:
 
     def _parse_plain(self, frames: list[Frame]) -> None:
         """Take the whole frames without buffers at the front (most are), all at once."""
-        buf, pos, end = self._buf, self._pos, len(self._buf)
-        while end - pos >= _HEADER_SIZE:
-            kind, count, meta_len = _HEADER.unpack_from(buf, pos)
-            start = pos + _HEADER_SIZE
-            if count or end - start < meta_len or kind not in KINDS or meta_len > self.max_size:
-                break  # (the general parser takes it, or says what is wrong with it)
-            pos = start + meta_len
-            frames.append((kind, marshal.loads(buf[start:pos]), NO_BUFFERS))
-            self._pos = pos
+        self._pos = _plain_frames(self._buf, self._pos, len(self._buf), self.max_size, frames)
 
     def _take(self, n: int) -> bytes:
         data = bytes(self._buf[self._pos: self._pos + n])
@@ -337,6 +349,23 @@ class FrameParser:
         if self._pos > self.CHUNK and self._pos * 2 > len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
+
+
+def _plain_frames(buf: Any, pos: int, end: int, max_size: int, frames: list[Frame]) -> int:
+    """Append the whole frames without buffers in ``buf[pos:end]`` to ``frames``; where they end.
+
+    Stops at the first frame that is not whole, has buffers, or is wrong (the general
+    parser then takes it, or says what is wrong with it).
+    """
+    while end - pos >= _HEADER_SIZE:
+        kind, count, meta_len = _HEADER.unpack_from(buf, pos)
+        start = pos + _HEADER_SIZE
+        if count or end - start < meta_len or kind not in KINDS or meta_len > max_size:
+            break
+        meta = marshal.loads(buf[start: start + meta_len])
+        pos = start + meta_len
+        frames.append((kind, meta, NO_BUFFERS))
+    return pos
 
 
 # What FrameParser.read_from receives into, one for the process: only the driver's one I/O
