@@ -199,9 +199,14 @@ class Agent:
         return True
 
     def submit(
-        self, service_id: str, seq: int, ops: list[Op], max_reply: int, send: Callable[[Reply | BaseException], None]
+        self,
+        service_id: str,
+        seq: int,
+        ops: list[Op],
+        max_reply: int,
+        send: Callable[[str, int, Reply | BaseException], None],
     ) -> Callable[[], None] | None:
-        """Queue a batch; ``send`` gets its reply (or the error that stopped it).
+        """Queue a batch; ``send(service_id, seq, reply)`` gets its reply (or the error that stopped it).
 
         Returns the work to run now in the calling thread (the service was idle: run its
         batches until none is left), or None when a thread is already running them.
@@ -210,7 +215,7 @@ class Agent:
         service = self._services.get(service_id)  # a dict read is atomic
         if service is None:
             err = LookupError(f"service {service_id!r} is not published on {self.label}")
-            send(_failed(err, ops))
+            send(service_id, seq, _failed(err, ops))
             return None
         with service.queue_lock:
             service.pending.append((seq, ops, max_reply, send))
@@ -233,7 +238,7 @@ class Agent:
                 log.exception("%s: batch %d of %s failed", self.label, seq, service_id)
                 reply = exc
             try:
-                send(reply)
+                send(service_id, seq, reply)
             except BaseException:  # noqa: BLE001 - a dead connection: the driver resends
                 log.debug("%s: reply of batch %d of %s not sent", self.label, seq, service_id, exc_info=True)
 
@@ -275,7 +280,7 @@ class Agent:
             return codec.encode_error(exc, 0.0, traceback.format_exc()), codec.Buffers()
         try:
             if kind == codec.CALL:
-                value = getattr(obj, name)(*args, **(kwargs or {}))
+                value = getattr(obj, name)(*args, **kwargs) if kwargs else getattr(obj, name)(*args)
             elif kind == codec.GETATTR:
                 value = getattr(obj, name)
             elif kind == codec.SETATTR:

@@ -204,7 +204,7 @@ class _CallsChannel:
                             at += count
                         else:
                             ops.append((data, codec.NO_BUFFERS))
-                    work = self.agent.submit(service_id, seq, ops, max_reply, self._replier(service_id, seq))
+                    work = self.agent.submit(service_id, seq, ops, max_reply, self._send_reply)
                     if work is None:
                         continue
                 elif kind == wire.CONTROL:
@@ -258,26 +258,24 @@ class _CallsChannel:
 
         return work
 
-    def _replier(self, service_id: str, seq: int) -> Callable[[Reply | BaseException], None]:
-        def send(reply: Reply | BaseException) -> None:
-            if isinstance(reply, BaseException):
-                meta: Any = (service_id, seq, type(reply).__name__, str(reply))
-                with self._send_lock:
-                    wire.send_frame(self.sock, wire.ERROR, meta)
-                return
-            if len(reply) == 1 and not reply[0][1]:  # one call, no buffers (most batches)
-                with self._send_lock:
-                    wire.send_frame(self.sock, wire.REPLY, (service_id, seq, [(reply[0][0], 0)]))
-                return
-            out = Buffers([], b"".join(buffers.kinds for _, buffers in reply))
-            items = []
-            for item, buffers in reply:
-                items.append((item, len(buffers)))
-                out.extend(buffers)
+    def _send_reply(self, service_id: str, seq: int, reply: Reply | BaseException) -> None:
+        """Send the reply of batch ``seq`` of a service (or the error that stopped it)."""
+        if isinstance(reply, BaseException):
+            meta: Any = (service_id, seq, type(reply).__name__, str(reply))
             with self._send_lock:
-                wire.send_frame(self.sock, wire.REPLY, (service_id, seq, items), out)
-
-        return send
+                wire.send_frame(self.sock, wire.ERROR, meta)
+            return
+        if len(reply) == 1 and not reply[0][1]:  # one call, no buffers (most batches)
+            with self._send_lock:
+                wire.send_frame(self.sock, wire.REPLY, (service_id, seq, [(reply[0][0], 0)]))
+            return
+        out = Buffers([], b"".join(buffers.kinds for _, buffers in reply))
+        items = []
+        for item, buffers in reply:
+            items.append((item, len(buffers)))
+            out.extend(buffers)
+        with self._send_lock:
+            wire.send_frame(self.sock, wire.REPLY, (service_id, seq, items), out)
 
 
 # Starts a new reader for a calls connection whose batch runs longer than TAKEOVER
