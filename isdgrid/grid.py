@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -699,6 +700,8 @@ class Grid:
         deadline = None if timeout is None else time.monotonic() + timeout
         future = concurrent.futures.Future
         pending = [r for r in results if not future.done(r)]
+        loop = get_loop()
+        nested = bool(pending) and loop.in_loop()  # a done-callback: the replies land in this very thread
         while pending:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -710,8 +713,12 @@ class Grid:
             # One wait for them all, woken once when the last lands (or by the first error:
             # a lost host is raised at once); in slices, so that a Ctrl-C is seen.
             step = GATHER_SLICE if left is None else min(GATHER_SLICE, left)
-            _, not_done = concurrent.futures.wait(pending, step, concurrent.futures.FIRST_EXCEPTION)
-            pending = list(not_done)
+            if nested:  # serve the loop meanwhile, as Result.result does in a callback
+                loop.run_until(functools.partial(_all_done, pending), time.monotonic() + step)
+                pending = [r for r in pending if not future.done(r)]
+            else:
+                _, not_done = concurrent.futures.wait(pending, step, concurrent.futures.FIRST_EXCEPTION)
+                pending = list(not_done)
             if pending:
                 _raise_lost(results)
         # Every one is done: one pass, with the Future's own methods (nothing left to wait for);
@@ -1174,6 +1181,10 @@ class Grid:
     def slots(self) -> list[Slot]:
         """The daemons of the grid (one per slot)."""
         return list(self._slots)
+
+
+def _all_done(results: list[concurrent.futures.Future[Any]]) -> bool:
+    return all(concurrent.futures.Future.done(r) for r in results)
 
 
 def _raise_lost(results: list[concurrent.futures.Future[Any]]) -> None:

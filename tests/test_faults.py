@@ -604,6 +604,35 @@ def test_a_resend_cut_while_it_is_under_way_is_made_again_and_every_call_runs_on
         grid.release_service(proxy)
 
 
+def test_a_done_callback_may_gather_the_results_of_a_broadcast(tmp_path: Path) -> None:
+    # As get() above, gather() in a callback (the I/O loop's thread) serves the loop while it
+    # waits: the broadcast's replies land, and so does a lost host's error.
+    with Grid([Host("localhost", n_cpu=2)], host_timeout=30.0) as grid:
+        sid = grid.publish(Recorder())
+        other = grid.publish(Recorder())
+        gate = Gate(tmp_path)
+        held = grid.broadcast(sid, "hold", *gate.args)
+        box: queue.Queue[Any] = queue.Queue()
+
+        def callback(f: concurrent.futures.Future[Any]) -> None:
+            try:
+                box.put(grid.gather(held, timeout=60))
+            except BaseException as exc:  # noqa: BLE001 - reported in the test's thread
+                box.put(exc)
+
+        first = grid.acquire_service(other)
+        first.ident("go").add_done_callback(callback)
+        assert first.add("meanwhile").get(timeout=30) == 1  # the loop serves while the callback waits
+        gate.open()
+        try:
+            outcome = box.get(timeout=60)
+        except queue.Empty:
+            pytest.fail("gather in a done-callback never finished")
+        assert outcome == ["released", "released"], outcome
+        grid.release_service(first)
+        grid.release_all()
+
+
 def test_a_done_callback_may_block_on_a_result_of_another_slot(tmp_path: Path) -> None:
     # r1's callback runs in the I/O loop and waits for r2 of another slot: the loop serves
     # meanwhile (r2's reply, and every other call's), so neither the callback nor anyone
