@@ -166,6 +166,72 @@ def test_eight_threads_on_four_servers_each_get_a_fair_share() -> None:
         assert wait_until(lambda: grid.queues[sid].qsize() == 4, 10)
 
 
+def test_broadcasts_scatters_release_all_and_proxies_hammered_from_many_threads() -> None:
+    """Rounds of broadcast/scatter + gather + release_all on two services from four threads,
+    a fifth thread calling release_all of everything at random moments, and two threads
+    acquiring the same servers through proxies: every Result settles with its own value or
+    ServiceReleasedError at submission, nothing hangs, and every server is free at the end."""
+    n_threads, rounds = 4, 60
+    problems: list[str] = []
+    stop = threading.Event()
+    with Grid([Host("localhost", n_cpu=3)], host_timeout=30.0) as grid:
+        sids = [grid.publish(Recorder()), grid.publish(Recorder())]
+
+        def collective(tid: int) -> int:
+            sid = sids[tid % 2]
+            done = 0
+            for i in range(rounds):
+                try:
+                    if i % 2:
+                        results = grid.scatter(sid, "ident", [((tid, i, k),) for k in range(3)], timeout=60)
+                        want: list[Any] = [(tid, i, k) for k in range(3)]
+                    else:
+                        results = grid.broadcast(sid, "ident", (tid, i), timeout=60)
+                        want = [(tid, i)] * 3
+                except isdgrid.ServiceReleasedError:
+                    continue  # release_all from another thread came between the hold and the calls
+                got = grid.gather(results, timeout=60)
+                if got != want:
+                    problems.append(f"thread {tid} round {i}: {got!r} != {want!r}")
+                if tid % 2:
+                    grid.release_all(sid)
+                done += 1
+            return done
+
+        def releaser() -> None:
+            while not stop.wait(0.003):
+                grid.release_all()
+
+        def proxies(tid: int) -> int:
+            calls = 0
+            while not stop.is_set():
+                proxy = grid.acquire_service(sids[tid % 2], timeout=60)
+                try:
+                    if proxy.ident((tid, calls)).get(timeout=60) != (tid, calls):
+                        problems.append(f"proxy thread {tid}: wrong answer")
+                finally:
+                    grid.release_service(proxy)
+                calls += 1
+            return calls
+
+        pool = concurrent.futures.ThreadPoolExecutor(n_threads + 3, thread_name_prefix="hammer")
+        try:
+            side = [pool.submit(releaser), pool.submit(proxies, 0), pool.submit(proxies, 1)]
+            rounds_done = [f.result(timeout=240) for f in [pool.submit(collective, t) for t in range(n_threads)]]
+            stop.set()
+            proxy_calls = [f.result(timeout=120) for f in side[1:]]
+            side[0].result(timeout=30)
+        finally:
+            stop.set()
+            pool.shutdown(wait=False)
+        assert not problems, problems[:5]
+        assert sum(rounds_done) >= n_threads * rounds // 2, rounds_done  # most rounds ran whole
+        assert min(proxy_calls) >= 1, proxy_calls
+        grid.release_all()
+        for sid in sids:
+            assert wait_until(lambda sid=sid: grid.queues[sid].qsize() == 3, 30), grid.queues[sid].qsize()
+
+
 # -- defect 12: collective calls and acquire by a thread that holds servers -------------------
 def test_waits_on_servers_the_caller_holds_end_at_the_timeout_and_timeouts_are_bounded() -> None:
     holder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="holder")
