@@ -80,8 +80,14 @@ class _Batch:
         self.conn = 0  # the calls connection it was last sent on
         self.landed = False  # a batch lands once (a reply, or the error that ends it)
 
-    def land(self, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
+    def land(self, outcome: BaseException) -> None:
         self.server._land(self, outcome)
+
+    def reply(self, items: list[Any], buffers: codec.Buffers) -> None:
+        if len(items) == 1 == len(self.calls) and not items[0][1]:  # one call, no buffers: most batches
+            self.server._land_one(self, items[0][0])
+        else:
+            self.server._land(self, (items, buffers))
 
 
 class Server:
@@ -360,6 +366,41 @@ class Server:
         finally:
             if owner:
                 self._finish(batch, outcomes, stats)
+
+    def _land_one(self, batch: _Batch, item: Any) -> None:
+        """:meth:`_land` of a one-call batch from its reply item, in one hold of the lock (the
+        I/O loop's thread, where no interrupt arrives)."""
+        call = batch.calls[0]
+        ok, value, seconds = _reply_outcome(item, None)
+        back = False
+        with self._lock:
+            if batch.landed:
+                return
+            batch.landed = True
+            if call.counted:
+                self.calls += 1
+                self.total_time += seconds
+                self.errors += not ok
+            if batch.gen == self._gen:
+                self._flights = max(0, self._flights - 1)
+            self._open.discard(call.result)
+            if self._releasing and not self._open:  # as _release_if_done, in this one lock
+                self._releasing = False
+                self.state = ServerState.FREE
+                back = not self.slot.lost.is_set() and self._closed is None
+        try:
+            if back:
+                self.service.queue.put(self)
+            if self._inbox:
+                self._pump()
+        finally:
+            try:  # (as _settle, for one)
+                if ok:
+                    call.result.set_result(value)
+                else:
+                    call.result.set_exception(value)
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled, or failed already (a lost slot)
 
     def _finish(self, batch: _Batch, outcomes: list[tuple[Result, bool, Any]], stats: tuple[int, float, int]) -> None:
         """Count a landed batch out, release or pump, settle its results."""

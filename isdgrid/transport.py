@@ -183,8 +183,11 @@ class Flight(Protocol):
     sent_at: float
     conn: int  # the connection it was last sent on (0: none yet)
 
-    def land(self, outcome: tuple[list[Any], codec.Buffers] | BaseException) -> None:
-        """Take the reply (items and buffers) or the error that ends this batch; never raises."""
+    def land(self, outcome: BaseException) -> None:
+        """Take the error that ends this batch; never raises."""
+
+    def reply(self, items: list[Any], buffers: codec.Buffers) -> None:
+        """Take this batch's reply: an item (and its buffer count) per call, and the buffers."""
 
 
 class CallsChannel:
@@ -445,7 +448,7 @@ class CallsChannel:
             if frame[0] == wire.ERROR:
                 flight.land(RemoteError(meta[2], f"the daemon on {self.label} could not run the batch: {meta[3]}"))
             else:
-                flight.land((meta[2], frame[2]))
+                flight.reply(meta[2], frame[2])
         except BaseException:  # noqa: BLE001 - the batch landed; the other replies of this read still do
             log.exception("%s: landing a reply failed", self.label)
 
