@@ -549,12 +549,13 @@ def rounds_interleaved(
     warmup: int = 2,
     budget: float = 60.0,
 ) -> dict[str, tuple[float, float]]:
-    """Per function: (median seconds per round over its blocks, CPU seconds per round by its clock
-    over all blocks). The functions take their blocks in turn.
+    """Per function: (median seconds per round over its blocks, median CPU seconds per round by
+    its clock over its blocks). The functions take their blocks in turn.
 
-    A block is ``reps`` rounds; with ``reps=0`` each function gets as many as take about 0.3 s
+    A block is ``reps`` rounds; with ``reps=0`` each function gets as many as take about 0.2 s
     (from its last warm-up round), and there are fewer blocks when ``blocks`` of
-    them would take longer than ``budget`` seconds (at least one).
+    them would take longer than ``budget`` seconds (at least one). Medians, not means: on a
+    shared machine a burst of other work inflates the blocks it falls on, wall and CPU alike.
     """
     took = dict.fromkeys(fns, 0.0)
     for name, (fn, _) in fns.items():
@@ -562,21 +563,21 @@ def rounds_interleaved(
             t0 = time.perf_counter()
             fn()
             took[name] = time.perf_counter() - t0
-    count = {name: reps or max(1, min(1000, round(0.3 / max(took[name], 1e-6)))) for name in fns}
+    count = {name: reps or max(1, min(1000, round(0.2 / max(took[name], 1e-6)))) for name in fns}
     if not reps:
         blocks = max(1, min(blocks, int(budget / max(sum(count[k] * took[k] for k in fns), 1e-6))))
         said = ", ".join(f"{k} {took[k] * 1e3:,.1f} ms x {count[k]}" for k in fns)
         print(f"      a round: {said}; {blocks} blocks", file=sys.stderr, flush=True)
     walls: dict[str, list[float]] = {name: [] for name in fns}
-    cpus = dict.fromkeys(fns, 0.0)
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(blocks):
         for name, (fn, clock) in fns.items():
             c0, t0 = clock(), time.perf_counter()
             for _ in range(count[name]):
                 fn()
             walls[name].append((time.perf_counter() - t0) / count[name])
-            cpus[name] += clock() - c0
-    return {name: (statistics.median(walls[name]), cpus[name] / (count[name] * blocks)) for name in fns}
+            cpus[name].append((clock() - c0) / count[name])
+    return {name: (statistics.median(walls[name]), statistics.median(cpus[name])) for name in fns}
 
 
 def bench_fanout(res: Results, sizes: Sequence[int], quick: bool, start_timeout: float, round_timeout: float) -> None:
@@ -611,7 +612,7 @@ def bench_fanout(res: Results, sizes: Sequence[int], quick: bool, start_timeout:
 
                 fns[f"fan_grid_{n}"] = (round_, time.process_time)
             print(f"    {n}: measuring {', '.join(fns)}", file=sys.stderr, flush=True)
-            blocks, budget = (5, 20.0) if quick else (9, 60.0)
+            blocks, budget = (5, 20.0) if quick else (15, 60.0)
             try:
                 figures = rounds_interleaved(fns, blocks=blocks, budget=budget)
             except TimeoutError as exc:
