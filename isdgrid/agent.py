@@ -22,7 +22,6 @@ import importlib
 import io
 import logging
 import os
-import pickle
 import socket
 import sys
 import tarfile
@@ -275,7 +274,7 @@ class Agent:
         obj = service.obj  # read per operation: a restore replaces it for the operations after it
         start = time.perf_counter()
         try:
-            kind, name, args, kwargs = pickle.loads(data, buffers=buffers)  # (codec.loads, one call less)
+            kind, name, args, kwargs = codec.loads(data, buffers)
         except BaseException as exc:  # noqa: BLE001
             return codec.encode_error(exc, 0.0, traceback.format_exc()), codec.Buffers()
         try:

@@ -234,8 +234,6 @@ def encode_value(
     memory (not copies): the caller keeps them until they are sent. ``what`` names the
     operation, or is its ``(kind, name)``.
     """
-    if type(value) in _ATOMS:  # (pack's first step, without the call: most results)
-        return (True, pickle.dumps(value, protocol=PROTOCOL), seconds), NO_BUFFERS
     try:
         data, buffers = pack(value, oob_min)
     except Exception as exc:  # noqa: BLE001 - any pickling failure must reach the caller

@@ -175,11 +175,8 @@ class IOLoop:
         for key, _ in events:
             if key.data is None:
                 self._drain_wakeups()
-                continue
-            try:
-                key.data()
-            except BaseException:  # noqa: BLE001 - one callback's error never stops the loop
-                log.exception("error in an isdgrid I/O loop callback %r", key.data)
+            else:
+                self._guarded(key.data, ())
         self._run_calls()
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:

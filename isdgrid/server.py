@@ -235,14 +235,10 @@ class Server:
     def submit_release(self) -> None:
         """Return the server to its queue once every call made so far has finished."""
         with self._lock:
+            self.state = ServerState.RELEASING
             self.holder = None
-            if self._open:
-                self.state = ServerState.RELEASING
-                self._releasing = True
-                return
-            self.state = ServerState.FREE  # nothing open: free now (as _release_if_done, in this one lock)
-            self._releasing = False
-            back = not self.slot.lost.is_set() and self._closed is None
+            self._releasing = True
+            back = self._freed()
         if back:
             self.service.queue.put(self)
 
@@ -295,13 +291,18 @@ class Server:
     def _release_if_done(self) -> None:
         """Back to the queue, if a release waits and no call made before it is open."""
         with self._lock:
-            if not self._releasing or self._open:
-                return
-            self._releasing = False
-            self.state = ServerState.FREE
-            back = not self.lost and self._closed is None
+            back = self._freed()
         if back:
             self.service.queue.put(self)
+
+    def _freed(self) -> bool:
+        """Free the server if a release waits and no call made before it is open (lock held);
+        True when it must go back to its queue (not lost, not closed)."""
+        if not self._releasing or self._open:
+            return False
+        self._releasing = False
+        self.state = ServerState.FREE
+        return not self.slot.lost.is_set() and self._closed is None
 
     def _pump(self) -> None:
         """Send what may be sent, unless another thread is sending (it will look again)."""
@@ -368,76 +369,56 @@ class Server:
                 self._finish(batch, outcomes, stats)
 
     def _land_one(self, batch: _Batch, item: Any) -> None:
-        """:meth:`_land` of a one-call batch from its reply item, in one hold of the lock (the
-        I/O loop's thread, where no interrupt arrives)."""
+        """:meth:`_land` of a one-call batch from its reply item, decided and counted in one hold
+        of the lock (the I/O loop's thread, where no interrupt arrives)."""
         call = batch.calls[0]
         ok, value, seconds = _reply_outcome(item, None)
-        back = False
         with self._lock:
             if batch.landed:
                 return
             batch.landed = True
-            if call.counted:
-                self.calls += 1
-                self.total_time += seconds
-                self.errors += not ok
-            if batch.gen == self._gen:
-                self._flights = max(0, self._flights - 1)
-            self._open.discard(call.result)
-            if self._releasing and not self._open:  # as _release_if_done, in this one lock
-                self._releasing = False
-                self.state = ServerState.FREE
-                back = not self.slot.lost.is_set() and self._closed is None
+            back = self._count_out(batch, (1, seconds, int(not ok)) if call.counted else (0, 0.0, 0))
         try:
-            if back:
-                self.service.queue.put(self)
-            if self._inbox:
-                self._pump()
+            self._after_landing(back)
         finally:
-            try:  # (as _settle, for one)
-                if ok:
-                    call.result.set_result(value)
-                else:
-                    call.result.set_exception(value)
-            except concurrent.futures.InvalidStateError:
-                pass  # cancelled, or failed already (a lost slot)
+            _settle([(call.result, ok, value)])
 
     def _finish(self, batch: _Batch, outcomes: list[tuple[Result, bool, Any]], stats: tuple[int, float, int]) -> None:
         """Count a landed batch out, release or pump, settle its results."""
         try:
-            back = False
             with self._lock:
-                counted, seconds, errors = stats
-                self.calls += counted
-                self.total_time += seconds
-                self.errors += errors
-                if batch.gen == self._gen:
-                    self._flights = max(0, self._flights - 1)
-                if len(batch.calls) == 1:
-                    self._open.discard(batch.calls[0].result)
-                else:
-                    self._open.difference_update(c.result for c in batch.calls)
-                if self._releasing and not self._open:  # as _release_if_done, in this one lock
-                    self._releasing = False
-                    self.state = ServerState.FREE
-                    back = not self.slot.lost.is_set() and self._closed is None
-            if back:
-                self.service.queue.put(self)
-            if self._inbox:
-                self._pump()
+                back = self._count_out(batch, stats)
+            self._after_landing(back)
         finally:
             _settle(outcomes or [(c.result, False, RemoteError("Error", "no reply")) for c in batch.calls])
+
+    def _count_out(self, batch: _Batch, stats: tuple[int, float, int]) -> bool:
+        """Count a landed batch out (lock held): the statistics of its calls (counted, seconds,
+        errors), its flight, its open calls; True when the server goes back to its queue now."""
+        counted, seconds, errors = stats
+        self.calls += counted
+        self.total_time += seconds
+        self.errors += errors
+        if batch.gen == self._gen:
+            self._flights = max(0, self._flights - 1)
+        if len(batch.calls) == 1:
+            self._open.discard(batch.calls[0].result)
+        else:
+            self._open.difference_update(c.result for c in batch.calls)
+        return self._freed()
+
+    def _after_landing(self, back: bool) -> None:
+        """Back to the queue (a release waited for the batch), and send what waits."""
+        if back:
+            self.service.queue.put(self)
+        if self._inbox:
+            self._pump()
 
 
 def _decode(
     calls: list[_Call], items: list[Any], buffers: codec.Buffers
 ) -> tuple[list[tuple[Result, bool, Any]], tuple[int, float, int]]:
     """The outcome of each call from its reply item, and (calls counted, their seconds, their errors)."""
-    if len(calls) == 1 == len(items) and not items[0][1]:  # one call, no buffers (most batches)
-        call = calls[0]
-        ok, value, seconds = _reply_outcome(items[0][0], None)
-        stats = (1, seconds, int(not ok)) if call.counted else (0, 0.0, 0)
-        return [(call.result, ok, value)], stats
     outcomes = []
     errors = 0
     total = 0.0

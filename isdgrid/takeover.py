@@ -97,22 +97,14 @@ class Takeover:
         with self._lock:
             self._running.add(channel)
             if not self._armed:
-                if self._signals:  # (as _arm: this runs once per call)
-                    self._armed = True
-                    signal.setitimer(signal.ITIMER_REAL, TAKEOVER)
-                else:
-                    self._arm(TAKEOVER)
+                self._arm(TAKEOVER)
 
     def ended(self, channel: Channel) -> None:
         """``channel``'s batch ended (in the thread that ran it)."""
         with self._lock:
             self._running.discard(channel)
             if not self._running and self._armed:
-                if self._signals:  # (as _disarm: this runs once per call)
-                    self._armed = False
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                else:
-                    self._disarm()
+                self._disarm()
 
     def _arm(self, delay: float) -> None:  # lock held
         self._armed = True

@@ -294,11 +294,7 @@ class CallsChannel:
                 sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
                 if sock is None:
                     return  # the reconnect sends them
-                due = []
-                for flight in flights:
-                    if flight.conn != conn and flight.key in self._flights:  # (not sent on it, not landed)
-                        flight.conn = conn
-                        due.append(flight)
+                due = [flight for flight in flights if self._due(flight, conn)]
             try:
                 for flight in due:
                     wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
@@ -319,14 +315,21 @@ class CallsChannel:
         """Send one batch (the right to send held); the socket and why, if sending it failed."""
         with self._lock:
             sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
-            if sock is None or flight.conn == conn or flight.key not in self._flights:
+            if sock is None or not self._due(flight, conn):
                 return None  # the reconnect sends it (or sent it already, or it landed)
-            flight.conn = conn
         try:
             wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
         except OSError as exc:
             return sock, f"sending failed: {exc}"
         return None
+
+    def _due(self, flight: Flight, conn: int) -> bool:
+        """Whether ``flight`` is to be sent on connection ``conn`` (lock held): not sent on it yet
+        and not landed; it is then marked as sent on it."""
+        if flight.conn == conn or flight.key not in self._flights:
+            return False
+        flight.conn = conn
+        return True
 
     def control(self, method: str, args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
         """Send a control call of the agent (in the calling thread); its Future, settled in the I/O loop.

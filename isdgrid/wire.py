@@ -172,19 +172,15 @@ class FrameReader:
             if not got:
                 raise FrameError("connection closed by the peer")
             buf += self._scratch[:got]
-        pos, end = self._pos, len(buf)
-        if end - pos >= _HEADER_SIZE:  # a whole frame without buffers (most are): taken at once
-            kind, count, meta_len = _HEADER.unpack_from(buf, pos)
-            start = pos + _HEADER_SIZE
-            stop = start + meta_len
-            if not count and stop <= end and kind in KINDS and meta_len <= max_size:
-                meta = marshal.loads(buf[start:stop])
-                if stop == end:
-                    buf.clear()
-                    self._pos = 0
-                else:
-                    self._pos = stop
-                return kind, meta, NO_BUFFERS
+        frames: list[Frame] = []  # a whole frame without buffers (most are): taken at once
+        stop = _plain_frames(buf, self._pos, len(buf), max_size, frames, most=1)
+        if frames:
+            if stop == len(buf):
+                buf.clear()
+                self._pos = 0
+            else:
+                self._pos = stop
+            return frames[0]
         kind, count, meta_len = _HEADER.unpack(self._take(_HEADER.size))
         if kind not in KINDS:
             raise FrameError(f"unknown frame kind {kind!r}")
@@ -351,13 +347,15 @@ class FrameParser:
             self._pos = 0
 
 
-def _plain_frames(buf: Any, pos: int, end: int, max_size: int, frames: list[Frame]) -> int:
-    """Append the whole frames without buffers in ``buf[pos:end]`` to ``frames``; where they end.
+def _plain_frames(buf: Any, pos: int, end: int, max_size: int, frames: list[Frame], most: int = 1 << 62) -> int:
+    """Append the whole frames without buffers in ``buf[pos:end]`` to ``frames`` (at most
+    ``most``); where they end.
 
     Stops at the first frame that is not whole, has buffers, or is wrong (the general
     parser then takes it, or says what is wrong with it).
     """
-    while end - pos >= _HEADER_SIZE:
+    while end - pos >= _HEADER_SIZE and most > 0:
+        most -= 1
         kind, count, meta_len = _HEADER.unpack_from(buf, pos)
         start = pos + _HEADER_SIZE
         if count or end - start < meta_len or kind not in KINDS or meta_len > max_size:
