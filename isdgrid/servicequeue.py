@@ -120,10 +120,6 @@ class ServerQueue:
 
     def take(self, server: Server, is_lost: Callable[[], bool], timeout: float | None = None) -> Server | None:
         """Wait until ``server`` itself is free and remove it; None at once if it is lost."""
-        with self._lock:
-            if not self._closed and not self._waiters and server in self._free:  # free, no one waits: take it
-                del self._free[server]
-                return server
         try:
             return self._wait(server, is_lost, timeout)
         except _Lost:

@@ -291,45 +291,34 @@ class CallsChannel:
             with self._lock:
                 flights = list(self._outq)
                 self._outq.clear()
-                sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
-                if sock is None:
-                    return  # the reconnect sends them
-                due = [flight for flight in flights if self._due(flight, conn)]
-            try:
-                for flight in due:
-                    wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
-            except OSError as exc:
-                failure: str | None = f"sending failed: {exc}"  # (the reconnect resends every batch out)
-            else:
-                failure = None
-        if failure is not None:
-            self._break(sock, failure)
-
-    def _send_now(self, flight: Flight) -> None:
-        with self._send_lock:
-            failure = self._send_held(flight)
+            failure = self._send_held(flights)
         if failure is not None:
             self._break(*failure)
 
-    def _send_held(self, flight: Flight) -> tuple[socket.socket, str] | None:
-        """Send one batch (the right to send held); the socket and why, if sending it failed."""
+    def _send_now(self, flight: Flight) -> None:
+        with self._send_lock:
+            failure = self._send_held([flight])
+        if failure is not None:
+            self._break(*failure)
+
+    def _send_held(self, flights: list[Flight]) -> tuple[socket.socket, str] | None:
+        """Send the batches not yet sent on the connection and not landed, in order (the right
+        to send held); the socket and why, if sending failed (the reconnect resends every batch out)."""
         with self._lock:
-            sock, conn = (None, 0) if self._broken else (self._sock, self._conn)
-            if sock is None or not self._due(flight, conn):
-                return None  # the reconnect sends it (or sent it already, or it landed)
+            if self._broken or self._sock is None:
+                return None  # the reconnect sends them
+            sock, conn = self._sock, self._conn
+            due = []
+            for flight in flights:
+                if flight.conn != conn and flight.key in self._flights:
+                    flight.conn = conn
+                    due.append(flight)
         try:
-            wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
+            for flight in due:
+                wire.send_frame(sock, wire.BATCH, flight.meta, flight.buffers, self._sent_some)
         except OSError as exc:
             return sock, f"sending failed: {exc}"
         return None
-
-    def _due(self, flight: Flight, conn: int) -> bool:
-        """Whether ``flight`` is to be sent on connection ``conn`` (lock held): not sent on it yet
-        and not landed; it is then marked as sent on it."""
-        if flight.conn == conn or flight.key not in self._flights:
-            return False
-        flight.conn = conn
-        return True
 
     def control(self, method: str, args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
         """Send a control call of the agent (in the calling thread); its Future, settled in the I/O loop.

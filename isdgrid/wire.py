@@ -282,18 +282,14 @@ class FrameParser:
     def _avail(self) -> int:
         return len(self._buf) - self._pos
 
-    def _parse_plain(self, frames: list[Frame]) -> None:
-        """Take the whole frames without buffers at the front (most are), all at once."""
-        self._pos = _plain_frames(self._buf, self._pos, len(self._buf), self.max_size, frames)
-
     def _take(self, n: int) -> bytes:
         data = bytes(self._buf[self._pos: self._pos + n])
         self._pos += n
         return data
 
     def _parse(self, frames: list[Frame]) -> None:
-        if self._head is None:
-            self._parse_plain(frames)
+        if self._head is None:  # the whole frames without buffers at the front (most are), at once
+            self._pos = _plain_frames(self._buf, self._pos, len(self._buf), self.max_size, frames)
         while self._target is None:
             if self._head is None:
                 if len(self._buf) - self._pos < _HEADER.size:
