@@ -1,12 +1,15 @@
-"""The host daemon: one process per slot, serving the grid on one authenticated port.
+"""The slot daemon: one slot's server, on one authenticated port.
 
-Started by a launcher as ``python -u -m isdgrid.daemon --secret-stdin --watch-stdin ...``
-or by hand with ``isdgrid daemon``. It prints one line ``ISDGRID-URI <uri>`` on stdout
-once it serves, then logs to stderr. With ``--tag-output`` (every launcher gives it) what
-is written to its stdout and stderr after that line (by the published objects, C code or
-child processes) reaches the launcher line by line, marked stdout or stderr
-(:mod:`isdgrid.announce`); its own log lines stay unmarked. ``--path DIR`` (the driver
-script's folder) goes on ``sys.path`` in place of the folder the daemon started in.
+A grid's slots run it in the workers its host daemons fork (:mod:`isdgrid.hostd` calls
+:func:`serve`); it also runs as a process of its own, one slot, started by hand with
+``isdgrid daemon`` or ``python -u -m isdgrid.daemon --secret-stdin ...`` (attach, the
+name server, Unix sockets). As a process, it prints one line ``ISDGRID-URI <uri>`` on stdout
+once it serves, then logs to stderr. With ``--tag-output`` what is written to its stdout
+and stderr after that line (by the published objects, C code or child processes) reaches
+whoever started it line by line, marked stdout or stderr (:mod:`isdgrid.announce`); its own
+log lines stay unmarked. (A worker's output goes to its host daemon through pipes, and the
+host daemon marks it.) ``--path DIR`` (the driver script's folder) goes on ``sys.path`` in
+place of the folder the daemon started in.
 
 Every connection first passes the mutual challenge-response of :mod:`isdgrid.handshake`
 (one deadline, at most ``MAX_UNAUTHENTICATED`` at once; nothing is deserialised before it
@@ -16,8 +19,9 @@ agent's runner of each service, replies framed back; the agent's control methods
 driver's heartbeat (``PING``, answered at once). The driver keeps one such connection per
 slot.
 
-When started by a grid it exits on its own once the driver is gone: its stdin closes, or
-no request arrives for ``--heartbeat-timeout`` seconds. A line ``retire`` on stdin ends it
+When started for a grid it exits on its own once the driver is gone: its stdin closes (a
+worker's stdin is its host daemon's life pipe), or no request arrives for
+``--heartbeat-timeout`` seconds. A line ``retire`` on stdin ends it
 without the cleanup of a gone driver (the grid replaces this slot; the folder stays).
 """
 
