@@ -758,6 +758,13 @@ def bench_scale(res: Results, n_floor: int, n_grid: int, start_timeout: float) -
         wall, cpu = rounds_interleaved({"grid": (round_, time.process_time)}, reps=1, blocks=3, warmup=0)["grid"]
         res.add(f"scale_grid_{n}", wall)
         res.add(f"cpu_scale_grid_{n}", cpu / n)
+        # What waiting costs the driver: a gather of calls that take LONG_CALL seconds, against
+        # the same time idle (heartbeats only), in driver CPU per second.
+        for what, wait in (("idle", lambda: time.sleep(LONG_CALL)),
+                           ("gather_long", lambda: round_long(grid, sid))):
+            c0, t0 = time.process_time(), time.perf_counter()
+            wait()
+            res.add(f"scale_{what}_cpu_grid_{n}", (time.process_time() - c0) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         grid.terminate()
         res.add(f"scale_terminate_grid_{n}", time.perf_counter() - t0)
@@ -777,6 +784,15 @@ def bench_scale(res: Results, n_floor: int, n_grid: int, start_timeout: float) -
         if left:
             res.note(f"scale_left_{n}", f"left running after terminate (ended by the bench): {left}")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LONG_CALL = 3.0  # seconds each call of the scale section's long gather takes
+
+
+def round_long(grid: Grid, sid: str) -> None:
+    """A broadcast of ``nap(LONG_CALL)`` and its gather: the driver waits for most of it."""
+    grid.gather(grid.broadcast(sid, "nap", LONG_CALL), timeout=LONG_CALL + 120)
+    grid.release_all(sid)
 
 
 class _Seen(logging.Handler):
@@ -1143,6 +1159,9 @@ def report_scale(res: Results) -> str:
             lines += [
                 f"| start + publish | {_s(g(f'scale_start_publish_grid_{n}'))} | | |",
                 f"| driver threads | {g(f'scale_threads_grid_{n}'):.0f} | 1 | |",
+                f"| driver CPU while it gathers calls of {LONG_CALL:.0f} s / while idle "
+                f"| {g(f'scale_gather_long_cpu_grid_{n}') * 100:.1f}% / {g(f'scale_idle_cpu_grid_{n}') * 100:.1f}% "
+                "of a core | | |",
                 f"| terminate() | {_s(g(f'scale_terminate_grid_{n}'))} | | |",
                 f"| folders left in the grid's TMPDIR | {g(f'scale_folders_grid_{n}'):.0f} | | |",
             ]

@@ -687,6 +687,35 @@ def test_keyboard_interrupt_during_get_leaves_the_call_and_server_intact(svc: Se
         gc.enable()
 
 
+def test_keyboard_interrupt_during_gather_ends_its_wait_and_leaves_the_calls_intact(svc: Service) -> None:
+    # gather waits in slices of a second at most; a Ctrl-C ends the wait it lands in, while
+    # the calls still run, and they complete as if nothing happened.
+    keep: list[Interrupter] = []
+    gc.collect()
+    gc.disable()  # as above: every interrupt reaches the code under test
+    try:
+        with default_sigint():
+            caught = 0
+            for _ in range(3):
+                results = svc.grid.broadcast(svc.sid, "sleep", 1.5, timeout=T)
+                interrupter = Interrupter(0.1)
+                keep.append(interrupter)
+                running = True
+                try:
+                    interrupter.start()
+                    svc.grid.gather(results, timeout=T)
+                except KeyboardInterrupt:
+                    caught += 1
+                    running = not all(r.done() for r in results)
+                interrupter.settle()
+                assert running, "the interrupt reached gather only after its calls had ended"
+                assert svc.grid.gather(results, timeout=T) == [1.5] * svc.size
+                svc.grid.release_all(svc.sid)
+            assert caught >= 2, f"only {caught} of 3 interrupts landed inside gather()"
+    finally:
+        gc.enable()
+
+
 def _interrupt_gets_and_streams(svc: Service, keep: list[Interrupter]) -> None:
     with default_sigint():
         a = svc.acquire()
