@@ -328,3 +328,31 @@ def test_grid_status_file_option(tmp_path: Path, run_dir: Path) -> None:
     assert not path.exists()
     with Grid([Host("localhost")], status_file=False):
         assert not run_dir.exists() and not path.exists()
+
+
+def test_a_status_writer_whose_writes_cost_much_writes_less_often_and_says_so(
+    tmp_path: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from isdgrid import Grid, Host
+    from isdgrid.statusfile import StatusFileWriter
+
+    # A share so small that any write costs too much of it: the writer must space its
+    # writes out (as a 1,000-slot grid's do) and write that spacing into the file.
+    monkeypatch.setattr(StatusFileWriter, "MAX_SHARE", 1e-6)
+    path = tmp_path / "mine.json"
+    with Grid([Host("localhost")], status_file=str(path)):
+        first = json.loads(path.read_text())
+        assert first["interval"] == 1.0  # the first write: the grid's own interval
+
+        def rewritten() -> dict[str, object] | None:
+            doc = json.loads(path.read_text())
+            return doc if doc["updated"] != first["updated"] else None
+
+        deadline = time.monotonic() + 30
+        while (second := rewritten()) is None:
+            assert time.monotonic() < deadline, "the status file was not rewritten within 30 s"
+            time.sleep(0.1)
+        assert float(second["interval"]) > 60.0, second["interval"]  # type: ignore[arg-type]
+        time.sleep(2.0)
+        assert json.loads(path.read_text())["updated"] == second["updated"]  # not rewritten since
+    assert not path.exists()
