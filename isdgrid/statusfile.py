@@ -240,9 +240,11 @@ def format_status(documents: list[dict[str, Any]], now: float | None = None) -> 
             f"{'BUSY':<4} {'CALLS':>7} {'PENDING':>7} {'MEAN ms':>9} {'SNAPSHOT':>9}"
         )
         lines.append(header)
-        servers = doc.get("servers", [])
+        rows_of: dict[tuple[Any, Any], list[dict[str, Any]]] = {}  # (host, slot) -> its rows, in order
+        for row in doc.get("servers", []):
+            rows_of.setdefault((row.get("host"), row.get("slot")), []).append(row)
         for slot in slots:
-            rows = [r for r in servers if r.get("host") == slot["host"] and r.get("slot") == slot["slot"]]
+            rows = rows_of.get((slot["host"], slot["slot"]), [])
             where = f"  {slot['host']:<16} {slot['slot']:>4}  {_gpu_cell(slot, doc) if with_gpus else ''}"
             if slot.get("lost"):
                 lines.append(f"{where}LOST: {slot.get('lost_reason') or 'no answer'}")
