@@ -760,11 +760,8 @@ def bench_scale(res: Results, n_floor: int, n_grid: int, start_timeout: float) -
         res.add(f"cpu_scale_grid_{n}", cpu / n)
         # What waiting costs the driver: a gather of calls that take LONG_CALL seconds, against
         # the same time idle (heartbeats only), in driver CPU per second.
-        for what, wait in (("idle", lambda: time.sleep(LONG_CALL)),
-                           ("gather_long", lambda: round_long(grid, sid))):
-            c0, t0 = time.process_time(), time.perf_counter()
-            wait()
-            res.add(f"scale_{what}_cpu_grid_{n}", (time.process_time() - c0) / (time.perf_counter() - t0))
+        res.add(f"scale_idle_cpu_grid_{n}", cpu_share(lambda: time.sleep(LONG_CALL)))
+        res.add(f"scale_gather_long_cpu_grid_{n}", cpu_share(lambda: round_long(grid, sid)))
         t0 = time.perf_counter()
         grid.terminate()
         res.add(f"scale_terminate_grid_{n}", time.perf_counter() - t0)
@@ -787,6 +784,13 @@ def bench_scale(res: Results, n_floor: int, n_grid: int, start_timeout: float) -
 
 
 LONG_CALL = 3.0  # seconds each call of the scale section's long gather takes
+
+
+def cpu_share(fn: Callable[[], Any]) -> float:
+    """The driver's CPU seconds per second of wall time while ``fn()`` runs (every thread)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return (time.process_time() - c0) / (time.perf_counter() - t0)
 
 
 def round_long(grid: Grid, sid: str) -> None:
