@@ -230,24 +230,6 @@ class FrameParser:
         """The frames completed by what ``sock`` holds now; raises FrameError at its end."""
         frames: list[Frame] = []
         taken = 0
-        if self._target is None and self._head is None and self._pos == len(self._buf):
-            # Nothing of a frame held (most reads): whole frames without buffers are parsed
-            # straight from what was received; only the rest is kept.
-            try:
-                n = sock.recv_into(_SCRATCH, self.CHUNK, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return frames
-            if not n:
-                raise FrameError("connection closed by the peer")
-            taken = n
-            at = _plain_frames(_SCRATCH, 0, n, self.max_size, frames)
-            self._buf.clear()
-            self._pos = 0
-            if at < n:
-                self._buf += _SCRATCH[at:n]
-                self._parse(frames)
-            if n < self.CHUNK:
-                return frames  # drained for now; the loop calls again when more comes
         while taken < self.MAX_PER_CALL:
             if self._target is not None:
                 try:
@@ -270,11 +252,16 @@ class FrameParser:
             if not n:
                 raise FrameError("connection closed by the peer")
             taken += n
-            if self._pos and self._pos == len(self._buf):
+            at = 0
+            if self._pos == len(self._buf):  # everything received before is parsed
                 self._buf.clear()
                 self._pos = 0
-            self._buf += _SCRATCH[:n]
-            self._parse(frames)
+                if self._head is None:  # and no frame begun (most reads): whole frames without
+                    # buffers are parsed straight from what was received; only the rest is kept
+                    at = _plain_frames(_SCRATCH, 0, n, self.max_size, frames)
+            if at < n:
+                self._buf += _SCRATCH[at:n]
+                self._parse(frames)
             if n < self.CHUNK:
                 return frames  # drained for now; the loop calls again when more comes
         return frames
